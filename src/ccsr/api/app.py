@@ -1,0 +1,136 @@
+"""The app factory: one FastAPI app serving every protocol over one job engine.
+
+Extending it: a protocol module listed in :data:`ROUTER_MODULES` is imported when present; if it defines
+``router`` (a FastAPI ``APIRouter``) the router is included, and if it defines ``setup(app, engine,
+settings)`` that is called once at creation (register job listeners there). Runware routes are included
+first; ``ccsr.api.fal`` (when it exists) after them. Other code can call :func:`register_router_module`
+before :func:`create_app`.
+
+Shared helpers for adapters: :func:`get_engine`, :func:`get_settings`, :func:`public_base`,
+:func:`client_host`, :func:`image_url`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from ccsr.jobs import JobEngine, build_embedded_engine
+
+from .settings import Settings
+
+log = logging.getLogger("ccsr.api")
+
+ROUTER_MODULES: list[str] = ["ccsr.api.runware", "ccsr.api.fal"]
+
+
+def register_router_module(name: str) -> None:
+    if name not in ROUTER_MODULES:
+        ROUTER_MODULES.append(name)
+
+
+def build_engine(settings: Settings) -> JobEngine:
+    from ccsr.jobs.runner import CCSRRunner
+
+    runner = CCSRRunner(
+        weights=settings.weights,
+        config=settings.config,
+        device=settings.device,
+        dtype=settings.dtype,
+        quantize=settings.quantize,
+        max_input_bytes=settings.max_input_bytes,
+    )
+    return build_embedded_engine(
+        settings.data_dir,
+        runner=runner,
+        max_queue=settings.max_queue,
+        image_ttl=settings.image_ttl,
+        fetch_allow_hosts=settings.fetch_allow_hosts,
+    )
+
+
+def create_app(settings: Settings | None = None, engine: JobEngine | None = None) -> FastAPI:
+    settings = settings or Settings.from_env()
+    engine = engine or build_engine(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(
+        title="ccsr",
+        description="Self-hosted CCSR diffusion upscaler: Runware task API (REST + WebSocket) and fal queue API.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+
+    from . import images
+
+    app.include_router(images.router)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> Any:
+        if engine.ready:
+            return {"status": "ready", "queue": engine.store.active_count()}
+        body = {"status": "loading" if engine.load_error is None else "failed", "error": engine.load_error}
+        return JSONResponse(body, status_code=503)
+
+    for name in ROUTER_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        setup = getattr(mod, "setup", None)
+        if callable(setup):
+            setup(app, engine, settings)
+        router = getattr(mod, "router", None)
+        if router is not None:
+            app.include_router(router)
+    return app
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def get_engine(conn: Request | Any) -> JobEngine:
+    return conn.app.state.engine
+
+
+def get_settings(conn: Request | Any) -> Settings:
+    return conn.app.state.settings
+
+
+def client_host(conn: Request | Any) -> str | None:
+    return conn.client.host if conn.client else None
+
+
+def public_base(conn: Request | Any) -> str:
+    """Base URL for links we hand out: ``--public-url`` if set, else the request's own scheme and Host."""
+    settings = get_settings(conn)
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    scheme = conn.url.scheme
+    scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    host = conn.headers.get("host") or f"{conn.url.hostname}:{conn.url.port}"
+    return f"{scheme}://{host}"
+
+
+def image_url(base: str, image_id: str, extension: str) -> str:
+    return f"{base.rstrip('/')}/images/{image_id}.{extension}"

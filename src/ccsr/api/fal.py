@@ -1,0 +1,668 @@
+"""The fal protocol for ``fal-ai/ccsr``: sync run, queue (submit/status/result/cancel) and webhooks.
+
+A thin adapter over the protocol-neutral job engine (``app.state.engine``); wire rules from
+shared/docs/protocols.md B (all of them are exercised by tests/server/test_fal*.py with the unmodified
+``fal_client``):
+
+- ``POST /{owner}/{alias}[/{path}]``: sync run, answers the output (or the error) when the job is done.
+  With a ``queue.*`` Host it is a submit instead (fal's queue host).
+- ``POST /queue/{owner}/{alias}[/{path}][?fal_webhook=URL]``: submit; answers ``request_id``, ``status_url``,
+  ``response_url``, ``cancel_url`` (absolute, built from the request's scheme, Host and prefix), ``status``,
+  ``queue_position``.
+- ``GET  .../{owner}/{alias}/requests/{id}/status?logs=true|1``: IN_QUEUE / IN_PROGRESS / COMPLETED (202 until
+  done, then 200); ``requests/*`` ignore any sub-path used at submit and accept a trailing ``/``.
+- ``GET  .../requests/{id}``: the output, or the error with its status; ``PUT .../requests/{id}/cancel``.
+- Errors: 422 with a FastAPI-style ``detail`` list, 429 when the queue is full, never 409; every answer
+  carries ``x-fal-request-id`` (so the client does not take our 5xx for an ingress error and retry it).
+
+Registered app ids: ``fal-ai/ccsr`` plus ``CCSR_FAL_APP_IDS`` (comma list) or
+``settings.extra["fal_app_ids"]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as _dt
+import logging
+import os
+import uuid
+from typing import Any
+from urllib.parse import unquote_to_bytes, urlsplit
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from ccsr.jobs import (
+    CANCELLED,
+    ERROR,
+    PROCESSING,
+    QUEUED,
+    SUCCESS,
+    ErrorCode,
+    Job,
+    JobConflict,
+    JobSpec,
+    OutputOptions,
+    QueueFull,
+    payload_hash,
+)
+from ccsr.params import ParamError
+
+from .app import get_engine, get_settings, image_url, public_base
+from .fal_schema import FalInputError, fal_error, image_output, parse_input, to_params
+
+log = logging.getLogger("ccsr.api.fal")
+
+PROTOCOL = "fal"
+DEFAULT_APP_IDS: tuple[str, ...] = ("fal-ai/ccsr",)
+REQUEST_ID_HEADER = "x-fal-request-id"
+LOG_SOURCE = "user"
+
+__all__ = ["DEFAULT_APP_IDS", "build_router", "router", "setup"]
+
+
+# ============================================================================================ helpers
+
+
+def _app_ids_from_env() -> tuple[str, ...]:
+    extra = [
+        x.strip().strip("/") for x in os.environ.get("CCSR_FAL_APP_IDS", "").replace(";", ",").split(",")
+    ]
+    ids = list(DEFAULT_APP_IDS)
+    for x in extra:
+        if x and x.count("/") == 1 and x not in ids:
+            ids.append(x)
+    return tuple(ids)
+
+
+def _json(
+    body: Any, status: int = 200, request_id: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    h = {REQUEST_ID_HEADER: request_id or str(uuid.uuid4())}
+    if headers:
+        h.update(headers)
+    return JSONResponse(body, status_code=status, headers=h)
+
+
+def _input_error(e: FalInputError, request_id: str | None = None) -> JSONResponse:
+    return _json(e.body(), e.status, request_id, {"x-fal-billable-units": "0", "x-fal-retryable": "false"})
+
+
+def _request_error(
+    detail: str, status: int, error_type: str | None, request_id: str | None = None, retryable: bool = False
+) -> JSONResponse:
+    """fal "request errors": ``{"detail": str, "error_type": str}`` plus ``X-Fal-Error-Type``."""
+    body: dict[str, Any] = {"detail": detail}
+    headers = {"x-fal-retryable": "true" if retryable else "false"}
+    if error_type:
+        body["error_type"] = error_type
+        headers["x-fal-error-type"] = error_type
+    return _json(body, status, request_id, headers)
+
+
+def _is_queue_host(request: Request) -> bool:
+    host = (request.headers.get("host") or "").lower()
+    return host.startswith("queue.")
+
+
+def _authorized(request: Request) -> bool:
+    """``Authorization: Key <k>`` (fal_client) or ``Bearer <k>``; the server's key policy decides."""
+    settings = get_settings(request)
+    auth = request.headers.get("authorization") or ""
+    scheme, _, key = auth.partition(" ")
+    key = key.strip() if scheme.lower() in ("key", "bearer") else None
+    return settings.key_ok(key or None, request.client.host if request.client else None)
+
+
+def _unauthorized() -> JSONResponse:
+    return _request_error("Unauthorized: invalid or missing key (Authorization: Key <FAL_KEY>)", 401, None)
+
+
+# ----------------------------------------------------------------------------------------- input image
+
+
+def _decode_data_uri(uri: str) -> bytes:
+    head, sep, payload = uri.partition(",")
+    if not sep:
+        raise ValueError("malformed data URI (no comma)")
+    if head.lower().endswith(";base64"):
+        payload = "".join(payload.split())
+        try:
+            return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ValueError(f"malformed base64 in data URI: {e}") from None
+    return unquote_to_bytes(payload)
+
+
+def _own_image_id(request: Request, url: str) -> str | None:
+    """An image we handed out earlier (``<public base>/images/<uuid>.<ext>``): read it from the store instead
+    of fetching our own address (which the SSRF policy would block anyway)."""
+    from .images import parse_image_ref
+
+    parts = urlsplit(url)
+    base = urlsplit(public_base(request))
+    own_netlocs = {base.netloc.lower(), (request.headers.get("host") or "").lower()}
+    if parts.netloc.lower() not in own_netlocs or "/images/" not in parts.path:
+        return None
+    return parse_image_ref(parts.path)
+
+
+def _response_bytes(resp: Any) -> bytes:
+    for attr in ("data", "content", "body"):
+        v = getattr(resp, attr, None)
+        if isinstance(v, bytes | bytearray):
+            return bytes(v)
+    if isinstance(resp, bytes | bytearray):
+        return bytes(resp)
+    raise TypeError(f"unexpected fetch result {type(resp).__name__}")
+
+
+def _fetch(url: str, max_bytes: int, timeout: float, allow_hosts: list[str]) -> bytes:
+    from ccsr import imaging
+
+    resp = imaging.fetch(url, max_bytes=max_bytes, timeout=timeout, allow_hosts=frozenset(allow_hosts))
+    status = getattr(resp, "status", None) or getattr(resp, "status_code", None)
+    if status is not None and not (200 <= int(status) < 300):
+        raise ValueError(f"HTTP {status}")
+    return _response_bytes(resp)
+
+
+# imaging error code -> fal model error type (docs.fal.ai/errors)
+_IMAGE_ERROR_TYPES = {"too_large_bytes": "file_too_large", "too_many_pixels": "image_too_large"}
+
+
+def _probe(data: bytes, max_bytes: int) -> tuple[str, int, int]:
+    """(content type, width, height) from the header only, under the imaging module's limits (format
+    allow-list, byte and pixel caps, animation); :class:`ccsr.imaging.ImageError` otherwise."""
+    from ccsr.imaging import Limits
+    from ccsr.imaging.decode import open_image
+    from ccsr.imaging.sniff import OUTPUT_FORMATS
+
+    im = open_image(data, Limits(max_input_bytes=max_bytes))
+    fmt = (im.format or "").upper()
+    ctype = {"JPEG": "image/jpeg"}.get(fmt) or next(
+        (c for f, c, _ in OUTPUT_FORMATS.values() if f == fmt), f"image/{fmt.lower() or 'octet-stream'}"
+    )
+    return ctype, int(im.width), int(im.height)
+
+
+async def _store_input(request: Request, image_url_value: str) -> str:
+    """Resolve ``image_url`` (data URI, our own image URL, or http(s) URL) to an image id in the store."""
+    engine = get_engine(request)
+    settings = get_settings(request)
+    url = image_url_value.strip()
+
+    def load_error(msg: str, ctx: dict | None = None, type_: str = "image_load_error") -> FalInputError:
+        shown = url if len(url) <= 200 else url[:200] + "..."
+        return FalInputError([fal_error("image_url", msg, type_, shown, ctx)])
+
+    if url.lower().startswith("data:"):
+        try:
+            data = _decode_data_uri(url)
+        except ValueError as e:
+            raise load_error(f"Failed to load the image: {e}") from None
+    else:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise load_error(
+                "Failed to load the image: image_url must be an http(s) URL or a data URI",
+                type_="file_download_error",
+            )
+        own = _own_image_id(request, url)
+        if own is not None:
+            rec = engine.images.get(own)
+            if rec is None:
+                raise load_error(
+                    "Failed to load the image: it expired or does not exist on this server",
+                    type_="file_download_error",
+                )
+            return rec.id
+        try:
+            data = await run_in_threadpool(
+                _fetch, url, settings.max_input_bytes, settings.fetch_timeout, settings.fetch_allow_hosts
+            )
+        except Exception as e:
+            msg = getattr(e, "message", None) or str(e)
+            raise load_error(f"Failed to download the file: {msg}", type_="file_download_error") from None
+    from ccsr.imaging import ImageError
+
+    try:
+        ctype, w, h = _probe(data, settings.max_input_bytes)
+    except ImageError as e:
+        raise load_error(
+            f"Failed to load the image: {e.message}",
+            {"reason": e.code},
+            type_=_IMAGE_ERROR_TYPES.get(e.code, "image_load_error"),
+        ) from None
+    rec = engine.images.put(data, content_type=ctype, width=w, height=h, kind="input")
+    return rec.id
+
+
+# ----------------------------------------------------------------------------------------- job <-> wire
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).replace(tzinfo=None).isoformat()
+
+
+def _logs(job: Job) -> list[dict]:
+    return [
+        {"message": ln.message, "level": ln.level, "source": LOG_SOURCE, "timestamp": _iso(ln.timestamp)}
+        for ln in job.logs
+    ]
+
+
+def _output(job: Job) -> dict:
+    r = job.result
+    assert r is not None
+    base = job.meta.get("base") or ""
+    name = f"{r.image_id}.{r.extension}"
+    seed = r.seed if r.seed is not None else job.params.seed
+    return image_output(
+        image_url(base, r.image_id, r.extension), r.content_type, name, r.size, r.width, r.height, seed
+    )
+
+
+# neutral ErrorCode -> (HTTP status, fal error type) for request errors (``{"detail": str}``)
+_REQUEST_ERRORS = {
+    ErrorCode.CANCELLED: (499, "client_cancelled"),
+    ErrorCode.TIMEOUT: (504, "request_timeout"),
+    ErrorCode.INTERRUPTED: (503, "runner_disconnected"),
+    ErrorCode.INFERENCE_FAILED: (500, "internal_error"),
+    ErrorCode.INTERNAL: (500, "internal_error"),
+}
+
+
+def _error_of(job: Job) -> tuple[int, Any, str]:
+    """(HTTP status, ``detail`` body value, error_type) of a failed or cancelled job."""
+    err = job.error
+    code = err.code if err else (ErrorCode.CANCELLED if job.status == CANCELLED else ErrorCode.INTERNAL)
+    message = err.message if err else ""
+    if job.status == CANCELLED or code == ErrorCode.CANCELLED:
+        return 499, "Request cancelled by the client", "client_cancelled"
+    if code in (ErrorCode.INVALID_INPUT, ErrorCode.INPUT_MISSING):
+        url = job.meta.get("image_url_shown")
+        return (
+            422,
+            [fal_error("image_url", f"Failed to load the image: {message}", "image_load_error", url)],
+            "image_load_error",
+        )
+    if code == ErrorCode.INVALID_PARAMS:
+        return 422, [fal_error(None, message, "value_error")], "value_error"
+    status, etype = _REQUEST_ERRORS.get(code, (500, "internal_error"))
+    detail = "Internal Server Error" if status == 500 else message or etype
+    return status, detail, etype
+
+
+def _error_response(job: Job) -> JSONResponse:
+    status, detail, etype = _error_of(job)
+    headers = {"x-fal-error-type": etype, "x-fal-retryable": "true" if status in (503, 504) else "false"}
+    body: dict[str, Any] = {"detail": detail}
+    if not isinstance(detail, list):
+        body["error_type"] = etype
+    else:
+        headers["x-fal-billable-units"] = "0"
+    return _json(body, status, job.id, headers)
+
+
+def _status_body(job: Job, engine, with_logs: bool, urls: dict | None) -> tuple[dict, int]:
+    logs = _logs(job) if with_logs else None
+    if job.status == QUEUED:
+        pos = engine.queue_position(job.id)
+        body: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": 0 if pos is None else pos}
+        code = 202
+    elif job.status == PROCESSING:
+        body = {"status": "IN_PROGRESS", "logs": logs}
+        code = 202
+    else:
+        body = {"status": "COMPLETED", "logs": logs}
+        if job.result is not None:
+            body["metrics"] = {"inference_time": job.result.inference_seconds}
+        else:
+            body["metrics"] = {}
+        if job.status != SUCCESS:
+            status, detail, etype = _error_of(job)
+            body["error"] = detail if isinstance(detail, str) else f"Invalid status code: {status}"
+            body["error_type"] = etype
+        code = 200
+    if urls:
+        body.update(urls)
+    body["request_id"] = job.id
+    return body, code
+
+
+def _urls(base: str, request_id: str) -> dict:
+    r = f"{base}/requests/{request_id}"
+    return {"response_url": r, "status_url": f"{r}/status", "cancel_url": f"{r}/cancel"}
+
+
+def _queue_base(request: Request, app_id: str, prefixed: bool) -> str:
+    root = (request.scope.get("root_path") or "").rstrip("/")
+    scheme = request.url.scheme
+    host = request.headers.get("host") or f"{request.url.hostname}:{request.url.port}"
+    return f"{scheme}://{host}{root}{'/queue' if prefixed else ''}/{app_id}"
+
+
+def _find_job(request: Request, app_id: str, request_id: str) -> Job | None:
+    job = get_engine(request).get(request_id)
+    if job is None or job.protocol != PROTOCOL or job.meta.get("app_id") != app_id:
+        return None
+    return job
+
+
+def _not_found(request_id: str) -> JSONResponse:
+    return _json({"detail": "Request not found"}, 404, request_id)
+
+
+# ============================================================================================ handlers
+
+
+async def _create_job(request: Request, app_id: str, *, webhook: str | None = None) -> Job | JSONResponse:
+    """Validate, store the input, submit. Returns the job or the error response."""
+    try:
+        inp = parse_input(await request.body())
+        params = to_params(inp)
+        image_id = await _store_input(request, inp.image_url)
+    except FalInputError as e:
+        return _input_error(e)
+    engine = get_engine(request)
+    settings = get_settings(request)
+    shown = inp.image_url if len(inp.image_url) <= 200 else inp.image_url[:200] + "..."
+    meta = {
+        "app_id": app_id,
+        "base": public_base(request),
+        "image_url_shown": shown,
+        "input": inp.model_dump(exclude={"image_url"}, exclude_none=True),
+    }
+    if webhook:
+        meta["webhook"] = webhook
+    spec = JobSpec(
+        params=params,
+        input_image_id=image_id,
+        output=OutputOptions(format="png"),
+        protocol=PROTOCOL,
+        meta=meta,
+        payload_hash=payload_hash(inp.model_dump()),
+        cost_per_second=settings.price_per_second,
+    )
+    try:
+        job, _ = await run_in_threadpool(engine.submit, spec)
+    except QueueFull as e:
+        return _request_error(str(e), 429, "rate_limited", retryable=True)
+    except ParamError as e:
+        return _input_error(FalInputError([fal_error(e.field, e.message, "value_error")]))
+    except JobConflict as e:  # no idempotency keys on fal; never answer 409 (the client would retry it)
+        return _request_error(str(e), 400, "bad_request")
+    return job
+
+
+def _start_timeout(request: Request) -> float | None:
+    raw = request.headers.get("x-fal-request-timeout")
+    if not raw:
+        return None
+    try:
+        v = float(raw)
+    except ValueError:
+        return None
+    return v if v > 0 else None
+
+
+async def _sync_run(request: Request, app_id: str) -> JSONResponse:
+    if not _authorized(request):
+        return _unauthorized()
+    job = await _create_job(request, app_id)
+    if isinstance(job, JSONResponse):
+        return job
+    engine = get_engine(request)
+    settings = get_settings(request)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.sync_timeout
+    start_deadline = None
+    if (st := _start_timeout(request)) is not None:
+        start_deadline = loop.time() + st
+    while True:
+        cur = await engine.wait(job.id, timeout=1.0)
+        if cur is None:
+            return _request_error("the job vanished", 500, "internal_error", job.id)
+        if cur.done:
+            break
+        now = loop.time()
+        if await request.is_disconnected():
+            await run_in_threadpool(engine.cancel, job.id)
+            log.info("fal sync %s: client went away; cancelled", job.id)
+            return _request_error("client disconnected", 499, "client_disconnected", job.id)
+        if start_deadline is not None and cur.status == QUEUED and now > start_deadline:
+            await run_in_threadpool(engine.cancel, job.id)
+            return _json(
+                {"detail": "Request timed out before processing started", "error_type": "startup_timeout"},
+                504,
+                job.id,
+                {"x-fal-error-type": "startup_timeout", "x-fal-request-timeout-type": "user"},
+            )
+        if now > deadline:
+            await run_in_threadpool(engine.cancel, job.id)
+            return _request_error(
+                f"request timed out after {settings.sync_timeout:.0f}s", 504, "request_timeout", job.id
+            )
+    if cur.status == SUCCESS:
+        return _json(_output(cur), 200, cur.id)
+    return _error_response(cur)
+
+
+async def _submit(request: Request, app_id: str, prefixed: bool) -> JSONResponse:
+    if not _authorized(request):
+        return _unauthorized()
+    webhook = request.query_params.get("fal_webhook")
+    if webhook is not None:
+        scheme = urlsplit(webhook).scheme.lower()
+        if scheme not in ("http", "https"):
+            return _input_error(
+                FalInputError(
+                    [
+                        {
+                            "loc": ["query", "fal_webhook"],
+                            "msg": "must be an http(s) URL",
+                            "type": "value_error",
+                            "input": webhook,
+                        }
+                    ]
+                )
+            )
+    job = await _create_job(request, app_id, webhook=webhook)
+    if isinstance(job, JSONResponse):
+        return job
+    engine = get_engine(request)
+    pos = engine.queue_position(job.id)
+    body = {
+        "status": "IN_QUEUE",
+        "request_id": job.id,
+        "gateway_request_id": job.id,
+        **_urls(_queue_base(request, app_id, prefixed), job.id),
+        "queue_position": 0 if pos is None else pos,
+    }
+    return _json(body, 200, job.id)
+
+
+def _want_logs(request: Request) -> bool:
+    return (request.query_params.get("logs") or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+async def _status(request: Request, app_id: str, request_id: str, prefixed: bool) -> JSONResponse:
+    if not _authorized(request):
+        return _unauthorized()
+    job = _find_job(request, app_id, request_id)
+    if job is None:
+        return _not_found(request_id)
+    body, code = _status_body(
+        job, get_engine(request), _want_logs(request), _urls(_queue_base(request, app_id, prefixed), job.id)
+    )
+    return _json(body, code, job.id)
+
+
+async def _result(request: Request, app_id: str, request_id: str) -> JSONResponse:
+    if not _authorized(request):
+        return _unauthorized()
+    job = _find_job(request, app_id, request_id)
+    if job is None:
+        return _not_found(request_id)
+    if not job.done:
+        return _json({"detail": "Request is still in progress"}, 400, job.id)
+    if job.status == SUCCESS:
+        return _json(_output(job), 200, job.id)
+    return _error_response(job)
+
+
+async def _cancel(request: Request, app_id: str, request_id: str) -> JSONResponse:
+    if not _authorized(request):
+        return _unauthorized()
+    job = _find_job(request, app_id, request_id)
+    if job is None:
+        return _json({"status": "NOT_FOUND"}, 404, request_id)
+    if job.done:
+        return _json({"status": "ALREADY_COMPLETED"}, 400, job.id)
+    job = await run_in_threadpool(get_engine(request).cancel, job.id)
+    if job.status in (SUCCESS, ERROR):  # it finished between the two looks
+        return _json({"status": "ALREADY_COMPLETED"}, 400, job.id)
+    return _json({"status": "CANCELLATION_REQUESTED"}, 202, job.id)
+
+
+# ============================================================================================ router
+
+
+def _add_app_routes(r: APIRouter, app_id: str) -> None:
+    """Literal routes for one app id, so nothing else in the app is shadowed by a catch-all."""
+    name = app_id.replace("/", "_").replace("-", "_")
+
+    async def post_root(request: Request):
+        if _is_queue_host(request):
+            return await _submit(request, app_id, prefixed=False)
+        return await _sync_run(request, app_id)
+
+    async def post_sub(request: Request, path: str):
+        return await post_root(request)
+
+    async def queue_post(request: Request):
+        return await _submit(request, app_id, prefixed=True)
+
+    async def queue_post_sub(request: Request, path: str):
+        return await _submit(request, app_id, prefixed=True)
+
+    def status_route(prefixed: bool):
+        async def h(request: Request, request_id: str):
+            return await _status(request, app_id, request_id, prefixed)
+
+        return h
+
+    async def result_h(request: Request, request_id: str):
+        return await _result(request, app_id, request_id)
+
+    async def cancel_h(request: Request, request_id: str):
+        return await _cancel(request, app_id, request_id)
+
+    kw = {"include_in_schema": False}
+    for prefix, prefixed in (("/queue", True), ("", False)):
+        base = f"{prefix}/{app_id}/requests/{{request_id}}"
+        for slash in ("", "/"):
+            r.add_api_route(
+                f"{base}/status{slash}",
+                status_route(prefixed),
+                methods=["GET"],
+                name=f"fal_status_{name}{prefix.replace('/', '_')}{len(slash)}",
+                **kw,
+            )
+            r.add_api_route(
+                f"{base}{slash}",
+                result_h,
+                methods=["GET"],
+                name=f"fal_result_{name}{prefix.replace('/', '_')}{len(slash)}",
+                **kw,
+            )
+            r.add_api_route(
+                f"{base}/cancel{slash}",
+                cancel_h,
+                methods=["PUT"],
+                name=f"fal_cancel_{name}{prefix.replace('/', '_')}{len(slash)}",
+                **kw,
+            )
+    r.add_api_route(
+        f"/queue/{app_id}",
+        queue_post,
+        methods=["POST"],
+        name=f"fal_submit_{name}",
+        summary=f"fal queue submit ({app_id})",
+    )
+    r.add_api_route(
+        f"/queue/{app_id}/{{path:path}}",
+        queue_post_sub,
+        methods=["POST"],
+        name=f"fal_submit_sub_{name}",
+        **kw,
+    )
+    r.add_api_route(
+        f"/{app_id}",
+        post_root,
+        methods=["POST"],
+        name=f"fal_run_{name}",
+        summary=f"fal sync run ({app_id}); a queue.* Host submits instead",
+    )
+    r.add_api_route(f"/{app_id}/{{path:path}}", post_sub, methods=["POST"], name=f"fal_run_sub_{name}", **kw)
+
+
+def build_router(app_ids: tuple[str, ...] | list[str] = DEFAULT_APP_IDS) -> APIRouter:
+    r = APIRouter(tags=["fal"])
+    for app_id in app_ids:
+        _add_app_routes(r, app_id.strip("/"))
+    return r
+
+
+router = build_router(_app_ids_from_env())
+
+
+# ============================================================================================ webhooks
+
+
+def webhook_payload(job: Job) -> dict:
+    """fal's webhook body (protocols.md B.1): OK + output, or ERROR + the error body."""
+    base = {"request_id": job.id, "gateway_request_id": job.id}
+    if job.status == SUCCESS:
+        return {**base, "status": "OK", "payload": _output(job), "error": None}
+    status, detail, etype = _error_of(job)
+    payload: dict[str, Any] = {"detail": detail}
+    if not isinstance(detail, list):
+        payload["error_type"] = etype
+    return {**base, "status": "ERROR", "error": f"Invalid status code: {status}", "payload": payload}
+
+
+def _on_terminal(engine) -> Any:
+    def listener(job: Job) -> None:
+        if job.protocol != PROTOCOL:
+            return
+        url = job.meta.get("webhook")
+        if not url:
+            return
+        if engine.delivery is None:
+            log.warning("fal webhook for %s dropped: the engine has no delivery", job.id)
+            return
+        try:
+            body = webhook_payload(job)
+        except Exception:  # pragma: no cover - never let a listener break the worker
+            log.exception("fal webhook payload for %s", job.id)
+            return
+        engine.delivery.post_json(url, body)
+
+    return listener
+
+
+def setup(app: FastAPI, engine, settings) -> None:
+    """Called once by :func:`ccsr.api.app.create_app`: webhook listener, extra app ids from settings."""
+    engine.add_listener(_on_terminal(engine))
+    extra = [a.strip("/") for a in (settings.extra or {}).get("fal_app_ids", []) or []]
+    have = set(_app_ids_from_env())
+    more = [a for a in extra if a.count("/") == 1 and a not in have]
+    if more:
+        app.include_router(build_router(more))

@@ -1,0 +1,785 @@
+"""The Runware task API over REST (``POST /v1``, ``/``) and WebSocket (``/v1``, ``/``): a thin adapter over jobs.
+
+Wire rules followed here (protocols.md A.6): client frames are JSON arrays of tasks, server frames are
+``{"data": [...]}`` / ``{"errors": [...]}`` objects; the auth reply is ``data[0]`` with a
+``connectionSessionUUID``; every item and error carries its ``taskUUID`` and the request's own ``taskType``;
+an async ACK is exactly ``{taskType, taskUUID}``; processing items carry the pre-allocated ``imageUUID`` and
+``progress`` but no output; job state is global, keyed by ``taskUUID``, and survives reconnects and restarts;
+an identical retry of a ``taskUUID`` gets the same job, a different payload gets ``conflictTaskUUID``; error
+codes come from the SDK's families (``invalid*``/``missing*``/``unsupported*`` validation, ``invalidApiKey``
+auth, ``rateLimitExceeded``, ``*NotFound``/``*Expired``, ``inferenceError``/``processingFailed`` provider).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse
+
+from ccsr.jobs import (
+    CANCELLED,
+    ERROR,
+    SUCCESS,
+    ErrorCode,
+    Job,
+    JobConflict,
+    JobEngine,
+    JobSpec,
+    OutputOptions,
+    QueueFull,
+    payload_hash,
+)
+from ccsr.params import ParamError, UpscaleParams
+
+from .app import client_host, get_engine, get_settings, image_url, public_base
+from .images import parse_image_ref
+from .settings import Settings
+
+log = logging.getLogger("ccsr.api.runware")
+
+router = APIRouter(tags=["runware"])
+
+PROTOCOL = "runware"
+CCSR_MODELS = frozenset({"runware:501@1", "ccsr"})
+UPSCALE_TYPES = frozenset({"upscale", "imageUpscale"})
+OUTPUT_TYPES = {"url": "URL", "base64data": "base64Data", "datauri": "dataURI"}
+OUTPUT_FORMATS = {"JPG": "jpeg", "JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
+SETTINGS_MAP = {
+    "positivePrompt": "prompt",
+    "negativePrompt": "negative_prompt",
+    "seed": "seed",
+    "steps": "steps",
+    "CFGScale": "cfg_scale",
+    "controlNetWeight": "controlnet_weight",
+}
+PARAM_TO_FIELD = {v: f"settings.{k}" for k, v in SETTINGS_MAP.items()} | {"scale": "upscaleFactor"}
+
+ERROR_STATUS = {  # neutral job error code -> (Runware code, HTTP status)
+    ErrorCode.INVALID_INPUT: ("invalidInputImage", 400),
+    ErrorCode.INVALID_PARAMS: ("invalidParameters", 400),
+    ErrorCode.INFERENCE_FAILED: ("inferenceError", 500),
+    ErrorCode.INTERRUPTED: ("processingFailed", 500),
+    ErrorCode.CANCELLED: ("taskCancelled", 400),
+    ErrorCode.INPUT_MISSING: ("inputImageExpired", 400),
+    ErrorCode.TIMEOUT: ("processingTimeout", 500),
+    ErrorCode.INTERNAL: ("internalServerError", 500),
+}
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+class RWError(Exception):
+    """One Runware error entry; ``status`` is the HTTP code REST answers with."""
+
+    def __init__(self, code: str, message: str, *, parameter: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.parameter = parameter
+        self.status = status
+
+    def entry(self, task_type: str | None, task_uuid: str | None) -> dict:
+        d: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.parameter:
+            d["parameter"] = self.parameter
+        if task_type:
+            d["taskType"] = task_type
+        if task_uuid:
+            d["taskUUID"] = task_uuid
+        return d
+
+
+@dataclass
+class Reply:
+    """What one task produced: data items and/or error entries (each error with its HTTP status)."""
+
+    data: list[dict] = field(default_factory=list)
+    errors: list[tuple[dict, int]] = field(default_factory=list)
+
+    def frame(self) -> dict:
+        if self.errors:
+            out: dict[str, Any] = {"errors": [e for e, _ in self.errors]}
+            if self.data:
+                out["data"] = self.data
+            return out
+        return {"data": self.data}
+
+
+@dataclass
+class Ctx:
+    engine: JobEngine
+    settings: Settings
+    base: str  # public base URL for image links
+
+
+# ------------------------------------------------------------------------------------------- inputs
+
+
+def _decode_b64(s: str) -> bytes:
+    s = "".join(s.split())
+    s += "=" * (-len(s) % 4)
+    try:
+        return base64.b64decode(s, altchars=b"-_" if ("-" in s or "_" in s) else None, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(str(e)) from e
+
+
+CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
+                 "TIFF": "image/tiff", "AVIF": "image/avif"}
+EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "TIFF": "tiff", "AVIF": "avif"}
+
+
+def _limits(settings: Settings):
+    from ccsr import imaging
+
+    return imaging.Limits(max_input_bytes=settings.max_input_bytes, fetch_timeout=settings.fetch_timeout)
+
+
+def _sniff_image(data: bytes, settings: Settings) -> tuple[str, str, int, int]:
+    """(content_type, extension, width, height) after the imaging module's checks; raises ImageError."""
+    from ccsr import imaging
+
+    decoded = imaging.decode(data, _limits(settings))
+    fmt = decoded.source_format
+    w, h = decoded.size
+    return CONTENT_TYPES.get(fmt, "application/octet-stream"), EXTENSIONS.get(fmt, "bin"), int(w), int(h)
+
+
+def _fetch(url: str, settings: Settings) -> bytes:
+    from ccsr import imaging
+
+    return imaging.fetch(
+        url,
+        max_bytes=settings.max_input_bytes,
+        timeout=settings.fetch_timeout,
+        allow_hosts=frozenset(settings.fetch_allow_hosts),
+    ).content
+
+
+def _own_image_id(ref: str, ctx: Ctx) -> str | None:
+    """The store id when ``ref`` is a URL we handed out (``…/images/<uuid>.<ext>`` on our base)."""
+    if "/images/" not in ref:
+        return None
+    image_id = parse_image_ref(ref)
+    if image_id is None:
+        return None
+    prefix = ref.split("/images/", 1)[0]
+    bases = {ctx.base.rstrip("/")}
+    if ctx.settings.public_url:
+        bases.add(ctx.settings.public_url.rstrip("/"))
+    if prefix.rstrip("/") in bases or ctx.engine.images.get(image_id) is not None:
+        return image_id
+    return None
+
+
+async def resolve_image(ref: Any, ctx: Ctx, parameter: str) -> tuple[str, bool]:
+    """Turn a Runware image reference into an image id in our store. Returns (id, newly_stored)."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise RWError("invalidInputImage", f"{parameter} must be a non-empty string", parameter=parameter)
+    ref = ref.strip()
+    settings = ctx.settings
+    # 1. a UUID of an upload or an earlier output
+    try:
+        as_uuid = str(uuid.UUID(ref)) if len(ref) == 36 else None
+    except ValueError:
+        as_uuid = None
+    if as_uuid is not None:
+        if ctx.engine.images.get(as_uuid) is None:
+            raise RWError(
+                "invalidInputImage",
+                f"image {as_uuid} is unknown or has expired; upload it again",
+                parameter=parameter,
+            )
+        return as_uuid, False
+    # 2. bytes from a data URI, a URL or bare base64
+    if ref.startswith("data:"):
+        head, _, payload = ref.partition(",")
+        if ";base64" not in head:
+            raise RWError("invalidInputImage", "data URIs must be base64-encoded", parameter=parameter)
+        try:
+            data = _decode_b64(payload)
+        except ValueError as e:
+            raise RWError("invalidInputImage", f"bad base64 in data URI: {e}", parameter=parameter) from e
+    elif ref.startswith(("http://", "https://")):
+        own = _own_image_id(ref, ctx)
+        if own is not None:
+            if ctx.engine.images.get(own) is None:
+                raise RWError("invalidInputImage", f"image {own} has expired", parameter=parameter)
+            return own, False
+        from ccsr import imaging
+
+        try:
+            data = await asyncio.to_thread(_fetch, ref, settings)
+        except imaging.FetchError as e:
+            code = getattr(e, "code", "")
+            raise RWError(
+                "invalidInputImageURL" if code in ("blocked_address", "bad_url", "bad_scheme") else "downloadFailed",
+                f"could not fetch {parameter}: {e}",
+                parameter=parameter,
+                status=400,
+            ) from e
+    else:
+        if len(ref) < 16:
+            raise RWError(
+                "invalidInputImage",
+                f"{parameter} is neither an image UUID, a URL, a data URI nor base64",
+                parameter=parameter,
+            )
+        try:
+            data = _decode_b64(ref)
+        except ValueError as e:
+            raise RWError(
+                "invalidInputImage",
+                f"{parameter} is neither an image UUID, a URL, a data URI nor valid base64",
+                parameter=parameter,
+            ) from e
+    if len(data) > settings.max_input_bytes:
+        raise RWError("invalidInputImage", f"image is larger than {settings.max_input_bytes} bytes",
+                      parameter=parameter)
+    from ccsr import imaging
+
+    try:
+        ct, ext, w, h = await asyncio.to_thread(_sniff_image, data, settings)
+    except imaging.ImageError as e:
+        raise RWError("invalidInputImage", f"{parameter}: {e.message}", parameter=parameter) from e
+    rec = ctx.engine.images.put(data, content_type=ct, extension=ext, width=w, height=h, kind="input")
+    return rec.id, True
+
+
+# ------------------------------------------------------------------------------------------- tasks
+
+
+def _task_ident(task: dict) -> tuple[str | None, str | None]:
+    tt = task.get("taskType") if isinstance(task.get("taskType"), str) else None
+    tu = task.get("taskUUID") if isinstance(task.get("taskUUID"), str) else None
+    return tt, tu
+
+
+async def handle_task(task: Any, ctx: Ctx, on_ack=None) -> Reply:
+    """Run one non-authentication task to its reply (sync upscales wait for their job).
+
+    ``on_ack(frame)``: WebSocket only; with a ``webhookURL`` a sync upscale is ACKed through it as soon as
+    the job is queued (the legacy SDK takes the first frame as the webhook ACK), and the result follows.
+    """
+    if not isinstance(task, dict):
+        return Reply(errors=[(RWError("invalidRequestBody", "each task must be a JSON object").entry(None, None), 400)])
+    tt, tu = _task_ident(task)
+    try:
+        if tt is None:
+            raise RWError("missingTaskType", "taskType is required", parameter="taskType")
+        if tt == "ping":
+            return Reply(data=[{"taskType": "ping", "pong": True}])
+        if tu is None or not tu.strip():
+            raise RWError("missingTaskUUID", "taskUUID is required (a UUID v4)", parameter="taskUUID")
+        if tt == "imageUpload":
+            return await _image_upload(task, ctx, tt, tu)
+        if tt == "mediaStorage":
+            return await _media_storage(task, ctx, tt, tu)
+        if tt in UPSCALE_TYPES:
+            return await _upscale(task, ctx, tt, tu, on_ack)
+        if tt == "getResponse":
+            return _get_response(ctx, tu)
+        raise RWError(
+            "unsupportedTaskType",
+            f"taskType {tt!r} is not supported by this server (supported: imageUpload, mediaStorage, upscale,"
+            " imageUpscale, getResponse, ping, authentication)",
+            parameter="taskType",
+        )
+    except RWError as e:
+        return Reply(errors=[(e.entry(tt, tu), e.status)])
+    except Exception as e:  # never let one task take the connection down
+        log.exception("task %s failed", tu)
+        err = RWError("internalServerError", f"{type(e).__name__}: {e}", status=500)
+        return Reply(errors=[(err.entry(tt, tu), 500)])
+
+
+async def _image_upload(task: dict, ctx: Ctx, tt: str, tu: str) -> Reply:
+    ref = task.get("image")
+    if ref is None:
+        raise RWError("missingImage", "image is required", parameter="image")
+    image_id, _ = await resolve_image(ref, ctx, "image")
+    rec = ctx.engine.images.get(image_id)
+    assert rec is not None
+    return Reply(data=[{"taskType": tt, "taskUUID": tu, "imageUUID": rec.id,
+                        "imageURL": image_url(ctx.base, rec.id, rec.extension)}])
+
+
+async def _media_storage(task: dict, ctx: Ctx, tt: str, tu: str) -> Reply:
+    op = task.get("operation", "upload")
+    if op != "upload":
+        raise RWError("unsupportedOperation", f"mediaStorage operation {op!r} is not supported", parameter="operation")
+    ref = task.get("media")
+    if ref is None:
+        raise RWError("missingMedia", "media is required", parameter="media")
+    image_id, _ = await resolve_image(ref, ctx, "media")
+    rec = ctx.engine.images.get(image_id)
+    assert rec is not None
+    return Reply(data=[{"taskType": tt, "taskUUID": tu, "operation": "upload", "mediaUUID": rec.id,
+                        "mediaURL": image_url(ctx.base, rec.id, rec.extension)}])
+
+
+def _num(v: Any, name: str, code: str, *, integer: bool = False, lo=None, hi=None):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and integer and isinstance(v, float):
+        ok = v.is_integer()
+        v = int(v) if ok else v
+    if ok and lo is not None and v < lo:
+        ok = False
+    if ok and hi is not None and v > hi:
+        ok = False
+    if not ok:
+        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise RWError(code, f"{name} must be {'an integer' if integer else 'a number'}{rng}", parameter=name)
+    return v
+
+
+@dataclass
+class UpscaleRequest:
+    image_ref: Any
+    image_param: str
+    params: UpscaleParams
+    output_type: str
+    output: OutputOptions
+    include_cost: bool
+    delivery: str
+    webhook: str | None
+    upload_endpoint: str | None
+
+
+def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
+    """Validate an upscale / imageUpscale task (no I/O); raises RWError on the first bad field."""
+    model = task.get("model")
+    if model is not None and model not in CCSR_MODELS:
+        raise RWError("unsupportedModel", f"model {model!r} is not served here; use runware:501@1 (CCSR)",
+                      parameter="model")
+    inputs = task.get("inputs")
+    if inputs is not None and not isinstance(inputs, dict):
+        raise RWError("invalidInputs", "inputs must be an object", parameter="inputs")
+    if inputs and inputs.get("image") is not None:
+        ref, param = inputs.get("image"), "inputs.image"
+    elif task.get("inputImage") is not None:
+        ref, param = task.get("inputImage"), "inputImage"
+    else:
+        raise RWError("missingInputImage", "inputs.image (or inputImage) is required", parameter="inputs.image")
+
+    factor = task.get("upscaleFactor", 2)
+    factor = _num(factor, "upscaleFactor", "invalidUpscaleFactor", lo=2, hi=4)
+
+    ot = task.get("outputType", "URL")
+    if isinstance(ot, list) and len(ot) == 1:
+        ot = ot[0]
+    if not isinstance(ot, str) or ot.lower() not in OUTPUT_TYPES:
+        raise RWError("invalidOutputType", "outputType must be URL, base64Data or dataURI", parameter="outputType")
+    ot = OUTPUT_TYPES[ot.lower()]
+
+    of = task.get("outputFormat", "JPG")
+    if not isinstance(of, str) or of.upper() not in OUTPUT_FORMATS:
+        raise RWError("invalidOutputFormat", "outputFormat must be JPG, PNG or WEBP", parameter="outputFormat")
+    fmt = OUTPUT_FORMATS[of.upper()]
+    quality = _num(task.get("outputQuality", 95), "outputQuality", "invalidOutputQuality", integer=True,
+                   lo=20, hi=99)
+    ttl = task.get("ttl")
+    if ttl is not None:
+        ttl = _num(ttl, "ttl", "invalidTtl", integer=True, lo=int(settings.min_ttl))
+    include_cost = task.get("includeCost", False)
+    if not isinstance(include_cost, bool):
+        raise RWError("invalidIncludeCost", "includeCost must be a boolean", parameter="includeCost")
+    delivery = task.get("deliveryMethod", "sync")
+    if delivery not in ("sync", "async"):
+        raise RWError("invalidDeliveryMethod", "deliveryMethod must be sync or async", parameter="deliveryMethod")
+    urls = {}
+    for name, code in (("webhookURL", "invalidWebhookURL"), ("uploadEndpoint", "invalidUploadEndpoint")):
+        v = task.get(name)
+        if v is not None and (not isinstance(v, str) or not v.startswith(("http://", "https://"))):
+            raise RWError(code, f"{name} must be an http(s) URL", parameter=name)
+        urls[name] = v
+
+    s = task.get("settings") or {}
+    if not isinstance(s, dict):
+        raise RWError("invalidSettings", "settings must be an object", parameter="settings")
+    kw: dict[str, Any] = {"scale": float(factor), "size_mode": settings.size_mode}
+    if settings.default_steps:
+        kw["steps"] = settings.default_steps
+    for key, fname in SETTINGS_MAP.items():
+        if s.get(key) is None:
+            continue
+        v = s[key]
+        pname = f"settings.{key}"
+        if key in ("positivePrompt", "negativePrompt"):
+            if not isinstance(v, str):
+                raise RWError(f"invalid{key[0].upper()}{key[1:]}", f"{pname} must be a string", parameter=pname)
+            if len(v) > 3000:
+                raise RWError(f"invalid{key[0].upper()}{key[1:]}", f"{pname} is longer than 3000 characters",
+                              parameter=pname)
+        elif key == "seed":
+            v = _num(v, pname, "invalidSeed", integer=True, lo=0, hi=2**63 - 1)
+        elif key == "steps":
+            v = _num(v, pname, "invalidSteps", integer=True, lo=1, hi=1000)
+        elif key == "CFGScale":
+            v = float(_num(v, pname, "invalidCFGScale", lo=0, hi=30))
+        elif key == "controlNetWeight":
+            v = float(_num(v, pname, "invalidControlNetWeight", lo=0, hi=2))
+        kw[fname] = v
+    if kw.get("seed") is None:
+        kw["seed"] = random.randrange(2**32)  # Runware: a random unsigned 32-bit seed when none is given
+    try:
+        params = UpscaleParams(**kw).validate()
+    except ParamError as e:
+        pname = PARAM_TO_FIELD.get(e.field, e.field)
+        raise RWError("invalidParameters", f"{pname}: {e.message}", parameter=pname) from e
+    return UpscaleRequest(
+        image_ref=ref,
+        image_param=param,
+        params=params,
+        output_type=ot,
+        output=OutputOptions(format=fmt, quality=int(quality), ttl=float(ttl) if ttl is not None else None),
+        include_cost=include_cost,
+        delivery=delivery,
+        webhook=urls["webhookURL"],
+        upload_endpoint=urls["uploadEndpoint"],
+    )
+
+
+def _check_outbound(url: str, name: str, ctx: Ctx) -> None:
+    from ccsr import imaging
+
+    try:
+        imaging.check_url(url, allow_hosts=frozenset(ctx.settings.fetch_allow_hosts))
+    except imaging.FetchError as e:
+        raise RWError(f"invalid{name[0].upper()}{name[1:]}", f"{name} is not allowed: {e}", parameter=name) from e
+
+
+async def _upscale(task: dict, ctx: Ctx, tt: str, tu: str, on_ack=None) -> Reply:
+    key = f"{PROTOCOL}:{tu}"
+    # an identical retry is answered from the existing job before anything else is done
+    body_hash = payload_hash({k: v for k, v in task.items() if k != "deliveryMethod"})
+    existing = ctx.engine.get_by_key(key)
+    if existing is not None:
+        if existing.payload_hash != body_hash:
+            raise RWError("conflictTaskUUID", f"taskUUID {tu} was already used for a different task",
+                          parameter="taskUUID")
+        req_delivery = task.get("deliveryMethod", "sync")
+        return await _deliver(existing, ctx, req_delivery, fresh=False, on_ack=on_ack)
+
+    req = parse_upscale(task, ctx.settings)
+    for name, url in (("webhookURL", req.webhook), ("uploadEndpoint", req.upload_endpoint)):
+        if url:
+            _check_outbound(url, name, ctx)
+    image_id, _ = await resolve_image(req.image_ref, ctx, req.image_param)
+    cap = ctx.settings.max_output_side
+    spec = JobSpec(
+        params=req.params,
+        input_image_id=image_id,
+        output=req.output,
+        max_output=(cap, cap) if cap else None,
+        protocol=PROTOCOL,
+        meta={
+            "taskType": tt,
+            "taskUUID": tu,
+            "outputType": req.output_type,
+            "includeCost": req.include_cost,
+            "webhookURL": req.webhook,
+            "uploadEndpoint": req.upload_endpoint,
+            "base": ctx.base,
+        },
+        idempotency_key=key,
+        payload_hash=body_hash,
+        cost_per_second=ctx.settings.price_per_second,
+    )
+    try:
+        job, _created = ctx.engine.submit(spec)
+    except QueueFull as e:
+        raise RWError("rateLimitExceeded", str(e), status=429) from e
+    except JobConflict as e:
+        raise RWError("conflictTaskUUID", str(e), parameter="taskUUID") from e
+    except ParamError as e:
+        raise RWError("invalidParameters", str(e), parameter=PARAM_TO_FIELD.get(e.field, e.field)) from e
+    return await _deliver(job, ctx, req.delivery, fresh=True, on_ack=on_ack)
+
+
+async def _deliver(job: Job, ctx: Ctx, delivery: str, *, fresh: bool, on_ack=None) -> Reply:
+    meta = job.meta
+    ack = {"taskType": meta["taskType"], "taskUUID": meta["taskUUID"]}
+    if delivery == "async":
+        return Reply(data=[ack])
+    if meta.get("webhookURL") and on_ack is not None:
+        await on_ack({"data": [ack]})
+    done = await ctx.engine.wait(job.id, ctx.settings.sync_timeout)
+    if done is None or not done.done:
+        err = RWError(
+            "processingTimeout",
+            f"the task did not finish within {ctx.settings.sync_timeout:.0f}s; poll getResponse with this taskUUID",
+            status=504,
+        )
+        return Reply(errors=[(err.entry(meta["taskType"], meta["taskUUID"]), 504)])
+    return result_reply(done, ctx, with_status=False)
+
+
+def result_reply(job: Job, ctx: Ctx | None, *, with_status: bool, base: str | None = None) -> Reply:
+    """A terminal (or running) job as a Runware reply."""
+    meta = job.meta
+    tt, tu = meta.get("taskType", "upscale"), meta.get("taskUUID")
+    engine = ctx.engine if ctx else None
+    base = base or (ctx.base if ctx else meta.get("base", ""))
+    if job.status == SUCCESS and job.result is not None:
+        r = job.result
+        item: dict[str, Any] = {"taskType": tt, "taskUUID": tu, "imageUUID": r.image_id,
+                                "inputImageUUID": job.input_image_id}
+        ot = meta.get("outputType", "URL")
+        if ot == "URL":
+            item["imageURL"] = image_url(base, r.image_id, r.extension)
+        else:
+            data = engine.images.read(r.image_id) if engine else None
+            if data is None:
+                err = RWError("imageExpired", f"the output image {r.image_id} has expired", status=404)
+                return Reply(errors=[(err.entry(tt, tu), 404)])
+            b64 = base64.b64encode(data).decode("ascii")
+            if ot == "base64Data":
+                item["imageBase64Data"] = b64
+            else:
+                item["imageDataURI"] = f"data:{r.content_type};base64,{b64}"
+        if meta.get("includeCost"):
+            item["cost"] = r.cost
+        if with_status:
+            item["status"] = "success"
+        return Reply(data=[item])
+    if job.status in (ERROR, CANCELLED):
+        code, status = ERROR_STATUS.get(job.error.code if job.error else "", ("inferenceError", 500))
+        msg = job.error.message if job.error else "the task failed"
+        return Reply(errors=[(RWError(code, msg, status=status).entry(tt, tu), status)])
+    item = {"taskType": tt, "taskUUID": tu, "status": "processing", "imageUUID": job.output_image_id,
+            "progress": int(job.progress)}
+    return Reply(data=[item])
+
+
+def _get_response(ctx: Ctx, tu: str) -> Reply:
+    job = ctx.engine.get_by_key(f"{PROTOCOL}:{tu}")
+    if job is None:
+        raise RWError("taskNotFound", f"no task with taskUUID {tu}", parameter="taskUUID", status=404)
+    reply = result_reply(job, ctx, with_status=True)
+    # a failed job's poll is a 400 (protocols.md E), never a retried 5xx
+    reply.errors = [(e, 400 if s >= 500 else s) for e, s in reply.errors]
+    return reply
+
+
+# ------------------------------------------------------------------------------------------- delivery
+
+
+def setup(app, engine: JobEngine, settings: Settings) -> None:
+    """Register the webhook / uploadEndpoint listener and the session table."""
+    app.state.runware_sessions = Sessions()
+
+    def on_done(job: Job) -> None:
+        if job.protocol != PROTOCOL:
+            return
+        meta = job.meta
+        delivery = engine.delivery
+        if delivery is None:
+            return
+        if meta.get("webhookURL"):
+            ctx = Ctx(engine, settings, meta.get("base", ""))
+            reply = result_reply(job, ctx, with_status=True)
+            delivery.post_json(meta["webhookURL"], reply.frame())
+        if meta.get("uploadEndpoint") and job.status == SUCCESS and job.result is not None:
+            data = engine.images.read(job.result.image_id)
+            if data is not None:
+                delivery.put_bytes(meta["uploadEndpoint"], data, job.result.content_type)
+
+    engine.add_listener(on_done)
+
+
+# ------------------------------------------------------------------------------------------- REST
+
+
+def _ctx(conn) -> Ctx:
+    return Ctx(get_engine(conn), get_settings(conn), public_base(conn))
+
+
+def _auth_error(message: str) -> dict:
+    return {"code": "invalidApiKey", "message": message, "parameter": "apiKey", "taskType": "authentication"}
+
+
+@router.post("/v1", summary="Runware task API (REST)")
+@router.post("/", include_in_schema=False)
+async def rest(request: Request) -> JSONResponse:
+    """A JSON array of tasks; ``Authorization: Bearer <key>`` or a leading ``authentication`` task."""
+    settings = get_settings(request)
+    try:
+        body = json.loads(await request.body() or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return JSONResponse({"errors": [{"code": "invalidRequestBody", "message": "the body is not JSON"}]}, 400)
+    if isinstance(body, dict):
+        body = [body]
+    if not isinstance(body, list) or not body:
+        return JSONResponse(
+            {"errors": [{"code": "invalidRequestBody", "message": "the body must be a JSON array of tasks"}]}, 400
+        )
+    key = None
+    authz = request.headers.get("authorization", "")
+    if authz.lower().startswith("bearer "):
+        key = authz[7:].strip()
+    auth_items: list[dict] = []
+    if isinstance(body[0], dict) and body[0].get("taskType") == "authentication":
+        first = body.pop(0)
+        key = first.get("apiKey") or key
+        auth_items.append({"taskType": "authentication", "connectionSessionUUID": str(uuid.uuid4())})
+    if not settings.key_ok(key, client_host(request)):
+        msg = ("invalid API key" if settings.keys_required()
+               else "this server has no API keys configured and accepts loopback clients only")
+        return JSONResponse({"errors": [_auth_error(msg)]}, status_code=401)
+    ctx = _ctx(request)
+    replies = await asyncio.gather(*(handle_task(t, ctx) for t in body))
+    data = auth_items + [d for r in replies for d in r.data]
+    errors = [e for r in replies for e in r.errors]
+    if errors:
+        out: dict[str, Any] = {"errors": [e for e, _ in errors]}
+        if data:
+            out["data"] = data
+        return JSONResponse(out, status_code=errors[0][1])
+    return JSONResponse({"data": data})
+
+
+# ------------------------------------------------------------------------------------------- WebSocket
+
+
+class Sessions:
+    """connectionSessionUUID -> frames a dropped socket could not receive (sync results), for a while."""
+
+    TTL = 600.0
+
+    def __init__(self):
+        self._outbox: dict[str, tuple[float, list[dict]]] = {}
+
+    def known(self, sid: str | None) -> bool:
+        self._gc()
+        return bool(sid) and sid in self._outbox
+
+    def open(self, sid: str) -> None:
+        self._outbox.setdefault(sid, (time.monotonic(), []))
+
+    def stash(self, sid: str, frame: dict) -> None:
+        t, frames = self._outbox.setdefault(sid, (time.monotonic(), []))
+        frames.append(frame)
+        self._outbox[sid] = (time.monotonic(), frames[-100:])
+
+    def drain(self, sid: str) -> list[dict]:
+        t, frames = self._outbox.get(sid, (0.0, []))
+        self._outbox[sid] = (time.monotonic(), [])
+        return frames
+
+    def touch(self, sid: str) -> None:
+        t, frames = self._outbox.get(sid, (0.0, []))
+        self._outbox[sid] = (time.monotonic(), frames)
+
+    def _gc(self) -> None:
+        now = time.monotonic()
+        for sid in [s for s, (t, _) in self._outbox.items() if now - t > self.TTL]:
+            self._outbox.pop(sid, None)
+
+
+class _Conn:
+    def __init__(self, ws: WebSocket):
+        self.ws = ws
+        self.lock = asyncio.Lock()
+        self.open = True
+        self.session: str | None = None
+
+    async def send(self, frame: dict) -> bool:
+        if not self.open:
+            return False
+        try:
+            async with self.lock:
+                await self.ws.send_text(json.dumps(frame))
+            return True
+        except Exception:
+            self.open = False
+            return False
+
+
+@router.websocket("/v1")
+@router.websocket("/")
+async def websocket(ws: WebSocket) -> None:
+    await ws.accept()
+    settings = get_settings(ws)
+    sessions: Sessions = ws.app.state.runware_sessions
+    conn = _Conn(ws)
+    ctx = _ctx(ws)
+    pending: set[asyncio.Task] = set()
+    authed = False
+
+    async def run(task: dict) -> None:
+        reply = await handle_task(task, ctx, on_ack=conn.send)
+        frame = reply.frame()
+        if not await conn.send(frame) and conn.session and task.get("taskType") in UPSCALE_TYPES:
+            sessions.stash(conn.session, frame)  # a sync result the client may come back for
+
+    try:
+        while True:
+            raw = await ws.receive_text()
+            try:
+                tasks = json.loads(raw)
+            except json.JSONDecodeError:
+                await conn.send({"errors": [{"code": "invalidRequestBody", "message": "frame is not JSON"}]})
+                continue
+            if isinstance(tasks, dict):
+                tasks = [tasks]
+            if not isinstance(tasks, list):
+                await conn.send({"errors": [{"code": "invalidRequestBody", "message": "frame must be an array"}]})
+                continue
+            for task in tasks:
+                if not isinstance(task, dict):
+                    continue
+                tt, tu = _task_ident(task)
+                if tt == "authentication":
+                    key = task.get("apiKey")
+                    if not settings.key_ok(key if isinstance(key, str) else None, client_host(ws)):
+                        authed = False
+                        msg = ("invalid API key" if settings.keys_required()
+                               else "no API keys configured: loopback clients only")
+                        await conn.send({"errors": [_auth_error(msg)]})
+                        continue
+                    sid = task.get("connectionSessionUUID")
+                    resumed = isinstance(sid, str) and sessions.known(sid)
+                    if not resumed:
+                        sid = str(uuid.uuid4())
+                    sessions.open(sid)
+                    conn.session = sid
+                    authed = True
+                    await conn.send({"data": [{"taskType": "authentication", "connectionSessionUUID": sid}]})
+                    if resumed:
+                        for frame in sessions.drain(sid):
+                            await conn.send(frame)
+                    continue
+                if tt == "ping":
+                    await conn.send({"data": [{"taskType": "ping", "pong": True}]})
+                    continue
+                if not authed:
+                    err = {"code": "missingApiKey", "message": "authenticate first: send an authentication task",
+                           "parameter": "apiKey", "taskType": tt or "authentication"}
+                    if tu:
+                        err["taskUUID"] = tu
+                    await conn.send({"errors": [err]})
+                    continue
+                if conn.session:
+                    sessions.touch(conn.session)
+                t = asyncio.create_task(run(task))
+                pending.add(t)
+                t.add_done_callback(pending.discard)
+    except (WebSocketDisconnect, RuntimeError):
+        pass
+    finally:
+        conn.open = False
+        # running tasks finish on their own: their jobs live on in the engine, results go to the session outbox

@@ -1,0 +1,115 @@
+"""Processing geometry: which sizes the image passes through, and the resizes between them.
+
+Two modes:
+
+* ``reference``: CCSR-v1's own path. Bicubic pre-upscale to ``ceil(scale * size)``, short side raised to 512 (or to
+  the diffusion tile size when tiling) with bicubic, Lanczos to a multiple of 64 (floored by ``inference_ccsr.py``;
+  one block *added* by ``inference_ccsr_tile.py``, whose rule applies with gaussian tiling or the tiled VAE), then
+  the result is Lanczos-resized back to the target. Output pixels equal the reference's.
+* ``pad``: bicubic pre-upscale to the target, reflect-pad to the size multiple, crop back: no second resampling.
+
+Resizes work on 8-bit PIL images exactly as the reference (PIL's integer paths) and on float32 arrays (16-bit
+sources) through PIL's float mode, one channel at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+Picture = Image.Image | np.ndarray  # PIL RGB (8-bit) or float32 HxWx3 in [0, 1]
+
+REFERENCE_MIN_SIDE = 512
+
+
+def size_of(img: Picture) -> tuple[int, int]:
+    """(width, height)."""
+    return img.size if isinstance(img, Image.Image) else (img.shape[1], img.shape[0])
+
+
+def resize(img: Picture, size: tuple[int, int], resample: Image.Resampling) -> Picture:
+    if isinstance(img, Image.Image):
+        return img.resize(size, resample)
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c]), mode="F").resize(size, resample))
+        for c in range(img.shape[2])
+    ]
+    return np.stack(channels, axis=-1).astype(np.float32)
+
+
+def to_float(img: Picture) -> np.ndarray:
+    """HWC float32 in [0, 1]; 8-bit values are divided in float64 then rounded, as the reference does."""
+    if isinstance(img, Image.Image):
+        return (np.asarray(img.convert("RGB")) / 255.0).astype(np.float32)
+    return np.clip(img, 0.0, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    target: tuple[int, int]  # (w, h) of the output: ceil(scale * input)
+    upscaled: tuple[int, int]  # after the bicubic pre-upscale (== target)
+    auto_resized: tuple[int, int]  # after raising the short side (reference mode)
+    process: tuple[int, int]  # what the model sees (multiple of the size multiple)
+    pad: tuple[int, int] = (0, 0)  # (right, bottom) reflect padding in pad mode
+
+
+def plan_geometry(
+    size: tuple[int, int],
+    scale: float,
+    *,
+    mode: str = "reference",
+    min_side: int = REFERENCE_MIN_SIDE,
+    add_block: bool = False,
+    multiple: int = 64,
+) -> Geometry:
+    """Sizes for an input of ``size`` (w, h). ``add_block`` selects the tile script's always-round-up rule."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise ValueError(f"image has zero size ({w}x{h})")
+    target = (math.ceil(w * scale), math.ceil(h * scale)) if scale != 1 else (w, h)
+    if mode == "pad":
+        proc = tuple(math.ceil(s / multiple) * multiple for s in target)
+        return Geometry(target, target, target, proc, (proc[0] - target[0], proc[1] - target[1]))  # type: ignore[arg-type]
+    short = min(target)
+    auto = target
+    if short < min_side:
+        r = min_side / short
+        auto = (math.ceil(target[0] * r), math.ceil(target[1] * r))
+    if add_block:
+        proc = tuple((s // multiple + 1) * multiple for s in auto)
+    else:
+        proc = tuple(max(s // multiple, 1) * multiple for s in auto)
+    return Geometry(target, target, auto, proc)  # type: ignore[arg-type]
+
+
+def prepare(img: Picture, g: Geometry) -> np.ndarray:
+    """Input picture -> HWC float32 condition image at the processing size."""
+    if g.upscaled != size_of(img):
+        img = resize(img, g.upscaled, Image.Resampling.BICUBIC)
+    if g.pad != (0, 0):
+        arr = to_float(img)
+        mode = "reflect" if g.pad[0] < arr.shape[1] and g.pad[1] < arr.shape[0] else "symmetric"
+        return np.pad(arr, ((0, g.pad[1]), (0, g.pad[0]), (0, 0)), mode=mode)
+    if g.auto_resized != g.upscaled:
+        img = resize(img, g.auto_resized, Image.Resampling.BICUBIC)
+    if g.process != g.auto_resized:
+        img = resize(img, g.process, Image.Resampling.LANCZOS)
+    return to_float(img)
+
+
+def finish(processed: np.ndarray, g: Geometry) -> tuple[Image.Image, np.ndarray]:
+    """Model output at the processing size -> (8-bit image quantised as the reference, float image), both at target.
+
+    The reference truncates to uint8 at the processing size, then Lanczos-resizes the 8-bit image.
+    """
+    if g.pad != (0, 0):
+        crop = processed[: g.target[1], : g.target[0]]
+        return Image.fromarray((crop * np.float32(255)).clip(0, 255).astype(np.uint8)), np.ascontiguousarray(crop)
+    as_uint8 = Image.fromarray((processed * np.float32(255)).clip(0, 255).astype(np.uint8))
+    if g.process == g.target:
+        return as_uint8, processed
+    final = np.clip(resize(processed, g.target, Image.Resampling.LANCZOS), 0.0, 1.0)
+    return as_uint8.resize(g.target, Image.Resampling.LANCZOS), final

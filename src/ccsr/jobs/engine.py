@@ -1,0 +1,410 @@
+"""The job engine: submission, state, waiting, cancellation, recovery, listeners; and the in-process executor.
+
+``JobEngine`` is the only object protocol adapters talk to. It owns a :class:`~ccsr.jobs.store.JobStore`
+(state + queue), an :class:`~ccsr.jobs.images.ImageStore` and an :class:`Executor` (who runs jobs). The
+embedded default is SQLite + local disk + :class:`InProcessExecutor` (a worker thread per device owning the
+model); a Celery executor and a Redis store slot in behind the same interfaces.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .images import ImageStore
+from .store import JobStore
+from .types import (
+    CANCELLED,
+    ERROR,
+    PROCESSING,
+    SUCCESS,
+    ErrorCode,
+    Job,
+    JobError,
+    JobNotFound,
+    JobResult,
+    JobSpec,
+)
+
+log = logging.getLogger("ccsr.jobs")
+
+Listener = Callable[[Job], None]
+
+
+class JobCancelled(Exception):
+    """Raised by a runner (through ``should_cancel``) to stop a running job."""
+
+
+class JobFailed(Exception):
+    """Raised by a runner for an expected failure with a neutral :class:`ErrorCode`."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    """What a runner produced: encoded bytes and their description."""
+
+    data: bytes
+    content_type: str
+    extension: str
+    width: int
+    height: int
+    seed: int | None
+    input_width: int | None = None
+    input_height: int | None = None
+
+
+class Runner(Protocol):
+    """Turns one job into an encoded image. Owns the model; called from one worker thread only."""
+
+    def load(self) -> None:
+        """Load the model (once, in the worker thread, before the first job)."""
+
+    def run(
+        self,
+        job: Job,
+        input_bytes: bytes,
+        *,
+        progress: Callable[[float], None],
+        should_cancel: Callable[[], bool],
+        log: Callable[[str], None],
+    ) -> RunOutput: ...
+
+
+class Executor(abc.ABC):
+    """Who runs queued jobs. Started by :meth:`JobEngine.start` with the engine as its context."""
+
+    @abc.abstractmethod
+    def start(self, engine: JobEngine) -> None: ...
+
+    @abc.abstractmethod
+    def stop(self, timeout: float = 5.0) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def ready(self) -> bool:
+        """True once the model is loaded and jobs can run."""
+
+    def wake(self) -> None:
+        """A job was queued (hint)."""
+
+    @property
+    def load_error(self) -> str | None:
+        return None
+
+
+class JobEngine:
+    """Protocol-neutral façade over a store, an image store and an executor. Thread-safe."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        images: ImageStore,
+        executor: Executor,
+        *,
+        max_queue: int = 64,
+        max_attempts: int = 2,
+        sweep_interval: float = 60.0,
+        delivery=None,
+    ):
+        self.store = store
+        self.images = images
+        self.executor = executor
+        self.max_queue = max_queue
+        self.max_attempts = max_attempts
+        self.sweep_interval = sweep_interval
+        self.delivery = delivery
+        self._listeners: list[Listener] = []
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}
+        self._wlock = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.recover()
+        self.executor.start(self)
+        self._sweeper = threading.Thread(target=self._sweep_loop, name="ccsr-image-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.executor.stop()
+        if self.delivery is not None:
+            self.delivery.close()
+
+    def recover(self) -> list[Job]:
+        """After a restart: jobs cut off mid-run are queued again once, then failed with a clear error."""
+        changed = []
+        for job in self.store.list_status(PROCESSING):
+            if job.attempts >= self.max_attempts:
+                done = self.store.finish(
+                    job.id,
+                    ERROR,
+                    error=JobError(
+                        ErrorCode.INTERRUPTED,
+                        f"the server stopped while running this job {job.attempts} times; giving up",
+                    ),
+                )
+                if done is not None:
+                    self.store.append_log(job.id, "interrupted again by a restart; failed", "ERROR")
+                    changed.append(done)
+                    self._emit(done)
+            else:
+                self.store.requeue(job.id)
+                self.store.append_log(
+                    job.id, f"interrupted by a server restart; queued again (attempt {job.attempts + 1})", "WARNING"
+                )
+                changed.append(self.store.get(job.id))
+        return changed
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.sweep_interval):
+            try:
+                self.images.sweep()
+            except Exception:  # pragma: no cover
+                log.exception("image sweep failed")
+
+    # ------------------------------------------------------------------ readiness
+    @property
+    def ready(self) -> bool:
+        return self.executor.ready
+
+    @property
+    def load_error(self) -> str | None:
+        return self.executor.load_error
+
+    # ------------------------------------------------------------------ jobs
+    def submit(self, spec: JobSpec) -> tuple[Job, bool]:
+        """Queue a job. Returns ``(job, created)``; raises ``QueueFull`` / ``JobConflict``."""
+        spec.params.validate()
+        job, created = self.store.create(spec, max_active=self.max_queue)
+        if created:
+            self.store.append_log(job.id, "queued")
+            self.executor.wake()
+        return job, created
+
+    def get(self, job_id: str) -> Job | None:
+        return self.store.get(job_id)
+
+    def get_by_key(self, key: str) -> Job | None:
+        return self.store.get_by_key(key)
+
+    def queue_position(self, job_id: str) -> int | None:
+        return self.store.queue_position(job_id)
+
+    def cancel(self, job_id: str) -> Job:
+        """Queued: cancelled at once. Processing: flagged; the runner stops between steps. Terminal: unchanged."""
+        job = self.store.request_cancel(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        if job.status == CANCELLED:
+            self._emit(job)
+        return job
+
+    def add_listener(self, fn: Listener) -> None:
+        """``fn(job)`` is called (from a worker thread) whenever a job reaches a terminal status.
+
+        Filter on ``job.protocol``; never block for long (hand slow work to :attr:`delivery`).
+        """
+        self._listeners.append(fn)
+
+    def _emit(self, job: Job) -> None:
+        for fn in list(self._listeners):
+            try:
+                fn(job)
+            except Exception:
+                log.exception("job listener failed")
+        self._notify(job.id)
+
+    def _notify(self, job_id: str) -> None:
+        with self._wlock:
+            waiters = list(self._waiters.get(job_id, ()))
+        for loop, ev in waiters:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(ev.set)
+
+    async def wait(self, job_id: str, timeout: float | None = None, *, poll: float = 0.5) -> Job | None:
+        """Wait until the job is terminal or ``timeout`` passes; returns the latest snapshot (None if unknown)."""
+        loop = asyncio.get_running_loop()
+        ev = asyncio.Event()
+        entry = (loop, ev)
+        with self._wlock:
+            self._waiters.setdefault(job_id, []).append(entry)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                job = self.store.get(job_id)
+                if job is None or job.done:
+                    return job
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return job
+                ev.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ev.wait(), poll if remaining is None else min(poll, remaining))
+        finally:
+            with self._wlock:
+                lst = self._waiters.get(job_id)
+                if lst is not None:
+                    with contextlib.suppress(ValueError):
+                        lst.remove(entry)
+                    if not lst:
+                        self._waiters.pop(job_id, None)
+
+    # ------------------------------------------------------------------ executor callbacks
+    def _finish(self, job_id: str, status: str, *, result=None, error=None) -> Job | None:
+        job = self.store.finish(job_id, status, result=result, error=error)
+        if job is not None:
+            self._emit(job)
+        return job
+
+
+class InProcessExecutor(Executor):
+    """One worker thread per runner (one per device): loads the model once, runs one job at a time."""
+
+    def __init__(self, runners: list[Runner] | Runner, *, idle_poll: float = 0.5):
+        self.runners = runners if isinstance(runners, list) else [runners]
+        self.idle_poll = idle_poll
+        self._threads: list[threading.Thread] = []
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ready = [False] * len(self.runners)
+        self._load_error: str | None = None
+        self.engine: JobEngine | None = None
+
+    @property
+    def ready(self) -> bool:
+        return any(self._ready)
+
+    @property
+    def load_error(self) -> str | None:
+        return self._load_error
+
+    def start(self, engine: JobEngine) -> None:
+        self.engine = engine
+        for i, r in enumerate(self.runners):
+            t = threading.Thread(target=self._loop, args=(i, r), name=f"ccsr-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self, index: int, runner: Runner) -> None:
+        engine = self.engine
+        assert engine is not None
+        try:
+            runner.load()
+        except Exception as e:
+            self._load_error = f"{type(e).__name__}: {e}"
+            log.exception("model load failed")
+            return
+        self._ready[index] = True
+        log.info("worker %d ready", index)
+        while not self._stop.is_set():
+            job = engine.store.claim_next()
+            if job is None:
+                self._wake.wait(self.idle_poll)
+                self._wake.clear()
+                continue
+            self._run_one(engine, runner, job)
+
+    def _run_one(self, engine: JobEngine, runner: Runner, job: Job) -> None:
+        store = engine.store
+        store.append_log(job.id, f"started (attempt {job.attempts})")
+        engine._notify(job.id)
+        last = [-1, 0.0]
+
+        def progress(frac: float) -> None:
+            p = int(max(0.0, min(1.0, frac)) * 100)
+            if p >= 100:
+                p = 99  # 100 means stored
+            if p != last[0]:
+                last[0] = p
+                store.set_progress(job.id, p)
+                t = time.monotonic()
+                if t - last[1] > 1.0:
+                    last[1] = t
+                    store.append_log(job.id, f"progress {p}%")
+
+        cancel_checked = [0.0, False]
+
+        def should_cancel() -> bool:
+            t = time.monotonic()
+            if t - cancel_checked[0] > 0.2:
+                cancel_checked[0] = t
+                cur = store.get(job.id)
+                cancel_checked[1] = bool(cur is None or cur.cancel_requested)
+            return cancel_checked[1]
+
+        def logline(msg: str) -> None:
+            store.append_log(job.id, msg)
+
+        t0 = time.monotonic()
+        try:
+            data = engine.images.read(job.input_image_id)
+            if data is None:
+                raise JobFailed(ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted")
+            out = runner.run(job, data, progress=progress, should_cancel=should_cancel, log=logline)
+            if should_cancel():
+                raise JobCancelled()
+            secs = time.monotonic() - t0
+            rec = engine.images.put(
+                out.data,
+                content_type=out.content_type,
+                extension=out.extension,
+                width=out.width,
+                height=out.height,
+                ttl=job.output.ttl,
+                image_id=job.output_image_id,
+                kind="output",
+            )
+            result = JobResult(
+                image_id=rec.id,
+                width=out.width,
+                height=out.height,
+                content_type=out.content_type,
+                extension=rec.extension,
+                size=rec.size,
+                seed=out.seed,
+                inference_seconds=round(secs, 4),
+                cost=round(secs * job.cost_per_second, 6),
+                input_width=out.input_width,
+                input_height=out.input_height,
+            )
+            store.append_log(job.id, f"done in {secs:.2f}s: {out.width}x{out.height} {out.content_type}")
+            engine._finish(job.id, SUCCESS, result=result)
+        except JobCancelled:
+            store.append_log(job.id, "cancelled", "WARNING")
+            engine._finish(job.id, CANCELLED, error=JobError(ErrorCode.CANCELLED, "cancelled while running"))
+        except JobFailed as e:
+            store.append_log(job.id, f"failed: {e.message}", "ERROR")
+            engine._finish(job.id, ERROR, error=JobError(e.code, e.message))
+        except Exception as e:
+            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+            store.append_log(job.id, f"failed: {type(e).__name__}: {e}", "ERROR")
+            code = ErrorCode.INVALID_PARAMS if isinstance(e, ValueError) else ErrorCode.INFERENCE_FAILED
+            engine._finish(job.id, ERROR, error=JobError(code, f"{type(e).__name__}: {e}"))

@@ -1,0 +1,116 @@
+"""The model-backed :class:`~ccsr.jobs.engine.Runner`: bytes in, encoded bytes out, through ``ccsr.imaging``.
+
+decode (limits) -> shrink to fit the job's output cap -> CCSRPipeline.run (progress = tiles x steps, cancel
+between evaluations) -> merge alpha -> encode. The same chain as ``ccsr upscale``, so a job's output is the
+CLI's output for the same parameters and seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from .engine import JobCancelled, JobFailed, RunOutput
+from .types import ErrorCode, Job
+
+log = logging.getLogger("ccsr.jobs.runner")
+
+ENCODE_FORMATS = {"png": "PNG", "jpeg": "JPG", "jpg": "JPG", "webp": "WEBP", "tiff": "TIFF"}
+
+
+class CCSRRunner:
+    """Loads ``CCSRPipeline.from_single_file(weights, config=config)`` once, in the worker thread."""
+
+    def __init__(
+        self,
+        weights: str | None = None,
+        config: str | None = None,
+        *,
+        device: str | None = "auto",
+        dtype: str | None = "auto",
+        quantize: str | None = None,
+        max_input_bytes: int = 64 * 1024 * 1024,
+        pipeline=None,
+    ):
+        self.weights = weights
+        self.config = config
+        self.device = None if device in (None, "auto") else device
+        self.dtype = None if dtype in (None, "auto") else dtype
+        self.quantize = quantize or "round"
+        self.max_input_bytes = max_input_bytes
+        self.pipeline = pipeline
+
+    def load(self) -> None:
+        if self.pipeline is not None:
+            return
+        from ccsr.pipeline import CCSRPipeline
+
+        log.info("loading model %s", self.weights or "(default)")
+        self.pipeline = CCSRPipeline.from_single_file(self.weights, config=self.config, device=self.device,
+                                                      dtype=self.dtype)
+        log.info("model loaded on %s (%s)", self.pipeline.device, self.pipeline.dtype)
+
+    def run(
+        self,
+        job: Job,
+        input_bytes: bytes,
+        *,
+        progress: Callable[[float], None],
+        should_cancel: Callable[[], bool],
+        log: Callable[[str], None],
+    ) -> RunOutput:
+        from ccsr import imaging
+        from ccsr.pipeline import Cancelled
+
+        params = job.params
+        cap = max(job.max_output) if job.max_output else 1 << 30
+        limits = imaging.Limits(max_input_bytes=max(self.max_input_bytes, len(input_bytes)), max_output_side=cap)
+        if job.max_output and job.max_output[0] != job.max_output[1]:
+            cap = min(job.max_output)
+        try:
+            decoded = imaging.decode(input_bytes, limits)
+            in_size = decoded.size
+            fit = imaging.fit_scale(in_size, float(params.scale), limits)
+            if fit.shrink is not None:
+                decoded = imaging.shrink(decoded, fit.input_size)
+                log(f"input shrunk from {in_size[0]}x{in_size[1]} to {fit.input_size[0]}x{fit.input_size[1]}"
+                    f" to keep the output within {cap}x{cap}")
+            expected = fit.output_size(float(params.scale))
+            fmt = ENCODE_FORMATS.get(job.output.format.lower(), "PNG")
+            enc_opts = imaging.EncodeOptions(format=fmt, quality=int(job.output.quality or 95)).validated()
+        except imaging.ImageError as e:
+            raise JobFailed(ErrorCode.INVALID_INPUT, e.message) from e
+        log(f"upscaling {decoded.size[0]}x{decoded.size[1]} -> {expected[0]}x{expected[1]}"
+            f" ({params.steps} steps, seed {params.seed})")
+        seeds: list[int] = []
+
+        def model(rgb):
+            out = self.pipeline.run(
+                rgb,
+                params,
+                progress=lambda done, total: progress(done / max(total, 1)),
+                should_cancel=should_cancel,
+            )
+            seeds.append(out.seed)
+            return out
+
+        try:
+            up = imaging.upscale(decoded, model, quantize=self.quantize)
+            if up.size != expected:
+                raise JobFailed(ErrorCode.INFERENCE_FAILED, f"model returned {up.size}, expected {expected}")
+            enc = imaging.encode(up, enc_opts)
+        except Cancelled as e:
+            raise JobCancelled() from e
+        except imaging.ImageError as e:
+            code = ErrorCode.INFERENCE_FAILED if e.code == "model_output" else ErrorCode.INVALID_INPUT
+            raise JobFailed(code, e.message) from e
+        return RunOutput(
+            data=enc.data,
+            content_type=enc.content_type,
+            extension=enc.extension,
+            width=enc.width,
+            height=enc.height,
+            seed=seeds[0] if seeds else params.seed,
+            input_width=in_size[0],
+            input_height=in_size[1],
+        )

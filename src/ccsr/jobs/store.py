@@ -1,0 +1,343 @@
+"""Job stores: the :class:`JobStore` interface and its durable SQLite implementation.
+
+A store is the single source of truth for job state; it also *is* the queue (queued jobs in FIFO order),
+which is what makes jobs survive a restart in the embedded backend. A Redis store for the Celery backend
+implements the same interface.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import sqlite3
+import threading
+import uuid
+from pathlib import Path
+
+from ccsr.params import UpscaleParams
+
+from .types import (
+    ACTIVE,
+    CANCELLED,
+    ERROR,
+    PROCESSING,
+    QUEUED,
+    SUCCESS,
+    TERMINAL,
+    Job,
+    JobConflict,
+    JobError,
+    JobResult,
+    JobSpec,
+    LogLine,
+    OutputOptions,
+    QueueFull,
+    now,
+)
+
+MAX_LOG_LINES = 200
+
+
+class JobStore(abc.ABC):
+    """Durable job state. All methods are thread-safe and return fresh :class:`Job` snapshots."""
+
+    @abc.abstractmethod
+    def create(self, spec: JobSpec, *, max_active: int | None = None) -> tuple[Job, bool]:
+        """Insert a queued job; returns ``(job, created)``.
+
+        With ``spec.idempotency_key`` already present: same ``payload_hash`` -> ``(existing, False)``,
+        else :class:`JobConflict`. ``max_active`` bounds queued+processing jobs (:class:`QueueFull`).
+        """
+
+    @abc.abstractmethod
+    def get(self, job_id: str) -> Job | None: ...
+
+    @abc.abstractmethod
+    def get_by_key(self, key: str) -> Job | None: ...
+
+    @abc.abstractmethod
+    def claim_next(self) -> Job | None:
+        """Atomically move the oldest queued job to processing (attempts += 1) and return it."""
+
+    @abc.abstractmethod
+    def set_progress(self, job_id: str, progress: int) -> None: ...
+
+    @abc.abstractmethod
+    def append_log(self, job_id: str, message: str, level: str = "INFO") -> None: ...
+
+    @abc.abstractmethod
+    def finish(
+        self, job_id: str, status: str, *, result: JobResult | None = None, error: JobError | None = None
+    ) -> Job | None:
+        """Move an active job to a terminal status; a job already terminal is left alone (returns None)."""
+
+    @abc.abstractmethod
+    def request_cancel(self, job_id: str) -> Job | None:
+        """Queued -> cancelled at once; processing -> flag ``cancel_requested``; terminal -> unchanged."""
+
+    @abc.abstractmethod
+    def requeue(self, job_id: str) -> None:
+        """Processing -> queued (used by recovery)."""
+
+    @abc.abstractmethod
+    def list_status(self, *statuses: str) -> list[Job]: ...
+
+    @abc.abstractmethod
+    def active_count(self) -> int: ...
+
+    @abc.abstractmethod
+    def queue_position(self, job_id: str) -> int | None:
+        """0 for the next queued job, None when the job is not queued."""
+
+    def close(self) -> None:  # pragma: no cover - optional
+        pass
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    idem_key TEXT UNIQUE,
+    payload_hash TEXT,
+    protocol TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,
+    params TEXT NOT NULL,
+    input_image_id TEXT NOT NULL,
+    output TEXT NOT NULL,
+    output_image_id TEXT NOT NULL,
+    max_output TEXT,
+    meta TEXT NOT NULL DEFAULT '{}',
+    cost_per_second REAL NOT NULL DEFAULT 0,
+    progress INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    updated_at REAL NOT NULL,
+    logs TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+"""
+
+
+class SQLiteJobStore(JobStore):
+    """One SQLite file (WAL), one connection guarded by a lock: simple and safe across threads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _row_to_job(row: sqlite3.Row) -> Job:
+        params_d = json.loads(row["params"])
+        mo = json.loads(row["max_output"]) if row["max_output"] else None
+        err = JobError(row["error_code"], row["error_message"] or "") if row["error_code"] else None
+        return Job(
+            id=row["id"],
+            status=row["status"],
+            params=UpscaleParams(**params_d),
+            input_image_id=row["input_image_id"],
+            output=OutputOptions.from_dict(json.loads(row["output"])),
+            output_image_id=row["output_image_id"],
+            max_output=tuple(mo) if mo else None,
+            protocol=row["protocol"],
+            meta=json.loads(row["meta"]),
+            idempotency_key=row["idem_key"],
+            payload_hash=row["payload_hash"],
+            cost_per_second=row["cost_per_second"],
+            progress=row["progress"],
+            result=JobResult.from_dict(json.loads(row["result"]) if row["result"] else None),
+            error=err,
+            attempts=row["attempts"],
+            cancel_requested=bool(row["cancel_requested"]),
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            updated_at=row["updated_at"],
+            logs=tuple(LogLine(**d) for d in json.loads(row["logs"])),
+        )
+
+    def _one(self, sql: str, args: tuple = ()) -> Job | None:
+        row = self._db.execute(sql, args).fetchone()
+        return self._row_to_job(row) if row else None
+
+    # ------------------------------------------------------------------ API
+    def create(self, spec: JobSpec, *, max_active: int | None = None) -> tuple[Job, bool]:
+        t = now()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if spec.idempotency_key:
+                    existing = self._one("SELECT * FROM jobs WHERE idem_key=?", (spec.idempotency_key,))
+                    if existing is not None:
+                        self._db.execute("COMMIT")
+                        if existing.payload_hash != spec.payload_hash:
+                            raise JobConflict(spec.idempotency_key, existing.id)
+                        return existing, False
+                if max_active is not None:
+                    depth = self._db.execute(
+                        "SELECT COUNT(*) FROM jobs WHERE status IN (?, ?)", (QUEUED, PROCESSING)
+                    ).fetchone()[0]
+                    if depth >= max_active:
+                        self._db.execute("COMMIT")
+                        raise QueueFull(depth, max_active)
+                job_id = str(uuid.uuid4())
+                self._db.execute(
+                    "INSERT INTO jobs (id, idem_key, payload_hash, protocol, status, params, input_image_id, output,"
+                    " output_image_id, max_output, meta, cost_per_second, created_at, updated_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        job_id,
+                        spec.idempotency_key,
+                        spec.payload_hash,
+                        spec.protocol,
+                        QUEUED,
+                        json.dumps(spec.params.to_dict()),
+                        spec.input_image_id,
+                        json.dumps(spec.output.to_dict()),
+                        str(uuid.uuid4()),
+                        json.dumps(list(spec.max_output)) if spec.max_output else None,
+                        json.dumps(spec.meta),
+                        float(spec.cost_per_second),
+                        t,
+                        t,
+                    ),
+                )
+                self._db.execute("COMMIT")
+            except (JobConflict, QueueFull):
+                raise
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            return self._one("SELECT * FROM jobs WHERE id=?", (job_id,)), True  # type: ignore[return-value]
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
+
+    def get_by_key(self, key: str) -> Job | None:
+        with self._lock:
+            return self._one("SELECT * FROM jobs WHERE idem_key=?", (key,))
+
+    def claim_next(self) -> Job | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id FROM jobs WHERE status=? ORDER BY seq LIMIT 1", (QUEUED,)
+            ).fetchone()
+            if row is None:
+                return None
+            t = now()
+            self._db.execute(
+                "UPDATE jobs SET status=?, attempts=attempts+1, started_at=?, updated_at=?, progress=0"
+                " WHERE id=?",
+                (PROCESSING, t, t, row["id"]),
+            )
+            return self._one("SELECT * FROM jobs WHERE id=?", (row["id"],))
+
+    def set_progress(self, job_id: str, progress: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET progress=?, updated_at=? WHERE id=? AND status=?",
+                (max(0, min(100, int(progress))), now(), job_id, PROCESSING),
+            )
+
+    def append_log(self, job_id: str, message: str, level: str = "INFO") -> None:
+        with self._lock:
+            row = self._db.execute("SELECT logs FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                return
+            logs = json.loads(row["logs"])
+            logs.append(LogLine(now(), message, level).to_dict())
+            self._db.execute(
+                "UPDATE jobs SET logs=?, updated_at=? WHERE id=?",
+                (json.dumps(logs[-MAX_LOG_LINES:]), now(), job_id),
+            )
+
+    def finish(
+        self, job_id: str, status: str, *, result: JobResult | None = None, error: JobError | None = None
+    ) -> Job | None:
+        assert status in TERMINAL
+        t = now()
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE jobs SET status=?, result=?, error_code=?, error_message=?, finished_at=?, updated_at=?,"
+                " progress=CASE WHEN ?='success' THEN 100 ELSE progress END"
+                " WHERE id=? AND status IN (?, ?)",
+                (
+                    status,
+                    json.dumps(result.to_dict()) if result else None,
+                    error.code if error else None,
+                    error.message if error else None,
+                    t,
+                    t,
+                    status,
+                    job_id,
+                    QUEUED,
+                    PROCESSING,
+                ),
+            )
+            if cur.rowcount == 0:
+                return None
+            return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
+
+    def request_cancel(self, job_id: str) -> Job | None:
+        t = now()
+        with self._lock:
+            job = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
+            if job is None:
+                return None
+            if job.status == QUEUED:
+                self._db.execute(
+                    "UPDATE jobs SET status=?, error_code=?, error_message=?, finished_at=?, updated_at=?,"
+                    " cancel_requested=1 WHERE id=?",
+                    (CANCELLED, "cancelled", "cancelled before it started", t, t, job_id),
+                )
+            elif job.status == PROCESSING:
+                self._db.execute("UPDATE jobs SET cancel_requested=1, updated_at=? WHERE id=?", (t, job_id))
+            return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
+
+    def requeue(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status=?, progress=0, updated_at=? WHERE id=? AND status=?",
+                (QUEUED, now(), job_id, PROCESSING),
+            )
+
+    def list_status(self, *statuses: str) -> list[Job]:
+        with self._lock:
+            q = ",".join("?" * len(statuses))
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE status IN ({q}) ORDER BY seq", statuses).fetchall()
+            return [self._row_to_job(r) for r in rows]
+
+    def active_count(self) -> int:
+        with self._lock:
+            q = ",".join("?" * len(ACTIVE))
+            return self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({q})", tuple(ACTIVE)).fetchone()[0]
+
+    def queue_position(self, job_id: str) -> int | None:
+        with self._lock:
+            row = self._db.execute("SELECT seq, status FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["status"] != QUEUED:
+                return None
+            return self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE status=? AND seq<?", (QUEUED, row["seq"])
+            ).fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+__all__ = ["ERROR", "SUCCESS", "JobStore", "SQLiteJobStore"]

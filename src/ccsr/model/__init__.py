@@ -1,0 +1,158 @@
+"""The CCSR model: networks, text conditioning and a self-description, loaded from any supported source."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch import nn
+
+from ccsr.model.components import build_empty, expected_keys, fill
+from ccsr.model.config import CCSRConfig, ConfigError, load_config, parse_config
+from ccsr.model.convert import CheckpointKeyError, split_checkpoint
+from ccsr.model.loading import (
+    CONVERTED_FORMAT,
+    CONVERTED_INDEX,
+    DEFAULT_WEIGHTS,
+    WeightsError,
+    is_converted,
+    read_checkpoint,
+    read_component,
+    read_converted_index,
+    resolve_weights,
+)
+from ccsr.model.text import TextConditioner
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "CCSRConfig",
+    "CCSRModel",
+    "CheckpointKeyError",
+    "ConfigError",
+    "ModelDescriptor",
+    "WeightsError",
+    "load_config",
+    "load_model",
+]
+
+NETWORKS = ("unet", "controlnet", "vae", "cond_encoder")
+
+
+@dataclass(frozen=True)
+class ModelDescriptor:
+    """What callers need to know about the model instead of guessing (spandrel-style)."""
+
+    name: str
+    parameters: int
+    latent_channels: int
+    latent_factor: int  # image pixels per latent pixel
+    size_multiple: int  # processing sizes are multiples of this (three UNet downsamplings of the latent)
+    min_tile_latent: int  # smallest diffusion tile whose deepest level GroupNorm can normalise
+    scale_range: tuple[float, float] = (1.0, 4.0)
+    supports_tiling: bool = True
+    supports_prompts: bool = True
+    dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class CCSRModel:
+    """The loaded networks. ``text`` is lazy: the text encoder is only built when a non-empty prompt needs it."""
+
+    config: CCSRConfig
+    unet: nn.Module
+    controlnet: nn.Module
+    vae: nn.Module
+    cond_encoder: nn.Module
+    text: TextConditioner
+    source: str = ""
+    descriptor: ModelDescriptor = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = sum(p.numel() for m in self.networks().values() for p in m.parameters())
+        levels = len(self.config.unet["block_out_channels"])
+        self.descriptor = ModelDescriptor(
+            name="CCSR-v1",
+            parameters=n,
+            latent_channels=self.config.latent_channels,
+            latent_factor=self.config.vae_downscale,
+            size_multiple=self.config.vae_downscale * 2 ** (levels - 1),
+            min_tile_latent=2 ** (levels - 1) * 2,
+        )
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in NETWORKS}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> CCSRModel:
+        for name, module in self.networks().items():
+            d = (vae_dtype or dtype) if name in ("vae", "cond_encoder") else dtype
+            current = next(module.parameters())
+            if current.dtype != d:
+                module.to(dtype=d)
+            if current.device != torch.device(device):
+                module.to(device=device)
+        self.text.to(device)
+        return self
+
+
+def _model_from_state(
+    cfg: CCSRConfig, parts: dict[str, dict[str, torch.Tensor]], text: TextConditioner, source: str
+) -> CCSRModel:
+    modules = build_empty(cfg, with_text=False)
+    for name, module in modules.items():
+        fill(module, parts[name])
+    return CCSRModel(cfg, text=text, source=source, **modules)
+
+
+def load_model(weights: str | Path | None = None, config: str | Path | None = None) -> CCSRModel:
+    """Load from an LDM checkpoint (with its yaml, or the built-in CCSR-v1 config) or a converted folder."""
+    path = resolve_weights(weights)
+    if is_converted(path):
+        index = read_converted_index(path)
+        cfg = load_config(config) if config else parse_config(index["config"], path, source=str(path))
+        parts = {name: read_component(path, name) for name in NETWORKS}
+        text = TextConditioner.from_converted(cfg, path)
+        return _model_from_state(cfg, parts, text, str(path))
+    if path.is_dir():
+        raise WeightsError(f"{path}: a folder, but not one written by `ccsr convert` (no {CONVERTED_INDEX})")
+    cfg = load_config(config)
+    sd = read_checkpoint(path)
+    expected = expected_keys(build_empty(cfg, with_text=True))
+    parts = split_checkpoint(sd, cfg, expected, source=str(path))
+    text = TextConditioner.from_state(cfg, parts["text_encoder"])
+    return _model_from_state(cfg, parts, text, str(path))
+
+
+def convert(
+    weights: str | Path | None,
+    out_dir: str | Path,
+    *,
+    config: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write a fast-loading folder: one safetensors file per network, the text encoder and the "" embedding."""
+    path = resolve_weights(weights)
+    cfg_path = config
+    raw_cfg = yaml.safe_load(Path(cfg_path).read_text()) if cfg_path else None
+    model = load_model(path, config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if raw_cfg is None:
+        from importlib import resources
+
+        raw_cfg = yaml.safe_load(resources.files("ccsr.configs").joinpath("ccsr_v1.yaml").read_text())
+    for name, module in model.networks().items():
+        state = {k: v.to(dtype).contiguous() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+        save_file(state, str(out / f"{name}.safetensors"))
+        log(f"wrote {name}.safetensors ({sum(v.numel() for v in state.values()) / 1e6:.1f} M values)")
+    model.text.save(out, dtype)
+    index = {"format": CONVERTED_FORMAT, "version": 1, "dtype": str(dtype).removeprefix("torch."),
+             "source": str(path), "config": raw_cfg}
+    (out / CONVERTED_INDEX).write_text(json.dumps(index, indent=1))
+    log(f"wrote {out / CONVERTED_INDEX}")
+    return out

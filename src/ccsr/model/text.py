@@ -1,0 +1,142 @@
+"""Prompt conditioning: the OpenCLIP text tower as a transformers ``CLIPTextModel``, loaded only when needed.
+
+CCSR-v1 was trained with the empty prompt, so the common case is one constant ``[1, 77, D]`` tensor computed once at
+load time; the text encoder (a third of SD-2.1's weights) is then released and only rebuilt for a real prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ccsr.model.components import build_empty, fill
+from ccsr.model.config import CCSRConfig
+
+Tensor = torch.Tensor
+
+SOT, EOT = 49406, 49407
+DEFAULT_TOKENIZER = "hf://stabilityai/stable-diffusion-2-1-base/tokenizer"
+
+
+class TokenizerError(RuntimeError):
+    """A non-empty prompt needs the CLIP BPE vocabulary, and it could not be loaded."""
+
+
+def empty_tokens(context_length: int = 77) -> Tensor:
+    """OpenCLIP's tokens for "": start, end, then zero padding (no vocabulary needed)."""
+    ids = torch.zeros(1, context_length, dtype=torch.long)
+    ids[0, 0], ids[0, 1] = SOT, EOT
+    return ids
+
+
+def load_tokenizer(source: str | None = None):  # type: ignore[no-untyped-def]
+    """A ``CLIPTokenizer`` from a local folder (vocab.json + merges.txt) or ``hf://owner/repo/subfolder``."""
+    from transformers import CLIPTokenizer
+
+    source = source or os.environ.get("CCSR_TOKENIZER") or DEFAULT_TOKENIZER
+    try:
+        if Path(source).is_dir():
+            return CLIPTokenizer.from_pretrained(source)
+        repo, _, sub = source.removeprefix("hf://").partition("/")[2].partition("/")
+        owner = source.removeprefix("hf://").split("/")[0]
+        return CLIPTokenizer.from_pretrained(f"{owner}/{repo}", subfolder=sub or None)
+    except Exception as exc:
+        raise TokenizerError(
+            f"prompts need the CLIP tokenizer ({source}) and it could not be loaded: download the tokenizer folder "
+            "(vocab.json, merges.txt) of stabilityai/stable-diffusion-2-1-base and pass it with --tokenizer PATH "
+            "or CCSR_TOKENIZER=PATH; the empty prompt needs no tokenizer"
+        ) from exc
+
+
+def tokenize(tokenizer, prompt: str, context_length: int = 77) -> Tensor:  # type: ignore[no-untyped-def]
+    """Tokens as OpenCLIP makes them: SOT, BPE ids, EOT, truncated to the context and padded with zeros."""
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids[: context_length - 2]
+    row = [SOT, *ids, EOT]
+    return torch.tensor([row + [0] * (context_length - len(row))], dtype=torch.long)
+
+
+class TextConditioner:
+    """Prompt -> cross-attention context, with the empty prompt precomputed and a small cache."""
+
+    def __init__(
+        self,
+        cfg: CCSRConfig,
+        state_loader: Callable[[], dict[str, Tensor]] | None,
+        empty_context: Tensor,
+        tokenizer_source: str | None = None,
+    ):
+        self.cfg = cfg
+        self._state_loader = state_loader
+        self.empty_context = empty_context
+        self.tokenizer_source = tokenizer_source
+        self._encoder: torch.nn.Module | None = None
+        self._tokenizer = None
+        self._cache: OrderedDict[str, Tensor] = OrderedDict()
+        self.device = torch.device("cpu")
+
+    @classmethod
+    def from_state(cls, cfg: CCSRConfig, state: dict[str, Tensor]) -> TextConditioner:
+        encoder = fill(build_empty(cfg)["text_encoder"], state)
+        with torch.no_grad():
+            empty = encoder(input_ids=empty_tokens(cfg.text.context_length)).last_hidden_state
+        return cls(cfg, lambda: state, empty)
+
+    @classmethod
+    def from_converted(cls, cfg: CCSRConfig, folder: Path) -> TextConditioner:
+        empty = load_file(str(folder / "empty_context.safetensors"))["context"].float()
+        text_file = folder / "text_encoder.safetensors"
+        loader = (lambda: load_file(str(text_file))) if text_file.is_file() else None
+        tok = folder / "tokenizer"
+        return cls(cfg, loader, empty, str(tok) if tok.is_dir() else None)
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    def to(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.empty_context = self.empty_context.to(self.device)
+        if self._encoder is not None:
+            self._encoder.to(self.device)
+        self._cache.clear()
+
+    def _encoder_module(self) -> torch.nn.Module:
+        if self._encoder is None:
+            if self._state_loader is None:
+                raise TokenizerError("these weights carry no text encoder: only the empty prompt is available")
+            self._encoder = fill(build_empty(self.cfg)["text_encoder"], self._state_loader()).to(self.device)
+        return self._encoder
+
+    def tokens(self, prompt: str) -> Tensor:
+        if not prompt:
+            return empty_tokens(self.cfg.text.context_length)
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_source)
+        return tokenize(self._tokenizer, prompt, self.cfg.text.context_length)
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> Tensor:
+        if not prompt:
+            return self.empty_context
+        if prompt not in self._cache:
+            ids = self.tokens(prompt).to(self.device)
+            self._cache[prompt] = self._encoder_module()(input_ids=ids).last_hidden_state.float()
+            while len(self._cache) > 16:
+                self._cache.popitem(last=False)
+        return self._cache[prompt]
+
+    def release(self) -> None:
+        """Free the text encoder (it is rebuilt on the next prompt)."""
+        self._encoder = None
+        self._cache.clear()
+
+    def save(self, folder: Path, dtype: torch.dtype) -> None:
+        save_file({"context": self.empty_context.float().cpu().contiguous()}, str(folder / "empty_context.safetensors"))
+        if self._state_loader is not None:
+            state = {k: v.to(dtype).contiguous() for k, v in self._state_loader().items()}
+            save_file(state, str(folder / "text_encoder.safetensors"))

@@ -1,0 +1,89 @@
+"""Upscale parameters: the one vocabulary shared by the library, the CLI and both server protocols.
+
+Names and defaults follow the fal ``fal-ai/ccsr`` schema (the reference-compatible surface); the Runware
+protocol maps its own field names onto these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+ColorFix = Literal["adain", "wavelet", "none"]
+TileDiffusion = Literal["none", "mix", "gaussian"]
+SizeMode = Literal["reference", "pad"]
+
+COLOR_FIXES: tuple[str, ...] = ("adain", "wavelet", "none")
+TILE_DIFFUSIONS: tuple[str, ...] = ("none", "mix", "gaussian")
+SIZE_MODES: tuple[str, ...] = ("reference", "pad")
+
+
+class ParamError(ValueError):
+    """A parameter is out of range; ``field`` names it so protocols can point at it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class UpscaleParams:
+    """Everything that decides an upscale's pixels (plus the seed, which is drawn if None)."""
+
+    scale: float = 2.0
+    steps: int = 45
+    t_max: float = 0.6667
+    t_min: float = 0.3333
+    seed: int | None = None
+    color_fix: ColorFix = "adain"
+    tile_diffusion: TileDiffusion = "none"
+    tile_diffusion_size: int = 1024
+    tile_diffusion_stride: int = 512
+    tile_vae: bool = False
+    tile_vae_decoder_size: int = 226
+    tile_vae_encoder_size: int = 1024
+    prompt: str = ""
+    negative_prompt: str = ""
+    cfg_scale: float = 1.0
+    controlnet_weight: float = 1.0
+    size_mode: SizeMode = "reference"
+
+    def validate(self) -> UpscaleParams:
+        """Raise :class:`ParamError` for the first out-of-range field; return self for chaining."""
+        if not (self.scale > 0 and self.scale <= 16):
+            raise ParamError("scale", "must be in (0, 16]")
+        if not (1 <= self.steps <= 1000):
+            raise ParamError("steps", "must be in [1, 1000]")
+        if not (0.0 <= self.t_min <= 1.0) or not (0.0 < self.t_max <= 1.0):
+            raise ParamError("t_max", "t_min and t_max must lie in [0, 1]")
+        if self.t_min > self.t_max:
+            raise ParamError("t_min", f"t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        if self.seed is not None and not (0 <= self.seed < 2**63):
+            raise ParamError("seed", "must be a non-negative 63-bit integer")
+        if self.color_fix not in COLOR_FIXES:
+            raise ParamError("color_fix", f"must be one of {', '.join(COLOR_FIXES)}")
+        if self.tile_diffusion not in TILE_DIFFUSIONS:
+            raise ParamError("tile_diffusion", f"must be one of {', '.join(TILE_DIFFUSIONS)}")
+        if self.size_mode not in SIZE_MODES:
+            raise ParamError("size_mode", f"must be one of {', '.join(SIZE_MODES)}")
+        if self.tile_diffusion_size < 64 or self.tile_diffusion_size % 8:
+            raise ParamError("tile_diffusion_size", "must be a multiple of 8 and at least 64")
+        if self.tile_diffusion_stride < 8 or self.tile_diffusion_stride % 8:
+            raise ParamError("tile_diffusion_stride", "must be a multiple of 8 and at least 8")
+        if self.tile_vae_decoder_size < 8:
+            raise ParamError("tile_vae_decoder_size", "must be at least 8 (latent pixels)")
+        if self.tile_vae_encoder_size < 64:
+            raise ParamError("tile_vae_encoder_size", "must be at least 64 (image pixels)")
+        if not (0.0 <= self.cfg_scale <= 30.0):
+            raise ParamError("cfg_scale", "must be in [0, 30]")
+        if not (0.0 <= self.controlnet_weight <= 2.0):
+            raise ParamError("controlnet_weight", "must be in [0, 2]")
+        return self
+
+    def replace(self, **changes: object) -> UpscaleParams:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

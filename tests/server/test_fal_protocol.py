@@ -1,0 +1,439 @@
+"""fal wire protocol, in-process and fast: the adapter over the real engine with a fake runner (no model).
+
+The end-to-end proof with the unmodified ``fal_client`` over TLS and the tiny model is test_fal_client.py;
+these tests pin the wire details (status codes, bodies, headers, routes, webhooks, cancellation).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from ccsr.api.app import create_app
+from ccsr.api.fal_schema import CCSRInput, parse_input, to_params
+from ccsr.api.settings import Settings
+from ccsr.jobs import JobCancelled, RunOutput, build_embedded_engine
+
+APP = "fal-ai/ccsr"
+AUTH = {"Authorization": "Key test-key"}
+
+
+class FakeRunner:
+    """Nearest-neighbour upscale, one ``step`` per ``steps`` with an optional delay, honouring cancel."""
+
+    def __init__(self, step_delay: float = 0.0):
+        self.step_delay = step_delay
+        self.seen: list = []
+
+    def load(self) -> None:
+        pass
+
+    def run(self, job, input_bytes, *, progress, should_cancel, log):
+        p = job.params
+        self.seen.append(p)
+        im = Image.open(io.BytesIO(input_bytes)).convert("RGB")
+        log(f"loaded input {im.width}x{im.height}")
+        for i in range(p.steps):
+            if should_cancel():
+                raise JobCancelled()
+            time.sleep(self.step_delay)
+            progress((i + 1) / p.steps)
+            log(f"tile 1/1 step {i + 1}/{p.steps}")
+        w, h = round(im.width * p.scale), round(im.height * p.scale)
+        out = im.resize((w, h), Image.NEAREST)
+        buf = io.BytesIO()
+        out.save(buf, "PNG")
+        return RunOutput(buf.getvalue(), "image/png", "png", w, h, p.seed, im.width, im.height)
+
+
+def png_data_uri(w=16, h=12, color=(200, 30, 40)) -> str:
+    import base64
+
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+class Sink:
+    """A local webhook receiver on 127.0.0.1."""
+
+    def __init__(self):
+        self.received: list[dict] = []
+        self.fail_first = 0
+        sink = self
+
+        class H(BaseHTTPRequestHandler):
+            def do_POST(self):
+                n = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(n)
+                if sink.fail_first > 0:
+                    sink.fail_first -= 1
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                sink.received.append(
+                    {
+                        "path": self.path,
+                        "body": json.loads(body),
+                        "content_type": self.headers.get("content-type"),
+                    }
+                )
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path="/hook") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait(self, n=1, timeout=15.0) -> list[dict]:
+        t = time.time() + timeout
+        while len(self.received) < n and time.time() < t:
+            time.sleep(0.02)
+        return self.received
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def sink():
+    s = Sink()
+    yield s
+    s.close()
+
+
+def make_client(tmp_path, runner, sink=None, **settings_kw):
+    allow = [f"127.0.0.1:{sink.port}"] if sink else []
+    settings = Settings(data_dir=tmp_path, fetch_allow_hosts=allow, **settings_kw)
+    engine = build_embedded_engine(
+        tmp_path, runner=runner, max_queue=settings.max_queue, fetch_allow_hosts=allow
+    )
+    engine.delivery.base_delay = 0.05
+    app = create_app(settings, engine)
+    return TestClient(app, base_url="https://127.0.0.1:8443"), engine
+
+
+@pytest.fixture
+def client(tmp_path):
+    runner = FakeRunner()
+    c, engine = make_client(tmp_path, runner)
+    with c:
+        c.runner = runner
+        c.engine = engine
+        yield c
+
+
+def wait_done(client, status_url, timeout=20.0):
+    t = time.time() + timeout
+    while time.time() < t:
+        r = client.get(status_url, headers=AUTH)
+        if r.json()["status"] == "COMPLETED":
+            return r
+        time.sleep(0.02)
+    raise AssertionError("not completed in time")
+
+
+# ------------------------------------------------------------------------------------------- schema
+
+
+def test_input_defaults_match_fal_schema():
+    inp = CCSRInput(image_url="x")
+    assert inp.model_dump() == {
+        "image_url": "x",
+        "scale": 2,
+        "tile_diffusion": "none",
+        "tile_diffusion_size": 1024,
+        "tile_diffusion_stride": 512,
+        "tile_vae": False,
+        "tile_vae_decoder_size": 226,
+        "tile_vae_encoder_size": 1024,
+        "steps": 50,
+        "t_max": 0.6667,
+        "t_min": 0.3333,
+        "color_fix_type": "adain",
+        "seed": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "field,bad,good",
+    [
+        ("scale", 4.01, 4),
+        ("scale", 0.99, 1),
+        ("tile_diffusion_size", 255, 2048),
+        ("tile_diffusion_stride", 1025, 128),
+        ("tile_vae_decoder_size", 63, 64),
+        ("tile_vae_encoder_size", 2049, 128),
+        ("steps", 9, 10),
+        ("steps", 101, 100),
+        ("t_max", 1.01, 1),
+        ("t_min", -0.01, 0),
+        ("tile_diffusion", "tiled", "gaussian"),
+        ("color_fix_type", "hist", "wavelet"),
+    ],
+)
+def test_input_ranges(field, bad, good):
+    from ccsr.api.fal_schema import FalInputError
+
+    with pytest.raises(FalInputError) as e:
+        parse_input({"image_url": "x", field: bad})
+    assert e.value.status == 422 and e.value.detail[0]["loc"] == ["body", field]
+    assert getattr(parse_input({"image_url": "x", field: good}), field) == good
+
+
+def test_params_mapping_and_seed():
+    p = to_params(
+        parse_input(
+            {
+                "image_url": "x",
+                "scale": 1.5,
+                "tile_diffusion": "mix",
+                "tile_diffusion_size": 300,
+                "tile_diffusion_stride": 130,
+                "tile_vae": True,
+                "tile_vae_decoder_size": 100,
+                "tile_vae_encoder_size": 512,
+                "steps": 12,
+                "t_max": 0.9,
+                "t_min": 0.1,
+                "color_fix_type": "wavelet",
+                "seed": 77,
+            }
+        )
+    )
+    assert (p.scale, p.tile_diffusion, p.tile_diffusion_size, p.tile_diffusion_stride) == (
+        1.5,
+        "mix",
+        296,
+        128,
+    )
+    assert (p.tile_vae, p.tile_vae_decoder_size, p.tile_vae_encoder_size) == (True, 100, 512)
+    assert (p.steps, p.t_max, p.t_min, p.color_fix, p.seed) == (12, 0.9, 0.1, "wavelet", 77)
+    seeds = {to_params(parse_input({"image_url": "x"})).seed for _ in range(5)}
+    assert len(seeds) > 1 and all(isinstance(s, int) and s >= 0 for s in seeds)
+
+
+# ------------------------------------------------------------------------------------------- sync
+
+
+def test_sync_run_output_shape_and_headers(client):
+    r = client.post(
+        f"/{APP}", json={"image_url": png_data_uri(16, 12), "scale": 2, "steps": 10, "seed": 5}, headers=AUTH
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-fal-request-id"]
+    out = r.json()
+    assert set(out) == {"image", "seed"} and out["seed"] == 5
+    img = out["image"]
+    assert set(img) == {"url", "content_type", "file_name", "file_size", "width", "height"}
+    assert (img["width"], img["height"], img["content_type"]) == (32, 24, "image/png")
+    assert img["url"].startswith("https://127.0.0.1:8443/") and img["url"].endswith(img["file_name"])
+    got = client.get(img["url"])
+    assert got.status_code == 200 and len(got.content) == img["file_size"]
+    assert Image.open(io.BytesIO(got.content)).size == (32, 24)
+    # every input is mapped onto UpscaleParams
+    assert client.runner.seen[-1].steps == 10 and client.runner.seen[-1].seed == 5
+
+
+def test_sync_seed_drawn_and_returned(client):
+    r = client.post(f"/{APP}", json={"image_url": png_data_uri(), "steps": 10}, headers=AUTH)
+    assert r.status_code == 200
+    assert isinstance(r.json()["seed"], int) and client.runner.seen[-1].seed == r.json()["seed"]
+
+
+def test_output_url_chains_as_input(client):
+    out = client.post(f"/{APP}", json={"image_url": png_data_uri(8, 8), "steps": 10}, headers=AUTH).json()
+    r = client.post(f"/{APP}", json={"image_url": out["image"]["url"], "steps": 10}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["image"]["width"] == 32
+
+
+def test_validation_422_fastapi_style(client):
+    r = client.post(f"/{APP}", json={"scale": 2}, headers=AUTH)
+    assert r.status_code == 422
+    assert r.headers["x-fal-request-id"]
+    d = r.json()["detail"]
+    assert d == [
+        {"type": "missing", "loc": ["body", "image_url"], "msg": "Field required", "input": {"scale": 2}}
+    ]
+    r = client.post(f"/{APP}", json={"image_url": png_data_uri(), "t_min": 0.9, "t_max": 0.2}, headers=AUTH)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "t_min"]
+    r = client.post(f"/{APP}", content=b"{nope", headers={**AUTH, "content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+
+
+@pytest.mark.parametrize(
+    "url,etype",
+    [
+        ("data:image/png;base64,AAAA", "image_load_error"),
+        ("data:image/png;base64,@@@", "image_load_error"),
+        ("ftp://example.com/x.png", "file_download_error"),
+        ("http://127.0.0.1:1/x.png", "file_download_error"),
+        ("https://127.0.0.1:8443/images/00000000-0000-0000-0000-000000000000.png", "file_download_error"),
+    ],
+)
+def test_unreadable_image_is_422(client, url, etype):
+    r = client.post(f"/{APP}", json={"image_url": url}, headers=AUTH)
+    assert r.status_code == 422, r.text
+    d = r.json()["detail"][0]
+    assert d["loc"] == ["body", "image_url"] and d["type"] == etype and d["url"].endswith(etype)
+
+
+def test_sub_path_and_unknown_app(client):
+    r = client.post(f"/{APP}/some/path", json={"image_url": png_data_uri(), "steps": 10}, headers=AUTH)
+    assert r.status_code == 200
+    assert client.post("/fal-ai/other", json={"image_url": png_data_uri()}, headers=AUTH).status_code in (
+        404,
+        405,
+    )
+
+
+def test_key_required_off_loopback(tmp_path):
+    c, _ = make_client(tmp_path, FakeRunner(), api_keys=["sekret"])
+    with c:
+        body = {"image_url": png_data_uri(), "steps": 10}
+        assert c.post(f"/{APP}", json=body, headers={"Authorization": "Key nope"}).status_code == 401
+        assert c.post(f"/{APP}", json=body, headers={"Authorization": "Key sekret"}).status_code == 200
+
+
+# ------------------------------------------------------------------------------------------- queue
+
+
+def test_queue_flow(client):
+    r = client.post(f"/queue/{APP}", json={"image_url": png_data_uri(), "steps": 10, "seed": 3}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    sub = r.json()
+    rid = sub["request_id"]
+    assert sub["status"] == "IN_QUEUE" and isinstance(sub["queue_position"], int)
+    base = f"https://127.0.0.1:8443/queue/{APP}/requests/{rid}"
+    assert (sub["response_url"], sub["status_url"], sub["cancel_url"]) == (
+        base,
+        base + "/status",
+        base + "/cancel",
+    )
+    assert r.headers["x-fal-request-id"] == rid
+    done = wait_done(client, sub["status_url"] + "?logs=1")
+    assert done.status_code == 200
+    st = done.json()
+    assert st["status"] == "COMPLETED" and st["metrics"]["inference_time"] >= 0
+    msgs = [ln["message"] for ln in st["logs"]]
+    assert any("step 10/10" in m for m in msgs) and any(m.startswith("done in") for m in msgs)
+    assert set(st["logs"][0]) == {"message", "level", "source", "timestamp"}
+    # logs=false -> logs key present, null
+    st2 = client.get(sub["status_url"] + "?logs=false", headers=AUTH).json()
+    assert "logs" in st2 and st2["logs"] is None
+    res = client.get(sub["response_url"], headers=AUTH)
+    assert res.status_code == 200 and res.json()["seed"] == 3
+    # trailing slashes, and the request routes also without /queue
+    assert client.get(sub["response_url"] + "/", headers=AUTH).json() == res.json()
+    assert client.get(f"/{APP}/requests/{rid}/status/", headers=AUTH).json()["status"] == "COMPLETED"
+    # cancel when finished
+    c = client.put(sub["cancel_url"], headers=AUTH)
+    assert c.status_code == 400 and c.json() == {"status": "ALREADY_COMPLETED"}
+    # unknown ids
+    assert client.get(f"/queue/{APP}/requests/nope/status", headers=AUTH).status_code == 404
+    assert client.put(f"/queue/{APP}/requests/nope/cancel", headers=AUTH).json() == {"status": "NOT_FOUND"}
+
+
+def test_queue_host_submits(client):
+    r = client.post(
+        f"/{APP}/sub/path",
+        json={"image_url": png_data_uri(), "steps": 10},
+        headers={**AUTH, "Host": "queue.localhost:9999"},
+    )
+    assert r.status_code == 200 and r.json()["status"] == "IN_QUEUE"
+    assert r.json()["status_url"].startswith(f"https://queue.localhost:9999/{APP}/requests/")
+
+
+def test_queue_validation_is_422(client):
+    r = client.post(f"/queue/{APP}", json={"scale": 9}, headers=AUTH)
+    assert r.status_code == 422
+    assert {tuple(d["loc"]) for d in r.json()["detail"]} == {("body", "image_url"), ("body", "scale")}
+
+
+def test_cancel_queued_and_running(tmp_path):
+    runner = FakeRunner(step_delay=0.05)
+    c, _engine = make_client(tmp_path, runner)
+    with c:
+        a = c.post(f"/queue/{APP}", json={"image_url": png_data_uri(), "steps": 60}, headers=AUTH).json()
+        b = c.post(f"/queue/{APP}/x/y", json={"image_url": png_data_uri(), "steps": 10}, headers=AUTH).json()
+        st = c.get(b["status_url"], headers=AUTH)
+        assert st.status_code == 202 and st.json() == {**st.json(), "status": "IN_QUEUE", "queue_position": 0}
+        # cancel the queued one through the sub-path-free URL the client builds itself
+        r = c.put(f"/queue/{APP}/requests/{b['request_id']}/cancel", headers=AUTH)
+        assert r.status_code == 202 and r.json() == {"status": "CANCELLATION_REQUESTED"}
+        st = c.get(b["status_url"], headers=AUTH).json()
+        assert st["status"] == "COMPLETED" and st["error_type"] == "client_cancelled"
+        res = c.get(b["response_url"], headers=AUTH)
+        assert res.status_code == 499 and res.headers["x-fal-error-type"] == "client_cancelled"
+        # cancel the running one: it stops between steps, long before its 60 steps are done
+        t = time.time()
+        while c.get(a["status_url"], headers=AUTH).json()["status"] != "IN_PROGRESS":
+            time.sleep(0.01)
+        r = c.put(a["cancel_url"], headers=AUTH)
+        assert r.status_code == 202
+        st = wait_done(c, a["status_url"] + "?logs=true").json()
+        assert st["error_type"] == "client_cancelled" and time.time() - t < 2.5
+        assert any(ln["message"] == "cancelled" for ln in st["logs"])
+
+
+def test_queue_full_is_429(tmp_path):
+    runner = FakeRunner(step_delay=0.05)
+    c, _ = make_client(tmp_path, runner, max_queue=1)
+    with c:
+        body = {"image_url": png_data_uri(), "steps": 40}
+        first = c.post(f"/queue/{APP}", json=body, headers=AUTH)
+        assert first.status_code == 200
+        r = c.post(f"/queue/{APP}", json=body, headers=AUTH)
+        assert r.status_code == 429 and r.headers["x-fal-request-id"]
+        c.put(first.json()["cancel_url"], headers=AUTH)
+
+
+# ------------------------------------------------------------------------------------------- webhooks
+
+
+def test_webhook_ok_and_error(tmp_path, sink):
+    c, _ = make_client(tmp_path, FakeRunner(), sink=sink)
+    sink.fail_first = 1  # the first delivery attempt fails: it is retried
+    with c:
+        r = c.post(
+            f"/queue/{APP}",
+            params={"fal_webhook": sink.url("/ok?x=1")},
+            json={"image_url": png_data_uri(), "steps": 10, "seed": 9},
+            headers=AUTH,
+        )
+        rid = r.json()["request_id"]
+        got = sink.wait(1)
+        assert got and got[0]["path"] == "/ok?x=1" and got[0]["content_type"] == "application/json"
+        body = got[0]["body"]
+        assert body["status"] == "OK" and body["error"] is None and body["request_id"] == rid
+        assert body["gateway_request_id"] == rid
+        assert body["payload"] == c.get(r.json()["response_url"], headers=AUTH).json()
+        assert body["payload"]["seed"] == 9
+
+
+def test_webhook_must_be_http(client):
+    r = client.post(
+        f"/queue/{APP}",
+        params={"fal_webhook": "file:///etc/passwd"},
+        json={"image_url": png_data_uri()},
+        headers=AUTH,
+    )
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["query", "fal_webhook"]

@@ -1,0 +1,177 @@
+"""The job engine on its own (in-process, a stand-in runner): idempotency, bounded queue, cancellation,
+restart recovery, image TTL. The model-backed paths are covered against a real server in test_runware*.py
+and test_restart*.py."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from ccsr.jobs import (
+    CANCELLED,
+    ERROR,
+    PROCESSING,
+    QUEUED,
+    SUCCESS,
+    ErrorCode,
+    InProcessExecutor,
+    JobCancelled,
+    JobConflict,
+    JobEngine,
+    JobSpec,
+    LocalImageStore,
+    OutputOptions,
+    QueueFull,
+    RunOutput,
+    SQLiteJobStore,
+)
+from ccsr.params import UpscaleParams
+
+
+class FakeRunner:
+    """Waits on a gate per job so tests control timing; checks should_cancel like the real sampler does."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.gate.set()
+        self.loaded = 0
+        self.ran: list[str] = []
+
+    def load(self):
+        self.loaded += 1
+
+    def run(self, job, input_bytes, *, progress, should_cancel, log):
+        for i in range(20):
+            while not self.gate.wait(0.01):
+                if should_cancel():
+                    raise JobCancelled()
+            if should_cancel():
+                raise JobCancelled()
+            progress((i + 1) / 20)
+        self.ran.append(job.id)
+        w, h = int(8 * job.params.scale), int(8 * job.params.scale)
+        return RunOutput(b"out:" + input_bytes, "image/png", "png", w, h, job.params.seed)
+
+
+def make_engine(tmp_path, runner=None, **kw):
+    runner = runner or FakeRunner()
+    eng = JobEngine(
+        SQLiteJobStore(tmp_path / "jobs.db"),
+        LocalImageStore(tmp_path / "images"),
+        InProcessExecutor(runner, idle_poll=0.02),
+        **kw,
+    )
+    return eng, runner
+
+
+def spec(eng, key=None, h="h", **params):
+    rec = eng.images.put(b"input", content_type="image/png", width=8, height=8, kind="input")
+    return JobSpec(
+        params=UpscaleParams(scale=2, steps=2, seed=5, **params),
+        input_image_id=rec.id,
+        output=OutputOptions(format="png"),
+        protocol="test",
+        meta={"k": 1},
+        idempotency_key=key,
+        payload_hash=h,
+    )
+
+
+def wait_until(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_submit_runs_once_and_stores_output(tmp_path):
+    eng, runner = make_engine(tmp_path)
+    seen = []
+    eng.add_listener(seen.append)
+    eng.start()
+    try:
+        job, created = eng.submit(spec(eng, key="t:1"))
+        assert created and job.status == QUEUED and job.output_image_id
+        done = asyncio.run(eng.wait(job.id, 10))
+        assert done.status == SUCCESS and done.progress == 100
+        assert done.result.image_id == job.output_image_id
+        assert (done.result.width, done.result.height) == (16, 16)
+        assert eng.images.read(done.result.image_id) == b"out:input"
+        assert [j.id for j in seen] == [job.id]
+        assert runner.loaded == 1
+        assert any("started" in line.message for line in done.logs)
+        # identical retry: same job, not run again
+        again, created2 = eng.submit(spec(eng, key="t:1"))
+        assert not created2 and again.id == job.id
+        with pytest.raises(JobConflict):
+            eng.submit(spec(eng, key="t:1", h="other"))
+        assert runner.ran == [job.id]
+    finally:
+        eng.stop()
+
+
+def test_bounded_queue_and_cancel(tmp_path):
+    eng, runner = make_engine(tmp_path, max_queue=2)
+    runner.gate.clear()
+    eng.start()
+    try:
+        a, _ = eng.submit(spec(eng))
+        b, _ = eng.submit(spec(eng))
+        with pytest.raises(QueueFull):
+            eng.submit(spec(eng))
+        assert wait_until(lambda: eng.get(a.id).status == PROCESSING)
+        assert eng.queue_position(b.id) == 0
+        # queued: cancelled at once; running: stops at the next step
+        assert eng.cancel(b.id).status == CANCELLED
+        eng.cancel(a.id)
+        assert wait_until(lambda: eng.get(a.id).status == CANCELLED)
+        assert eng.get(a.id).error.code == ErrorCode.CANCELLED
+        c, _ = eng.submit(spec(eng))  # room again
+        runner.gate.set()
+        assert asyncio.run(eng.wait(c.id, 10)).status == SUCCESS
+    finally:
+        eng.stop()
+
+
+def test_restart_recovery_retries_once_then_fails(tmp_path):
+    # simulate "killed mid-run": jobs left in processing with 1 and 2 attempts, plus a queued one
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    eng0 = JobEngine(store, LocalImageStore(tmp_path / "images"), InProcessExecutor(FakeRunner()))
+    j1, _ = store.create(spec(eng0))
+    j2, _ = store.create(spec(eng0))
+    j3, _ = store.create(spec(eng0))
+    assert store.claim_next().id == j1.id
+    assert store.claim_next().id == j2.id
+    store.requeue(j2.id)
+    assert store.claim_next().id == j2.id  # j2 now on its second attempt
+    store.close()
+
+    eng, runner = make_engine(tmp_path)
+    eng.start()
+    try:
+        for j in (j1, j3):
+            assert asyncio.run(eng.wait(j.id, 10)).status == SUCCESS
+        failed = eng.get(j2.id)
+        assert failed.status == ERROR and failed.error.code == ErrorCode.INTERRUPTED
+        assert "giving up" in failed.error.message
+        assert any("restart" in line.message for line in eng.get(j1.id).logs)
+    finally:
+        eng.stop()
+
+
+def test_image_ttl_expiry(tmp_path):
+    store = LocalImageStore(tmp_path / "img", default_ttl=3600)
+    keep = store.put(b"a", content_type="image/png", width=1, height=1)
+    gone = store.put(b"b", content_type="image/jpeg", width=1, height=1, ttl=0.05)
+    forever = store.put(b"c", content_type="image/webp", width=1, height=1, ttl=0)
+    assert gone.extension == "jpg" and forever.expires_at is None
+    time.sleep(0.1)
+    assert store.get(gone.id) is None and store.read(gone.id) is None
+    assert store.read(keep.id) == b"a" and store.read(forever.id) == b"c"
+    assert store.sweep() == 1
+    assert store.get("../../etc/passwd") is None
