@@ -64,14 +64,16 @@ def plan_geometry(
     min_side: int = REFERENCE_MIN_SIDE,
     add_block: bool = False,
     multiple: int = 64,
+    min_pad_size: int = 0,
 ) -> Geometry:
-    """Sizes for an input of ``size`` (w, h). ``add_block`` selects the tile script's always-round-up rule."""
+    """Sizes for an input of ``size`` (w, h). ``add_block`` selects the tile script's always-round-up rule;
+    ``min_pad_size`` is the smallest processing side the model can run at (pad mode pads up to it)."""
     w, h = size
     if w < 1 or h < 1:
         raise ValueError(f"image has zero size ({w}x{h})")
     target = (math.ceil(w * scale), math.ceil(h * scale)) if scale != 1 else (w, h)
     if mode == "pad":
-        proc = tuple(math.ceil(s / multiple) * multiple for s in target)
+        proc = tuple(max(math.ceil(s / multiple) * multiple, min_pad_size) for s in target)
         return Geometry(target, target, target, proc, (proc[0] - target[0], proc[1] - target[1]))  # type: ignore[arg-type]
     short = min(target)
     auto = target

@@ -102,6 +102,7 @@ class CCSRPipeline:
             min_side=p.tile_diffusion_size if tiled else 512,
             add_block=p.tile_diffusion == "gaussian" or p.tile_vae,
             multiple=self.descriptor.size_multiple,
+            min_pad_size=self.descriptor.min_tile_latent * self.descriptor.latent_factor,
         )
 
     def tiling(self, latent_hw: tuple[int, int], p: UpscaleParams) -> Tiling | None:

@@ -1,13 +1,13 @@
 """Test corpus, generated in code (no binary blobs), plus a fast deterministic stand-in for the model.
 
-ICC profiles are assembled byte by byte here, because LittleCMS (``ImageCms.createProfile``) only builds sRGB, Lab
-and XYZ:
+ICC profiles are assembled byte by byte here, because LittleCMS (``ImageCms.createProfile``) only builds
+sRGB, Lab and XYZ:
 
 - :func:`display_p3_icc`: an ICC v4 matrix/TRC display profile with Apple's Display P3 primaries (D50-adapted
   colorants as in Apple's "Display P3" profile) and the sRGB parametric tone curve (``para`` type 3).
-- :func:`cmyk_icc`: an ICC v2 CMYK output profile whose ``A2B0`` is a ``lut16`` with a 2-point grid per ink: each
-  corner maps to a naive ink mix on a deliberately *warm paper* (paper white = sRGB 255,240,220), so a test can tell
-  that the profile, not Pillow's naive CMYK formula, did the conversion.
+- :func:`cmyk_icc`: an ICC v2 CMYK output profile whose ``A2B0`` is a ``lut16`` with a 2-point grid per
+  ink: each corner maps to a naive ink mix on a deliberately *warm paper* (paper white = sRGB 255,240,220),
+  so a test can tell that the profile, not Pillow's naive CMYK formula, did the conversion.
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from ccsr.imaging import output_size
 from ccsr.imaging.pixels import resize_float
 
 D50 = (0.9642, 1.0, 0.8249)
-P3_COLORANTS = ((0.515121, 0.241196, -0.001053), (0.291977, 0.692245, 0.041885), (0.157104, 0.066574, 0.784073))
+P3_COLORANTS = (
+    (0.515121, 0.241196, -0.001053),
+    (0.291977, 0.692245, 0.041885),
+    (0.157104, 0.066574, 0.784073),
+)
 SRGB_PARA = (2.4, 1 / 1.055, 0.055 / 1.055, 1 / 12.92, 0.04045)
 PAPER = (255, 240, 220)
 
@@ -67,17 +71,36 @@ def _assemble(version: int, klass: bytes, space: bytes, pcs: bytes, tags: list[t
     body = b"".join(table) + data
     size = 128 + len(body)
     header = (
-        struct.pack(">I", size) + b"lcms" + struct.pack(">I", version) + klass + space + pcs
-        + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp" + b"APPL" + b"\x00" * 4 + b"\x00" * 8 + b"\x00" * 8
-        + struct.pack(">I", 0) + _s15(D50[0]) + _s15(D50[1]) + _s15(D50[2]) + b"ccsr" + b"\x00" * 16 + b"\x00" * 28
+        struct.pack(">I", size)
+        + b"lcms"
+        + struct.pack(">I", version)
+        + klass
+        + space
+        + pcs
+        + struct.pack(">6H", 2026, 1, 1, 0, 0, 0)
+        + b"acsp"
+        + b"APPL"
+        + b"\x00" * 4
+        + b"\x00" * 8
+        + b"\x00" * 8
+        + struct.pack(">I", 0)
+        + _s15(D50[0])
+        + _s15(D50[1])
+        + _s15(D50[2])
+        + b"ccsr"
+        + b"\x00" * 16
+        + b"\x00" * 28
     )
     assert len(header) == 128
     return header + body
 
 
 def display_p3_icc() -> bytes:
-    tags = [(b"desc", _mluc("Display P3 (ccsr test)")), (b"cprt", _mluc("No copyright, test data")),
-            (b"wtpt", _xyz(*D50))]
+    tags = [
+        (b"desc", _mluc("Display P3 (ccsr test)")),
+        (b"cprt", _mluc("No copyright, test data")),
+        (b"wtpt", _xyz(*D50)),
+    ]
     for sig, xyz in zip((b"rXYZ", b"gXYZ", b"bXYZ"), P3_COLORANTS, strict=True):
         tags.append((sig, _xyz(*xyz)))
     trc = _para3(SRGB_PARA)
@@ -110,15 +133,20 @@ def cmyk_icc() -> bytes:
         clut += [min(65535, round(v * 32768)) for v in xyz]  # PCS XYZ in lut16: u1Fixed15
     ident = list(range(0, 65536, 65535))  # 2-entry identity curves
     lut = (
-        b"mft2\x00\x00\x00\x00" + struct.pack(">BBBB", 4, 3, 2, 0)
+        b"mft2\x00\x00\x00\x00"
+        + struct.pack(">BBBB", 4, 3, 2, 0)
         + b"".join(_s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
         + struct.pack(">HH", 2, 2)
-        + struct.pack(">%dH" % (4 * 2), *(ident * 4))
-        + struct.pack(">%dH" % len(clut), *clut)
-        + struct.pack(">%dH" % (3 * 2), *(ident * 3))
+        + struct.pack(">8H", *(ident * 4))
+        + struct.pack(f">{len(clut)}H", *clut)
+        + struct.pack(">6H", *(ident * 3))
     )
-    tags = [(b"desc", _desc_v2("CMYK warm paper (ccsr test)")), (b"cprt", _text("No copyright, test data")),
-            (b"wtpt", _xyz(*D50)), (b"A2B0", lut)]
+    tags = [
+        (b"desc", _desc_v2("CMYK warm paper (ccsr test)")),
+        (b"cprt", _text("No copyright, test data")),
+        (b"wtpt", _xyz(*D50)),
+        (b"A2B0", lut),
+    ]
     return _assemble(0x02100000, b"prtr", b"CMYK", b"XYZ ", tags)
 
 
@@ -154,8 +182,11 @@ def exif_with_orientation(o: int) -> bytes:
 
 def png_bomb(side: int = 14000) -> bytes:
     """A flat gray PNG of side x side pixels (about 190 kB), streamed so building it needs no big buffer."""
+
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
 
     z = zlib.compressobj(9)
     row = b"\x00" * (side + 1)

@@ -1,4 +1,4 @@
-"""Fixtures for server tests: a real ``ccsr serve`` subprocess on 127.0.0.1 with the tiny fixture model, a local
+"""Fixtures for server tests: a real ``ccsr serve`` subprocess on 127.0.0.1 with the tiny model, a local
 webhook / upload sink, small test images, and the legacy Runware SDK's own virtualenv.
 
 Everything stays on loopback. Servers run with ``--size-mode pad`` and 2-step defaults so a job takes seconds
@@ -29,16 +29,13 @@ ARTIFACTS = REPO / "tests" / "_artifacts"
 API_KEY = "test-key"
 
 
-def _shared_dir() -> Path:
-    for cand in (os.environ.get("CCSR_SHARED"), REPO.parent / "shared", Path("/work/shared")):
-        if cand and (Path(cand) / "fixtures" / "ccsr_v1_tiny" / "model.yaml").is_file():
-            return Path(cand)
-    pytest.fail("shared/fixtures/ccsr_v1_tiny not found (set CCSR_SHARED to the shared/ folder)")
+FIXTURES = Path(os.environ.get("CCSR_FIXTURES", REPO.parent / "shared" / "fixtures" / "ccsr_v1_tiny"))
 
 
 def tiny_model() -> tuple[Path, Path]:
-    d = _shared_dir() / "fixtures" / "ccsr_v1_tiny"
-    return d / "model.safetensors", d / "model.yaml"
+    if not (FIXTURES / "model.yaml").is_file():
+        pytest.fail(f"tiny model fixtures not found at {FIXTURES} (set CCSR_FIXTURES)")
+    return FIXTURES / "model.safetensors", FIXTURES / "model.yaml"
 
 
 def free_port() -> int:
@@ -55,14 +52,12 @@ def png_bytes(size=(48, 40), seed=0) -> bytes:
 
     rnd = random.Random(seed)
     img = Image.new("RGB", size)
-    img.putdata([(rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)) for _ in range(size[0] * size[1])])
+    img.putdata(
+        [(rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)) for _ in range(size[0] * size[1])]
+    )
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
-
-
-def image_size(data: bytes) -> tuple[int, int]:
-    return Image.open(io.BytesIO(data)).size
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +72,7 @@ def input_png() -> bytes:
 class Sink:
     port: int
     requests: list[dict] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)  # what GET serves, by path
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -92,13 +88,15 @@ class Sink:
                         return r
                 left = end - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"sink received nothing matching within {timeout}s: {self.requests!r}")
+                    raise AssertionError(
+                        f"sink received nothing matching within {timeout}s: {self.requests!r}"
+                    )
                 self.cond.wait(left)
 
 
 @pytest.fixture(scope="session")
 def sink():
-    """A loopback HTTP receiver recording every POST (webhooks) and PUT (uploadEndpoint)."""
+    """A loopback HTTP peer: records POSTs (webhooks) and PUTs (uploadEndpoint), serves ``files`` on GET."""
     state = Sink(port=0)
 
     class Handler(BaseHTTPRequestHandler):
@@ -106,8 +104,14 @@ def sink():
             n = int(self.headers.get("content-length") or 0)
             body = self.rfile.read(n) if n else b""
             with state.cond:
-                state.requests.append({"method": self.command, "path": self.path, "body": body,
-                                       "headers": {k.lower(): v for k, v in self.headers.items()}})
+                state.requests.append(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        "body": body,
+                        "headers": {k.lower(): v for k, v in self.headers.items()},
+                    }
+                )
                 state.cond.notify_all()
             self.send_response(200)
             self.send_header("content-length", "2")
@@ -115,6 +119,14 @@ def sink():
             self.wfile.write(b"ok")
 
         do_POST = do_PUT = _record
+
+        def do_GET(self):
+            data = state.files.get(self.path)
+            self.send_response(200 if data is not None else 404)
+            self.send_header("content-type", "application/octet-stream")
+            self.send_header("content-length", str(len(data or b"")))
+            self.end_headers()
+            self.wfile.write(data or b"")
 
         def log_message(self, *a):
             pass
@@ -137,6 +149,7 @@ class Server:
     log_path: Path
     args: list[str]
     proc: subprocess.Popen | None = None
+    api_key: str = API_KEY
 
     @property
     def http(self) -> str:
@@ -150,14 +163,14 @@ class Server:
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("OMP_NUM_THREADS", "2")
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ccsr.api.serve", *self.args],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=str(REPO),
-        )
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ccsr.api.serve", *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(REPO),
+            )
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:
@@ -199,20 +212,49 @@ def make_server(tmp: Path, *extra: str, port: int | None = None, data_dir: Path 
     port = port or free_port()
     data_dir = data_dir or (tmp / "data")
     args = [
-        "--host", "127.0.0.1", "--port", str(port),
-        "--weights", str(weights), "--config", str(config),
-        "--device", "cpu", "--dtype", "float32",
-        "--data-dir", str(data_dir),
-        "--size-mode", "pad", "--default-steps", "2",
-        "--log-level", "info",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--weights",
+        str(weights),
+        "--config",
+        str(config),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--data-dir",
+        str(data_dir),
+        "--size-mode",
+        "pad",
+        "--default-steps",
+        "2",
+        "--log-level",
+        "info",
         *extra,
     ]
     return Server(port=port, data_dir=data_dir, log_path=tmp / f"server-{port}.log", args=args)
 
 
+@pytest.fixture
+def server_factory(tmp_path):
+    """``server_factory(*extra_args, port=, data_dir=)`` -> an unstarted :class:`Server`, stopped after."""
+    made: list[Server] = []
+
+    def factory(*extra: str, port: int | None = None, data_dir: Path | None = None) -> Server:
+        srv = make_server(tmp_path, *extra, port=port, data_dir=data_dir)
+        made.append(srv)
+        return srv
+
+    yield factory
+    for srv in made:
+        srv.stop()
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, sink):
-    """One shared server for the Runware tests: API key ``test-key``, the sink allowed for webhooks/uploads."""
+    """One shared server for the Runware tests: API key ``test-key``, the sink allowed for deliveries."""
     tmp = tmp_path_factory.mktemp("runware-server")
     srv = make_server(tmp, "--api-key", API_KEY, "--allow-fetch-host", f"127.0.0.1:{sink.port}")
     srv.start()
@@ -238,16 +280,26 @@ def legacy_python() -> Path:
         return py
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True,
-                       timeout=300)
-        r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", LEGACY_SPEC],
-                           capture_output=True, text=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True, timeout=300
+        )
+        r = subprocess.run(
+            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", LEGACY_SPEC],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         pytest.fail(f"could not create the legacy Runware venv at {venv}: {e}")
     if r.returncode != 0:
-        pytest.fail(f"pip could not install {LEGACY_SPEC} into {venv} (needs PyPI access):\n{r.stdout}\n{r.stderr}")
-    check = subprocess.run([str(py), "-c", "import runware, runware.version as v; print(v.__version__)"],
-                           capture_output=True, text=True)
+        pytest.fail(
+            f"pip could not install {LEGACY_SPEC} into {venv} (needs PyPI access):\n{r.stdout}\n{r.stderr}"
+        )
+    check = subprocess.run(
+        [str(py), "-c", "import runware, runware.version as v; print(v.__version__)"],
+        capture_output=True,
+        text=True,
+    )
     if check.returncode != 0:
         pytest.fail(f"legacy runware does not import in {venv}:\n{check.stderr}")
     marker.write_text(json.dumps({"spec": LEGACY_SPEC, "version": check.stdout.strip()}))

@@ -15,7 +15,7 @@ import base64
 import io
 import json
 import os
-import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -27,19 +27,12 @@ import pytest
 pytest.importorskip("fal_client")
 httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
-from test_fal_protocol import Sink  # noqa: E402
 
 from ccsr.api.tls import make_self_signed  # noqa: E402
+from conftest import free_port, tiny_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(__file__).with_name("fal_client_script.py")
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "ccsr_v1_tiny"
-if not (FIXTURE / "model.safetensors").exists():  # a clone elsewhere: the shared folder next to /work/main
-    FIXTURE = Path(os.environ.get("CCSR_TINY_FIXTURE", "/work/shared/fixtures/ccsr_v1_tiny"))
-
-pytestmark = pytest.mark.skipif(
-    not (FIXTURE / "model.safetensors").exists(), reason="tiny fixture model missing"
-)
 
 APP = "fal-ai/ccsr"
 # cheap but complete: every input of the schema is given (tile_vae off keeps the decode global)
@@ -58,12 +51,6 @@ FAST = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _input_png() -> bytes:
     rng = np.random.default_rng(7)
     buf = io.BytesIO()
@@ -76,18 +63,12 @@ INPUT_URI = "data:image/png;base64," + base64.b64encode(INPUT).decode()
 
 
 @pytest.fixture(scope="module")
-def sink():
-    s = Sink()
-    yield s
-    s.close()
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, sink):
     """``python -m ccsr.api.serve`` with TLS on a free 127.0.0.1 port, the tiny model, one CPU worker."""
     d = tmp_path_factory.mktemp("fal_server")
     tls = make_self_signed(d / "cert.pem", d / "key.pem")
-    port = _free_port()
+    port = free_port()
+    weights, config = tiny_model()
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
@@ -109,9 +90,9 @@ def server(tmp_path_factory, sink):
         "--tls-key",
         str(tls.key),
         "--weights",
-        str(FIXTURE / "model.safetensors"),
+        str(weights),
         "--config",
-        str(FIXTURE / "model.yaml"),
+        str(config),
         "--device",
         "cpu",
         "--dtype",
@@ -126,7 +107,7 @@ def server(tmp_path_factory, sink):
     base = f"https://127.0.0.1:{port}"
     deadline = time.time() + 120
     ready = False
-    with httpx.Client(verify=str(tls.cert), timeout=2) as c:
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(tls.cert)), timeout=2) as c:
         while time.time() < deadline and proc.poll() is None:
             try:
                 if c.get(base + "/readyz").status_code == 200:
@@ -173,16 +154,15 @@ def fal(server, scenario: str, args: dict, timeout: float = 240) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference(tiny_pipeline):
     """What ``ccsr upscale`` gives for the same input, parameters and seed: the imaging chain around a direct
     CCSRPipeline run (same model, device and dtype as the server), decoded to pixels; cached."""
+    import torch
+
     from ccsr import imaging
     from ccsr.params import UpscaleParams
-    from ccsr.pipeline import CCSRPipeline
 
-    pipe = CCSRPipeline.from_single_file(
-        FIXTURE / "model.safetensors", FIXTURE / "model.yaml", device="cpu", dtype="float32"
-    )
+    pipe = tiny_pipeline  # same model, device (cpu) and dtype (float32) as the server
     cache: dict = {}
 
     def run(args: dict, seed: int) -> np.ndarray:
@@ -202,12 +182,17 @@ def reference():
                 tile_vae_decoder_size=args["tile_vae_decoder_size"],
                 tile_vae_encoder_size=args["tile_vae_encoder_size"],
             )
-            enc = imaging.upscale_bytes(
-                INPUT,
-                lambda rgb: pipe.run(rgb, p),
-                encode_options=imaging.EncodeOptions(format="PNG"),
-                scale=p.scale,
-            )
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # as the server (OMP_NUM_THREADS=1): same kernels, same float sums
+            try:
+                enc = imaging.upscale_bytes(
+                    INPUT,
+                    lambda rgb: pipe.run(rgb, p),
+                    encode_options=imaging.EncodeOptions(format="PNG"),
+                    scale=p.scale,
+                )
+            finally:
+                torch.set_num_threads(threads)
             cache[key] = np.asarray(Image.open(io.BytesIO(enc.data)).convert("RGB"))
         return cache[key]
 
@@ -216,7 +201,7 @@ def reference():
 
 def fetch_pixels(server, out: dict) -> np.ndarray:
     img = out["image"]
-    r = httpx.get(img["url"], verify=server["cert"])
+    r = httpx.get(img["url"], verify=ssl.create_default_context(cafile=server["cert"]))
     assert r.status_code == 200 and r.headers["content-type"] == img["content_type"] == "image/png"
     assert len(r.content) == img["file_size"]
     im = Image.open(io.BytesIO(r.content))
@@ -244,6 +229,56 @@ def test_run_matches_pipeline(server, reference):
     assert_same_as_pipeline(server, reference, out, FAST)
 
 
+def test_run_equals_ccsr_upscale_cli(server, tmp_path):
+    """The issue's bar, literally: the fal output's pixels are ``ccsr upscale``'s for the same params+seed."""
+    args = {**FAST, "seed": 4321}
+    out = fal(server, "run", {"arguments": {**args, "image_url": INPUT_URI}})["result"]
+    (tmp_path / "in.png").write_bytes(INPUT)
+    weights, config = tiny_model()
+    cli = [
+        sys.executable,
+        "-m",
+        "ccsr.cli",
+        "upscale",
+        str(tmp_path / "in.png"),
+        "-o",
+        str(tmp_path / "cli.png"),
+        "--weights",
+        str(weights),
+        "--config",
+        str(config),
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "-q",
+    ]
+    for k in (
+        "scale",
+        "steps",
+        "t_max",
+        "t_min",
+        "seed",
+        "tile_diffusion",
+        "tile_diffusion_size",
+        "tile_diffusion_stride",
+        "tile_vae_decoder_size",
+        "tile_vae_encoder_size",
+    ):
+        cli += [f"--{k.replace('_', '-')}", str(args[k])]
+    cli += ["--color-fix", args["color_fix_type"]] + (["--tile-vae"] if args["tile_vae"] else [])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    p = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    want = np.asarray(Image.open(tmp_path / "cli.png").convert("RGB"))
+    assert np.array_equal(fetch_pixels(server, out), want)
+
+
 def test_submit_status_logs_get_result(server, reference):
     args = {**FAST, "image_url": INPUT_URI}  # no seed: drawn by the server and returned
     r = fal(server, "submit_flow", {"arguments": args})
@@ -265,13 +300,14 @@ def test_submit_status_logs_get_result(server, reference):
 
 def test_subscribe_queue_updates(server, reference):
     args = {**FAST, "image_url": INPUT_URI, "seed": 99}
-    r = fal(server, "subscribe", {"arguments": args})
+    r = fal(server, "subscribe", {"arguments": args, "blocker": {**FAST, "image_url": INPUT_URI, "seed": 98}})
     kinds = [u["type"] for u in r["updates"]]
-    assert kinds[-1] == "Completed" and "InProgress" in kinds
-    # the order is Queued* -> InProgress* -> Completed
+    # Queued (behind the blocker) -> InProgress -> Completed, in that order
+    assert kinds[0] == "Queued" and "InProgress" in kinds and kinds[-1] == "Completed", kinds
     order = {"Queued": 0, "InProgress": 1, "Completed": 2}
     assert [order[k] for k in kinds] == sorted(order[k] for k in kinds)
-    assert r["enqueued"] and r["result"]["seed"] == 99
+    assert r["updates"][0]["position"] == 0
+    assert r["enqueued"] and r["result"]["seed"] == 99 and r["blocker"]["seed"] == 98
     assert_same_as_pipeline(server, reference, r["result"], FAST)
 
 
@@ -287,14 +323,26 @@ def test_subscribe_sees_queued_then_cancel_queued(server):
     assert not any("step" in (ln["message"] or "") for ln in r["after"]["logs"])  # it never ran
 
 
+def test_cancel_running_stops_between_steps(server):
+    # 100 steps over t in [0.02, 1]: ~100 network evaluations, far longer than the cancel takes
+    args = {**FAST, "image_url": INPUT_URI, "steps": 100, "t_max": 1.0, "t_min": 0.02}
+    r = fal(server, "cancel_running", {"arguments": args})
+    assert "InProgress" in r["seen"]
+    assert r["final"]["type"] == "Completed" and r["final"]["error_type"] == "client_cancelled"
+    assert r["result"]["status_code"] == 499
+    msgs = [ln["message"] for ln in r["final"]["logs"]]
+    assert msgs[-1] == "cancelled" and not any(m.startswith("done in") for m in msgs)
+    # it stopped part-way through its ~100 evaluations (the engine logs "progress N%" as it goes)
+    done = [int(m.split()[1].rstrip("%")) for m in msgs if m.startswith("progress ")]
+    assert max(done, default=0) < 50, msgs
+
+
 def test_webhook_delivered_to_local_sink(server, sink):
     args = {**FAST, "image_url": INPUT_URI, "seed": 11}
-    n = len(sink.received)
-    r = fal(server, "webhook", {"arguments": args, "webhook_url": sink.url("/fal-hook")})
-    got = sink.wait(n + 1, timeout=30)[n:]
-    assert got, "no webhook received"
-    body = got[0]["body"]
-    assert got[0]["path"] == "/fal-hook"
+    r = fal(server, "webhook", {"arguments": args, "webhook_url": f"{sink.base}/fal-hook?tag=1"})
+    got = sink.wait_for(lambda q: q["path"] == "/fal-hook?tag=1", timeout=30)
+    assert got["method"] == "POST" and got["headers"]["content-type"] == "application/json"
+    body = json.loads(got["body"])
     assert body["status"] == "OK" and body["request_id"] == r["request_id"] and body["error"] is None
     assert body["payload"] == r["result"]
 
@@ -323,3 +371,17 @@ def test_async_variants(server, reference):
     # same params + seed -> same pixels, whichever way the request came in
     assert fetch_pixels(server, r["run"]).tobytes() == fetch_pixels(server, r["get"]).tobytes()
     assert_same_as_pipeline(server, reference, r["subscribe"], FAST)
+
+
+def test_upload_file_to_our_storage(server, reference, tmp_path):
+    """Optional storage endpoints: upload_file (both repositories) lands here and chains into a run."""
+    path = tmp_path / "in.png"
+    path.write_bytes(INPUT)
+    args = {**FAST, "seed": 3}
+    r = fal(server, "upload", {"base": server["base"], "path": str(path), "arguments": args})
+    for k in ("v3", "gcs", "image"):
+        assert r[k].startswith(server["base"] + "/images/"), r[k]
+        got = httpx.get(r[k], verify=ssl.create_default_context(cafile=server["cert"]))
+        assert got.status_code == 200 and got.content == INPUT
+    assert_same_as_pipeline(server, reference, r["run"], FAST)
+    assert fetch_pixels(server, r["run_gcs"]).tobytes() == fetch_pixels(server, r["run"]).tobytes()

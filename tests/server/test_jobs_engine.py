@@ -151,7 +151,7 @@ def test_restart_recovery_retries_once_then_fails(tmp_path):
     assert store.claim_next().id == j2.id  # j2 now on its second attempt
     store.close()
 
-    eng, runner = make_engine(tmp_path)
+    eng, _ = make_engine(tmp_path)
     eng.start()
     try:
         for j in (j1, j3):
@@ -175,3 +175,44 @@ def test_image_ttl_expiry(tmp_path):
     assert store.read(keep.id) == b"a" and store.read(forever.id) == b"c"
     assert store.sweep() == 1
     assert store.get("../../etc/passwd") is None
+
+
+def test_delivery_retries_with_backoff_and_stops_on_refusal():
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ccsr.jobs import Delivery
+
+    seen: list[tuple[str, str, bytes]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+            seen.append((self.command, self.path, body))
+            # /flaky fails twice (a busy receiver), /gone is a permanent refusal
+            status = 404 if self.path == "/gone" else (503 if len(seen) <= 2 else 200)
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        do_PUT = do_POST
+
+        def log_message(self, *a):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    d = Delivery(allow_hosts=[f"127.0.0.1:{srv.server_address[1]}"], base_delay=0.01)
+    try:
+        assert d.post_json(f"{base}/flaky", {"data": [1]}).result(10) is True
+        assert [json.loads(b) for _, _, b in seen] == [{"data": [1]}] * 3
+        assert d.history[-1]["attempts"] == 3
+        assert d.put_bytes(f"{base}/gone", b"x", "image/png").result(10) is False
+        assert d.history[-1]["attempts"] == 1 and len(seen) == 4  # a 404 is not retried
+        # without the allow-list entry, loopback is refused before any connection is made
+        assert Delivery(base_delay=0.01).post_json(f"{base}/flaky", {}).result(10) is False
+        assert len(seen) == 4
+    finally:
+        d.close()
+        srv.shutdown()

@@ -68,7 +68,7 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
 
     app = FastAPI(
         title="ccsr",
-        description="Self-hosted CCSR diffusion upscaler: Runware task API (REST + WebSocket) and fal queue API.",
+        description="Self-hosted CCSR upscaler: Runware task API (REST, WebSocket) and fal queue API.",
         version="0.1.0",
         lifespan=lifespan,
     )

@@ -1,8 +1,8 @@
 """The fal protocol for ``fal-ai/ccsr``: sync run, queue (submit/status/result/cancel) and webhooks.
 
 A thin adapter over the protocol-neutral job engine (``app.state.engine``); wire rules from
-shared/docs/protocols.md B (all of them are exercised by tests/server/test_fal*.py with the unmodified
-``fal_client``):
+shared/docs/protocols.md B, pinned by tests/server/test_fal_protocol.py and proven with the unmodified
+``fal_client`` by tests/server/test_fal_client.py:
 
 - ``POST /{owner}/{alias}[/{path}]``: sync run, answers the output (or the error) when the job is done.
   With a ``queue.*`` Host it is a submit instead (fal's queue host).
@@ -34,7 +34,10 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from PIL import Image
 
+from ccsr import imaging
+from ccsr.imaging.decode import open_image
 from ccsr.jobs import (
     CANCELLED,
     ERROR,
@@ -43,16 +46,16 @@ from ccsr.jobs import (
     SUCCESS,
     ErrorCode,
     Job,
-    JobConflict,
     JobSpec,
     OutputOptions,
     QueueFull,
-    payload_hash,
+    StoredImage,
 )
 from ccsr.params import ParamError
 
-from .app import get_engine, get_settings, image_url, public_base
-from .fal_schema import FalInputError, fal_error, image_output, parse_input, to_params
+from . import fal_storage
+from .app import client_host, get_engine, get_settings, image_url, public_base
+from .fal_schema import CCSRInput, FalInputError, fal_error, image_output, parse_input, to_params
 
 log = logging.getLogger("ccsr.api.fal")
 
@@ -114,7 +117,7 @@ def _authorized(request: Request) -> bool:
     auth = request.headers.get("authorization") or ""
     scheme, _, key = auth.partition(" ")
     key = key.strip() if scheme.lower() in ("key", "bearer") else None
-    return settings.key_ok(key or None, request.client.host if request.client else None)
+    return settings.key_ok(key or None, client_host(request))
 
 
 def _unauthorized() -> JSONResponse:
@@ -137,6 +140,11 @@ def _decode_data_uri(uri: str) -> bytes:
     return unquote_to_bytes(payload)
 
 
+def _shown(url: str) -> str:
+    """``image_url`` as echoed in errors: data URIs can be megabytes long."""
+    return url if len(url) <= 200 else url[:200] + "..."
+
+
 def _own_image_id(request: Request, url: str) -> str | None:
     """An image we handed out earlier (``<public base>/images/<uuid>.<ext>``): read it from the store instead
     of fetching our own address (which the SSRF policy would block anyway)."""
@@ -150,26 +158,6 @@ def _own_image_id(request: Request, url: str) -> str | None:
     return parse_image_ref(parts.path)
 
 
-def _response_bytes(resp: Any) -> bytes:
-    for attr in ("data", "content", "body"):
-        v = getattr(resp, attr, None)
-        if isinstance(v, bytes | bytearray):
-            return bytes(v)
-    if isinstance(resp, bytes | bytearray):
-        return bytes(resp)
-    raise TypeError(f"unexpected fetch result {type(resp).__name__}")
-
-
-def _fetch(url: str, max_bytes: int, timeout: float, allow_hosts: list[str]) -> bytes:
-    from ccsr import imaging
-
-    resp = imaging.fetch(url, max_bytes=max_bytes, timeout=timeout, allow_hosts=frozenset(allow_hosts))
-    status = getattr(resp, "status", None) or getattr(resp, "status_code", None)
-    if status is not None and not (200 <= int(status) < 300):
-        raise ValueError(f"HTTP {status}")
-    return _response_bytes(resp)
-
-
 # imaging error code -> fal model error type (docs.fal.ai/errors)
 _IMAGE_ERROR_TYPES = {"too_large_bytes": "file_too_large", "too_many_pixels": "image_too_large"}
 
@@ -177,31 +165,22 @@ _IMAGE_ERROR_TYPES = {"too_large_bytes": "file_too_large", "too_many_pixels": "i
 def _probe(data: bytes, max_bytes: int) -> tuple[str, int, int]:
     """(content type, width, height) from the header only, under the imaging module's limits (format
     allow-list, byte and pixel caps, animation); :class:`ccsr.imaging.ImageError` otherwise."""
-    from ccsr.imaging import Limits
-    from ccsr.imaging.decode import open_image
-    from ccsr.imaging.sniff import OUTPUT_FORMATS
-
-    im = open_image(data, Limits(max_input_bytes=max_bytes))
-    fmt = (im.format or "").upper()
-    ctype = {"JPEG": "image/jpeg"}.get(fmt) or next(
-        (c for f, c, _ in OUTPUT_FORMATS.values() if f == fmt), f"image/{fmt.lower() or 'octet-stream'}"
-    )
-    return ctype, int(im.width), int(im.height)
+    im = open_image(data, imaging.Limits(max_input_bytes=max_bytes))
+    return Image.MIME.get(im.format or "", "application/octet-stream"), int(im.width), int(im.height)
 
 
-async def _store_input(request: Request, image_url_value: str) -> str:
-    """Resolve ``image_url`` (data URI, our own image URL, or http(s) URL) to an image id in the store."""
+async def _store_input(request: Request, image_url_value: str) -> StoredImage:
+    """Resolve ``image_url`` (data URI, our own image URL, or http(s) URL) to a record in the image store."""
     engine = get_engine(request)
     settings = get_settings(request)
     url = image_url_value.strip()
 
     def load_error(msg: str, ctx: dict | None = None, type_: str = "image_load_error") -> FalInputError:
-        shown = url if len(url) <= 200 else url[:200] + "..."
-        return FalInputError([fal_error("image_url", msg, type_, shown, ctx)])
+        return FalInputError([fal_error("image_url", msg, type_, _shown(url), ctx)])
 
     if url.lower().startswith("data:"):
         try:
-            data = _decode_data_uri(url)
+            data = await run_in_threadpool(_decode_data_uri, url)
         except ValueError as e:
             raise load_error(f"Failed to load the image: {e}") from None
     else:
@@ -219,26 +198,53 @@ async def _store_input(request: Request, image_url_value: str) -> str:
                     "Failed to load the image: it expired or does not exist on this server",
                     type_="file_download_error",
                 )
-            return rec.id
+            return rec
+        limits = imaging.Limits(
+            max_input_bytes=settings.max_input_bytes, fetch_timeout=settings.fetch_timeout
+        )
         try:
             data = await run_in_threadpool(
-                _fetch, url, settings.max_input_bytes, settings.fetch_timeout, settings.fetch_allow_hosts
+                imaging.fetch_image, url, limits, allow_hosts=frozenset(settings.fetch_allow_hosts)
             )
-        except Exception as e:
-            msg = getattr(e, "message", None) or str(e)
-            raise load_error(f"Failed to download the file: {msg}", type_="file_download_error") from None
-    from ccsr.imaging import ImageError
-
+        except imaging.FetchError as e:
+            raise load_error(
+                f"Failed to download the file: {e.message}", {"reason": e.code}, type_="file_download_error"
+            ) from None
     try:
-        ctype, w, h = _probe(data, settings.max_input_bytes)
-    except ImageError as e:
+        ctype, w, h = await run_in_threadpool(_probe, data, settings.max_input_bytes)
+    except imaging.ImageError as e:
         raise load_error(
             f"Failed to load the image: {e.message}",
             {"reason": e.code},
             type_=_IMAGE_ERROR_TYPES.get(e.code, "image_load_error"),
         ) from None
     rec = engine.images.put(data, content_type=ctype, width=w, height=h, kind="input")
-    return rec.id
+    return rec
+
+
+def _check_output_size(rec: StoredImage, scale: float, cap: int | None) -> None:
+    """fal answers the exact ``scale x input`` size, so an output over the server's cap is refused (422
+    ``image_too_large``) instead of shrinking the input as the Runware adapter does."""
+    if not cap:
+        return
+    w, h = imaging.output_size((rec.width, rec.height), scale)
+    if w > cap or h > cap:
+        raise FalInputError(
+            [
+                fal_error(
+                    "image_url",
+                    f"The output would be {w}x{h}; this server's limit is {cap}x{cap}",
+                    "image_too_large",
+                    None,
+                    {
+                        "max_width": cap,
+                        "max_height": cap,
+                        "input_width": rec.width,
+                        "input_height": rec.height,
+                    },
+                )
+            ]
+        )
 
 
 # ----------------------------------------------------------------------------------------- job <-> wire
@@ -342,10 +348,16 @@ def _urls(base: str, request_id: str) -> dict:
 
 
 def _queue_base(request: Request, app_id: str, prefixed: bool) -> str:
-    root = (request.scope.get("root_path") or "").rstrip("/")
-    scheme = request.url.scheme
-    host = request.headers.get("host") or f"{request.url.hostname}:{request.url.port}"
-    return f"{scheme}://{host}{root}{'/queue' if prefixed else ''}/{app_id}"
+    """Where the client finds this request again: ``--public-url`` when set (a proxy in front), else the
+    request's own scheme, Host and mount point; a ``queue.*`` Host is always kept as it came."""
+    settings = get_settings(request)
+    if settings.public_url and not _is_queue_host(request):
+        root = settings.public_url.rstrip("/")
+    else:
+        scheme = request.url.scheme
+        host = request.headers.get("host") or f"{request.url.hostname}:{request.url.port}"
+        root = f"{scheme}://{host}{(request.scope.get('root_path') or '').rstrip('/')}"
+    return f"{root}{'/queue' if prefixed else ''}/{app_id}"
 
 
 def _find_job(request: Request, app_id: str, request_id: str) -> Job | None:
@@ -364,30 +376,29 @@ def _not_found(request_id: str) -> JSONResponse:
 
 async def _create_job(request: Request, app_id: str, *, webhook: str | None = None) -> Job | JSONResponse:
     """Validate, store the input, submit. Returns the job or the error response."""
+    settings = get_settings(request)
+    # a data URI of the largest accepted image, plus room for the other fields
+    limit = settings.max_input_bytes * 4 // 3 + (1 << 20)
+    declared = request.headers.get("content-length") or ""
+    if declared.isdigit() and int(declared) > limit:
+        return _request_error(f"request body over {limit} bytes", 413, "bad_request")
     try:
-        inp = parse_input(await request.body())
-        params = to_params(inp)
-        image_id = await _store_input(request, inp.image_url)
+        inp = await run_in_threadpool(parse_input, await request.body())
+        params = to_params(inp, size_mode=settings.size_mode, default_steps=settings.default_steps)
+        rec = await _store_input(request, inp.image_url)
+        _check_output_size(rec, params.scale, settings.max_output_side)
     except FalInputError as e:
         return _input_error(e)
     engine = get_engine(request)
-    settings = get_settings(request)
-    shown = inp.image_url if len(inp.image_url) <= 200 else inp.image_url[:200] + "..."
-    meta = {
-        "app_id": app_id,
-        "base": public_base(request),
-        "image_url_shown": shown,
-        "input": inp.model_dump(exclude={"image_url"}, exclude_none=True),
-    }
+    meta = {"app_id": app_id, "base": public_base(request), "image_url_shown": _shown(inp.image_url)}
     if webhook:
         meta["webhook"] = webhook
     spec = JobSpec(
         params=params,
-        input_image_id=image_id,
+        input_image_id=rec.id,
         output=OutputOptions(format="png"),
         protocol=PROTOCOL,
         meta=meta,
-        payload_hash=payload_hash(inp.model_dump()),
         cost_per_second=settings.price_per_second,
     )
     try:
@@ -396,8 +407,6 @@ async def _create_job(request: Request, app_id: str, *, webhook: str | None = No
         return _request_error(str(e), 429, "rate_limited", retryable=True)
     except ParamError as e:
         return _input_error(FalInputError([fal_error(e.field, e.message, "value_error")]))
-    except JobConflict as e:  # no idempotency keys on fal; never answer 409 (the client would retry it)
-        return _request_error(str(e), 400, "bad_request")
     return job
 
 
@@ -426,7 +435,8 @@ async def _sync_run(request: Request, app_id: str) -> JSONResponse:
     if (st := _start_timeout(request)) is not None:
         start_deadline = loop.time() + st
     while True:
-        cur = await engine.wait(job.id, timeout=1.0)
+        # short slices: notice a client that went away, or a start timeout, promptly
+        cur = await engine.wait(job.id, timeout=0.25 if start_deadline else 1.0)
         if cur is None:
             return _request_error("the job vanished", 500, "internal_error", job.id)
         if cur.done:
@@ -535,92 +545,69 @@ async def _cancel(request: Request, app_id: str, request_id: str) -> JSONRespons
 
 
 def _add_app_routes(r: APIRouter, app_id: str) -> None:
-    """Literal routes for one app id, so nothing else in the app is shadowed by a catch-all."""
-    name = app_id.replace("/", "_").replace("-", "_")
+    """Literal routes for one app id (plus any sub-path), so nothing else in the app is shadowed."""
 
-    async def post_root(request: Request):
+    async def run_or_submit(request: Request):
         if _is_queue_host(request):
             return await _submit(request, app_id, prefixed=False)
         return await _sync_run(request, app_id)
 
-    async def post_sub(request: Request, path: str):
-        return await post_root(request)
-
-    async def queue_post(request: Request):
-        return await _submit(request, app_id, prefixed=True)
-
-    async def queue_post_sub(request: Request, path: str):
+    async def submit(request: Request):
         return await _submit(request, app_id, prefixed=True)
 
     def status_route(prefixed: bool):
-        async def h(request: Request, request_id: str):
+        async def status(request: Request, request_id: str):
             return await _status(request, app_id, request_id, prefixed)
 
-        return h
+        return status
 
-    async def result_h(request: Request, request_id: str):
+    async def result(request: Request, request_id: str):
         return await _result(request, app_id, request_id)
 
-    async def cancel_h(request: Request, request_id: str):
+    async def cancel(request: Request, request_id: str):
         return await _cancel(request, app_id, request_id)
 
-    kw = {"include_in_schema": False}
+    body_schema = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": CCSRInput.model_json_schema()}},
+        }
+    }
+    for sub in ("", "/{path:path}"):
+        documented = {"include_in_schema": not sub, "tags": ["fal"], "openapi_extra": body_schema}
+        r.add_api_route(
+            f"/{app_id}{sub}",
+            run_or_submit,
+            methods=["POST"],
+            **documented,
+            summary=f"fal sync run of {app_id} (a queue.* Host submits instead)",
+        )
+        r.add_api_route(
+            f"/queue/{app_id}{sub}",
+            submit,
+            methods=["POST"],
+            **documented,
+            summary=f"fal queue submit of {app_id} (?fal_webhook=URL)",
+        )
     for prefix, prefixed in (("/queue", True), ("", False)):
         base = f"{prefix}/{app_id}/requests/{{request_id}}"
         for slash in ("", "/"):
-            r.add_api_route(
-                f"{base}/status{slash}",
-                status_route(prefixed),
-                methods=["GET"],
-                name=f"fal_status_{name}{prefix.replace('/', '_')}{len(slash)}",
-                **kw,
-            )
-            r.add_api_route(
-                f"{base}{slash}",
-                result_h,
-                methods=["GET"],
-                name=f"fal_result_{name}{prefix.replace('/', '_')}{len(slash)}",
-                **kw,
-            )
-            r.add_api_route(
-                f"{base}/cancel{slash}",
-                cancel_h,
-                methods=["PUT"],
-                name=f"fal_cancel_{name}{prefix.replace('/', '_')}{len(slash)}",
-                **kw,
-            )
-    r.add_api_route(
-        f"/queue/{app_id}",
-        queue_post,
-        methods=["POST"],
-        name=f"fal_submit_{name}",
-        summary=f"fal queue submit ({app_id})",
-    )
-    r.add_api_route(
-        f"/queue/{app_id}/{{path:path}}",
-        queue_post_sub,
-        methods=["POST"],
-        name=f"fal_submit_sub_{name}",
-        **kw,
-    )
-    r.add_api_route(
-        f"/{app_id}",
-        post_root,
-        methods=["POST"],
-        name=f"fal_run_{name}",
-        summary=f"fal sync run ({app_id}); a queue.* Host submits instead",
-    )
-    r.add_api_route(f"/{app_id}/{{path:path}}", post_sub, methods=["POST"], name=f"fal_run_sub_{name}", **kw)
+            documented = {"include_in_schema": prefixed and not slash, "tags": ["fal"]}
+            r.add_api_route(f"{base}/status{slash}", status_route(prefixed), methods=["GET"], **documented)
+            r.add_api_route(f"{base}{slash}", result, methods=["GET"], **documented)
+            r.add_api_route(f"{base}/cancel{slash}", cancel, methods=["PUT"], **documented)
 
 
 def build_router(app_ids: tuple[str, ...] | list[str] = DEFAULT_APP_IDS) -> APIRouter:
-    r = APIRouter(tags=["fal"])
+    r = APIRouter()
     for app_id in app_ids:
         _add_app_routes(r, app_id.strip("/"))
     return r
 
 
 router = build_router(_app_ids_from_env())
+
+router.include_router(fal_storage.router)  # optional upload endpoints (fal_client.upload_file)
 
 
 # ============================================================================================ webhooks

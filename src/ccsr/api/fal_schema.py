@@ -141,17 +141,22 @@ def draw_seed() -> int:
     return secrets.randbelow(SEED_RANGE)
 
 
-def to_params(inp: CCSRInput, seed: int | None = None) -> UpscaleParams:
+def to_params(
+    inp: CCSRInput, *, size_mode: str = "reference", default_steps: int | None = None
+) -> UpscaleParams:
     """Map the fal input onto :class:`UpscaleParams` (seed drawn when absent); range errors become 422.
 
+    ``size_mode`` and ``default_steps`` are server-wide options (``ccsr serve --size-mode/--default-steps``);
+    ``default_steps`` applies only when the request gives no ``steps``.
     Tile sizes/strides are floored to a multiple of 8: the reference divides them by 8 into latent units
     (model.md 4.1), so e.g. 300 and 296 are the same tile, and fal accepts any integer in range.
     """
-    if seed is None:
-        seed = inp.seed if inp.seed is not None else draw_seed()
+    seed = inp.seed if inp.seed is not None else draw_seed()
+    steps = inp.steps if default_steps is None or "steps" in inp.model_fields_set else default_steps
     params = UpscaleParams(
         scale=float(inp.scale),
-        steps=inp.steps,
+        steps=steps,
+        size_mode=size_mode,  # type: ignore[arg-type]
         t_max=inp.t_max,
         t_min=inp.t_min,
         seed=seed,

@@ -25,15 +25,19 @@ def parse_image_ref(ref: str) -> str | None:
         return None
 
 
-@router.api_route("/images/{name}", methods=["GET", "HEAD"], response_model=None)
+@router.get("/images/{name}", response_model=None, summary="An uploaded or produced image, until its TTL")
+@router.head("/images/{name}", response_model=None, include_in_schema=False)
 async def get_image(name: str, request: Request) -> Response:
     engine = request.app.state.engine
     image_id = parse_image_ref(name)
     rec = engine.images.get(image_id) if image_id else None
     if rec is None:
         return JSONResponse({"error": "image not found or expired"}, status_code=404)
-    headers = {"Cache-Control": "public, max-age=3600", "X-Image-Width": str(rec.width),
-               "X-Image-Height": str(rec.height)}
+    headers = {
+        "Cache-Control": "public, max-age=3600",
+        "X-Image-Width": str(rec.width),
+        "X-Image-Height": str(rec.height),
+    }
     path = engine.images.path_of(rec.id)
     if path is not None:
         return FileResponse(path, media_type=rec.content_type, headers=headers)

@@ -1,4 +1,4 @@
-"""The Runware task API over REST (``POST /v1``, ``/``) and WebSocket (``/v1``, ``/``): a thin adapter over jobs.
+"""The Runware task API over REST (``POST /v1``, ``/``) and WebSocket (``/v1``, ``/``), a thin jobs adapter.
 
 Wire rules followed here (protocols.md A.6): client frames are JSON arrays of tasks, server frames are
 ``{"data": [...]}`` / ``{"errors": [...]}`` objects; the auth reply is ``data[0]`` with a
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 import math
@@ -137,8 +136,14 @@ def _decode_b64(s: str) -> bytes:
         raise ValueError(str(e)) from e
 
 
-CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif",
-                 "TIFF": "image/tiff", "AVIF": "image/avif"}
+CONTENT_TYPES = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "TIFF": "image/tiff",
+    "AVIF": "image/avif",
+}
 EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "TIFF": "tiff", "AVIF": "avif"}
 
 
@@ -226,7 +231,9 @@ async def resolve_image(ref: Any, ctx: Ctx, parameter: str) -> tuple[str, bool]:
         except imaging.FetchError as e:
             code = getattr(e, "code", "")
             raise RWError(
-                "invalidInputImageURL" if code in ("blocked_address", "bad_url", "bad_scheme") else "downloadFailed",
+                "invalidInputImageURL"
+                if code in ("blocked_address", "bad_url", "bad_scheme")
+                else "downloadFailed",
                 f"could not fetch {parameter}: {e}",
                 parameter=parameter,
                 status=400,
@@ -247,8 +254,9 @@ async def resolve_image(ref: Any, ctx: Ctx, parameter: str) -> tuple[str, bool]:
                 parameter=parameter,
             ) from e
     if len(data) > settings.max_input_bytes:
-        raise RWError("invalidInputImage", f"image is larger than {settings.max_input_bytes} bytes",
-                      parameter=parameter)
+        raise RWError(
+            "invalidInputImage", f"image is larger than {settings.max_input_bytes} bytes", parameter=parameter
+        )
     from ccsr import imaging
 
     try:
@@ -275,7 +283,9 @@ async def handle_task(task: Any, ctx: Ctx, on_ack=None) -> Reply:
     the job is queued (the legacy SDK takes the first frame as the webhook ACK), and the result follows.
     """
     if not isinstance(task, dict):
-        return Reply(errors=[(RWError("invalidRequestBody", "each task must be a JSON object").entry(None, None), 400)])
+        return Reply(
+            errors=[(RWError("invalidRequestBody", "each task must be a JSON object").entry(None, None), 400)]
+        )
     tt, tu = _task_ident(task)
     try:
         if tt is None:
@@ -313,22 +323,41 @@ async def _image_upload(task: dict, ctx: Ctx, tt: str, tu: str) -> Reply:
     image_id, _ = await resolve_image(ref, ctx, "image")
     rec = ctx.engine.images.get(image_id)
     assert rec is not None
-    return Reply(data=[{"taskType": tt, "taskUUID": tu, "imageUUID": rec.id,
-                        "imageURL": image_url(ctx.base, rec.id, rec.extension)}])
+    return Reply(
+        data=[
+            {
+                "taskType": tt,
+                "taskUUID": tu,
+                "imageUUID": rec.id,
+                "imageURL": image_url(ctx.base, rec.id, rec.extension),
+            }
+        ]
+    )
 
 
 async def _media_storage(task: dict, ctx: Ctx, tt: str, tu: str) -> Reply:
     op = task.get("operation", "upload")
     if op != "upload":
-        raise RWError("unsupportedOperation", f"mediaStorage operation {op!r} is not supported", parameter="operation")
+        raise RWError(
+            "unsupportedOperation", f"mediaStorage operation {op!r} is not supported", parameter="operation"
+        )
     ref = task.get("media")
     if ref is None:
         raise RWError("missingMedia", "media is required", parameter="media")
     image_id, _ = await resolve_image(ref, ctx, "media")
     rec = ctx.engine.images.get(image_id)
     assert rec is not None
-    return Reply(data=[{"taskType": tt, "taskUUID": tu, "operation": "upload", "mediaUUID": rec.id,
-                        "mediaURL": image_url(ctx.base, rec.id, rec.extension)}])
+    return Reply(
+        data=[
+            {
+                "taskType": tt,
+                "taskUUID": tu,
+                "operation": "upload",
+                "mediaUUID": rec.id,
+                "mediaURL": image_url(ctx.base, rec.id, rec.extension),
+            }
+        ]
+    )
 
 
 def _num(v: Any, name: str, code: str, *, integer: bool = False, lo=None, hi=None):
@@ -341,7 +370,11 @@ def _num(v: Any, name: str, code: str, *, integer: bool = False, lo=None, hi=Non
     if ok and hi is not None and v > hi:
         ok = False
     if not ok:
-        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else (f" >= {lo}" if lo is not None else "")
+        rng = (
+            f" in [{lo}, {hi}]"
+            if lo is not None and hi is not None
+            else (f" >= {lo}" if lo is not None else "")
+        )
         raise RWError(code, f"{name} must be {'an integer' if integer else 'a number'}{rng}", parameter=name)
     return v
 
@@ -363,8 +396,11 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
     """Validate an upscale / imageUpscale task (no I/O); raises RWError on the first bad field."""
     model = task.get("model")
     if model is not None and model not in CCSR_MODELS:
-        raise RWError("unsupportedModel", f"model {model!r} is not served here; use runware:501@1 (CCSR)",
-                      parameter="model")
+        raise RWError(
+            "unsupportedModel",
+            f"model {model!r} is not served here; use runware:501@1 (CCSR)",
+            parameter="model",
+        )
     inputs = task.get("inputs")
     if inputs is not None and not isinstance(inputs, dict):
         raise RWError("invalidInputs", "inputs must be an object", parameter="inputs")
@@ -373,7 +409,9 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
     elif task.get("inputImage") is not None:
         ref, param = task.get("inputImage"), "inputImage"
     else:
-        raise RWError("missingInputImage", "inputs.image (or inputImage) is required", parameter="inputs.image")
+        raise RWError(
+            "missingInputImage", "inputs.image (or inputImage) is required", parameter="inputs.image"
+        )
 
     factor = task.get("upscaleFactor", 2)
     factor = _num(factor, "upscaleFactor", "invalidUpscaleFactor", lo=2, hi=4)
@@ -382,15 +420,20 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
     if isinstance(ot, list) and len(ot) == 1:
         ot = ot[0]
     if not isinstance(ot, str) or ot.lower() not in OUTPUT_TYPES:
-        raise RWError("invalidOutputType", "outputType must be URL, base64Data or dataURI", parameter="outputType")
+        raise RWError(
+            "invalidOutputType", "outputType must be URL, base64Data or dataURI", parameter="outputType"
+        )
     ot = OUTPUT_TYPES[ot.lower()]
 
     of = task.get("outputFormat", "JPG")
     if not isinstance(of, str) or of.upper() not in OUTPUT_FORMATS:
-        raise RWError("invalidOutputFormat", "outputFormat must be JPG, PNG or WEBP", parameter="outputFormat")
+        raise RWError(
+            "invalidOutputFormat", "outputFormat must be JPG, PNG or WEBP", parameter="outputFormat"
+        )
     fmt = OUTPUT_FORMATS[of.upper()]
-    quality = _num(task.get("outputQuality", 95), "outputQuality", "invalidOutputQuality", integer=True,
-                   lo=20, hi=99)
+    quality = _num(
+        task.get("outputQuality", 95), "outputQuality", "invalidOutputQuality", integer=True, lo=20, hi=99
+    )
     ttl = task.get("ttl")
     if ttl is not None:
         ttl = _num(ttl, "ttl", "invalidTtl", integer=True, lo=int(settings.min_ttl))
@@ -399,7 +442,9 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
         raise RWError("invalidIncludeCost", "includeCost must be a boolean", parameter="includeCost")
     delivery = task.get("deliveryMethod", "sync")
     if delivery not in ("sync", "async"):
-        raise RWError("invalidDeliveryMethod", "deliveryMethod must be sync or async", parameter="deliveryMethod")
+        raise RWError(
+            "invalidDeliveryMethod", "deliveryMethod must be sync or async", parameter="deliveryMethod"
+        )
     urls = {}
     for name, code in (("webhookURL", "invalidWebhookURL"), ("uploadEndpoint", "invalidUploadEndpoint")):
         v = task.get(name)
@@ -420,10 +465,15 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
         pname = f"settings.{key}"
         if key in ("positivePrompt", "negativePrompt"):
             if not isinstance(v, str):
-                raise RWError(f"invalid{key[0].upper()}{key[1:]}", f"{pname} must be a string", parameter=pname)
+                raise RWError(
+                    f"invalid{key[0].upper()}{key[1:]}", f"{pname} must be a string", parameter=pname
+                )
             if len(v) > 3000:
-                raise RWError(f"invalid{key[0].upper()}{key[1:]}", f"{pname} is longer than 3000 characters",
-                              parameter=pname)
+                raise RWError(
+                    f"invalid{key[0].upper()}{key[1:]}",
+                    f"{pname} is longer than 3000 characters",
+                    parameter=pname,
+                )
         elif key == "seed":
             v = _num(v, pname, "invalidSeed", integer=True, lo=0, hi=2**63 - 1)
         elif key == "steps":
@@ -459,7 +509,9 @@ def _check_outbound(url: str, name: str, ctx: Ctx) -> None:
     try:
         imaging.check_url(url, allow_hosts=frozenset(ctx.settings.fetch_allow_hosts))
     except imaging.FetchError as e:
-        raise RWError(f"invalid{name[0].upper()}{name[1:]}", f"{name} is not allowed: {e}", parameter=name) from e
+        raise RWError(
+            f"invalid{name[0].upper()}{name[1:]}", f"{name} is not allowed: {e}", parameter=name
+        ) from e
 
 
 async def _upscale(task: dict, ctx: Ctx, tt: str, tu: str, on_ack=None) -> Reply:
@@ -469,8 +521,11 @@ async def _upscale(task: dict, ctx: Ctx, tt: str, tu: str, on_ack=None) -> Reply
     existing = ctx.engine.get_by_key(key)
     if existing is not None:
         if existing.payload_hash != body_hash:
-            raise RWError("conflictTaskUUID", f"taskUUID {tu} was already used for a different task",
-                          parameter="taskUUID")
+            raise RWError(
+                "conflictTaskUUID",
+                f"taskUUID {tu} was already used for a different task",
+                parameter="taskUUID",
+            )
         req_delivery = task.get("deliveryMethod", "sync")
         return await _deliver(existing, ctx, req_delivery, fresh=False, on_ack=on_ack)
 
@@ -521,7 +576,8 @@ async def _deliver(job: Job, ctx: Ctx, delivery: str, *, fresh: bool, on_ack=Non
     if done is None or not done.done:
         err = RWError(
             "processingTimeout",
-            f"the task did not finish within {ctx.settings.sync_timeout:.0f}s; poll getResponse with this taskUUID",
+            f"the task did not finish within {ctx.settings.sync_timeout:.0f}s;"
+            " poll getResponse with this taskUUID",
             status=504,
         )
         return Reply(errors=[(err.entry(meta["taskType"], meta["taskUUID"]), 504)])
@@ -536,8 +592,12 @@ def result_reply(job: Job, ctx: Ctx | None, *, with_status: bool, base: str | No
     base = base or (ctx.base if ctx else meta.get("base", ""))
     if job.status == SUCCESS and job.result is not None:
         r = job.result
-        item: dict[str, Any] = {"taskType": tt, "taskUUID": tu, "imageUUID": r.image_id,
-                                "inputImageUUID": job.input_image_id}
+        item: dict[str, Any] = {
+            "taskType": tt,
+            "taskUUID": tu,
+            "imageUUID": r.image_id,
+            "inputImageUUID": job.input_image_id,
+        }
         ot = meta.get("outputType", "URL")
         if ot == "URL":
             item["imageURL"] = image_url(base, r.image_id, r.extension)
@@ -560,8 +620,13 @@ def result_reply(job: Job, ctx: Ctx | None, *, with_status: bool, base: str | No
         code, status = ERROR_STATUS.get(job.error.code if job.error else "", ("inferenceError", 500))
         msg = job.error.message if job.error else "the task failed"
         return Reply(errors=[(RWError(code, msg, status=status).entry(tt, tu), status)])
-    item = {"taskType": tt, "taskUUID": tu, "status": "processing", "imageUUID": job.output_image_id,
-            "progress": int(job.progress)}
+    item = {
+        "taskType": tt,
+        "taskUUID": tu,
+        "status": "processing",
+        "imageUUID": job.output_image_id,
+        "progress": int(job.progress),
+    }
     return Reply(data=[item])
 
 
@@ -612,20 +677,59 @@ def _auth_error(message: str) -> dict:
     return {"code": "invalidApiKey", "message": message, "parameter": "apiKey", "taskType": "authentication"}
 
 
-@router.post("/v1", summary="Runware task API (REST)")
+_EXAMPLE = [
+    {
+        "taskType": "upscale",
+        "taskUUID": "061fab37-bf9d-4115-880c-6bacb1f0193e",
+        "model": "runware:501@1",
+        "inputs": {"image": "<image UUID | URL | data URI | base64>"},
+        "upscaleFactor": 2,
+        "outputType": "URL",
+        "outputFormat": "PNG",
+        "deliveryMethod": "sync",
+        "settings": {"steps": 24, "seed": 72130, "CFGScale": 1.0, "controlNetWeight": 1.0},
+    }
+]
+_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"type": "array", "items": {"type": "object"}},
+                "example": _EXAMPLE,
+            }
+        },
+    },
+    "responses": {
+        "200": {"description": '{"data": [items]}'},
+        "400": {"description": '{"errors": [...]}: validation (invalid*, missing*, conflict*, unsupported*)'},
+        "401": {"description": "invalidApiKey"},
+        "404": {"description": "taskNotFound / imageExpired"},
+        "429": {"description": "rateLimitExceeded: the queue is full"},
+        "500": {"description": "inferenceError / processingFailed / internalServerError"},
+    },
+}
+
+
+@router.post("/v1", summary="Runware task API (REST)", openapi_extra=_OPENAPI)
 @router.post("/", include_in_schema=False)
 async def rest(request: Request) -> JSONResponse:
-    """A JSON array of tasks; ``Authorization: Bearer <key>`` or a leading ``authentication`` task."""
+    """A JSON array of tasks (``imageUpload``, ``mediaStorage``, ``upscale``, ``imageUpscale``,
+    ``getResponse``, ``ping``); ``Authorization: Bearer <key>`` or a leading ``authentication`` task. The same
+    tasks run over the WebSocket at ``/v1`` (and ``/``)."""
     settings = get_settings(request)
     try:
         body = json.loads(await request.body() or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return JSONResponse({"errors": [{"code": "invalidRequestBody", "message": "the body is not JSON"}]}, 400)
+        return JSONResponse(
+            {"errors": [{"code": "invalidRequestBody", "message": "the body is not JSON"}]}, 400
+        )
     if isinstance(body, dict):
         body = [body]
     if not isinstance(body, list) or not body:
         return JSONResponse(
-            {"errors": [{"code": "invalidRequestBody", "message": "the body must be a JSON array of tasks"}]}, 400
+            {"errors": [{"code": "invalidRequestBody", "message": "the body must be a JSON array of tasks"}]},
+            400,
         )
     key = None
     authz = request.headers.get("authorization", "")
@@ -637,8 +741,11 @@ async def rest(request: Request) -> JSONResponse:
         key = first.get("apiKey") or key
         auth_items.append({"taskType": "authentication", "connectionSessionUUID": str(uuid.uuid4())})
     if not settings.key_ok(key, client_host(request)):
-        msg = ("invalid API key" if settings.keys_required()
-               else "this server has no API keys configured and accepts loopback clients only")
+        msg = (
+            "invalid API key"
+            if settings.keys_required()
+            else "this server has no API keys configured and accepts loopback clients only"
+        )
         return JSONResponse({"errors": [_auth_error(msg)]}, status_code=401)
     ctx = _ctx(request)
     replies = await asyncio.gather(*(handle_task(t, ctx) for t in body))
@@ -671,17 +778,17 @@ class Sessions:
         self._outbox.setdefault(sid, (time.monotonic(), []))
 
     def stash(self, sid: str, frame: dict) -> None:
-        t, frames = self._outbox.setdefault(sid, (time.monotonic(), []))
+        _, frames = self._outbox.setdefault(sid, (time.monotonic(), []))
         frames.append(frame)
         self._outbox[sid] = (time.monotonic(), frames[-100:])
 
     def drain(self, sid: str) -> list[dict]:
-        t, frames = self._outbox.get(sid, (0.0, []))
+        _, frames = self._outbox.get(sid, (0.0, []))
         self._outbox[sid] = (time.monotonic(), [])
         return frames
 
     def touch(self, sid: str) -> None:
-        t, frames = self._outbox.get(sid, (0.0, []))
+        _, frames = self._outbox.get(sid, (0.0, []))
         self._outbox[sid] = (time.monotonic(), frames)
 
     def _gc(self) -> None:
@@ -737,7 +844,9 @@ async def websocket(ws: WebSocket) -> None:
             if isinstance(tasks, dict):
                 tasks = [tasks]
             if not isinstance(tasks, list):
-                await conn.send({"errors": [{"code": "invalidRequestBody", "message": "frame must be an array"}]})
+                await conn.send(
+                    {"errors": [{"code": "invalidRequestBody", "message": "frame must be an array"}]}
+                )
                 continue
             for task in tasks:
                 if not isinstance(task, dict):
@@ -747,13 +856,18 @@ async def websocket(ws: WebSocket) -> None:
                     key = task.get("apiKey")
                     if not settings.key_ok(key if isinstance(key, str) else None, client_host(ws)):
                         authed = False
-                        msg = ("invalid API key" if settings.keys_required()
-                               else "no API keys configured: loopback clients only")
+                        msg = (
+                            "invalid API key"
+                            if settings.keys_required()
+                            else "no API keys configured: loopback clients only"
+                        )
                         await conn.send({"errors": [_auth_error(msg)]})
                         continue
                     sid = task.get("connectionSessionUUID")
                     resumed = isinstance(sid, str) and sessions.known(sid)
-                    if not resumed:
+                    if resumed:
+                        log.info("websocket session %s resumed", sid)
+                    else:
                         sid = str(uuid.uuid4())
                     sessions.open(sid)
                     conn.session = sid
@@ -767,8 +881,12 @@ async def websocket(ws: WebSocket) -> None:
                     await conn.send({"data": [{"taskType": "ping", "pong": True}]})
                     continue
                 if not authed:
-                    err = {"code": "missingApiKey", "message": "authenticate first: send an authentication task",
-                           "parameter": "apiKey", "taskType": tt or "authentication"}
+                    err = {
+                        "code": "missingApiKey",
+                        "message": "authenticate first: send an authentication task",
+                        "parameter": "apiKey",
+                        "taskType": tt or "authentication",
+                    }
                     if tu:
                         err["taskUUID"] = tu
                     await conn.send({"errors": [err]})
@@ -782,4 +900,4 @@ async def websocket(ws: WebSocket) -> None:
         pass
     finally:
         conn.open = False
-        # running tasks finish on their own: their jobs live on in the engine, results go to the session outbox
+        # running tasks finish on their own: jobs live on in the engine, results go to the session outbox

@@ -23,41 +23,99 @@ def _env(name: str, default=None):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
-    g.add_argument("--host", default=_env("CCSR_HOST", "127.0.0.1"), help="bind address [CCSR_HOST, 127.0.0.1]")
+    g.add_argument(
+        "--host", default=_env("CCSR_HOST", "127.0.0.1"), help="bind address [CCSR_HOST, 127.0.0.1]"
+    )
     g.add_argument("--port", type=int, default=int(_env("CCSR_PORT", 8000)), help="port [CCSR_PORT, 8000]")
-    g.add_argument("--data-dir", default=_env("CCSR_DATA_DIR", "./ccsr-data"),
-                   help="job database and image store [CCSR_DATA_DIR, ./ccsr-data]")
-    g.add_argument("--api-key", action="append", default=None,
-                   help="accepted API key; repeat for several [CCSR_API_KEYS, comma-separated]. Without any, "
-                        "only loopback clients are served")
-    g.add_argument("--public-url", default=_env("CCSR_PUBLIC_URL"),
-                   help="base URL of links to images (default: the request's scheme and Host) [CCSR_PUBLIC_URL]")
-    g.add_argument("--max-queue", type=int, default=int(_env("CCSR_MAX_QUEUE", 64)),
-                   help="queued+running jobs before 429 [CCSR_MAX_QUEUE, 64]")
-    g.add_argument("--image-ttl", type=float, default=float(_env("CCSR_IMAGE_TTL", 86400)),
-                   help="seconds uploads and outputs are kept [CCSR_IMAGE_TTL, 86400]")
-    g.add_argument("--sync-timeout", type=float, default=float(_env("CCSR_SYNC_TIMEOUT", 600)),
-                   help="longest wait of a sync request [CCSR_SYNC_TIMEOUT, 600]")
-    g.add_argument("--price-per-second", type=float, default=float(_env("CCSR_PRICE_PER_SECOND", 0)),
-                   help="cost reported with includeCost = inference seconds x this [CCSR_PRICE_PER_SECOND, 0]")
-    g.add_argument("--allow-fetch-host", action="append", default=None, metavar="HOST[:PORT]",
-                   help="host the URL fetcher / webhooks may reach despite the SSRF rules (e.g. a loopback sink);"
-                        " repeatable [CCSR_ALLOW_FETCH_HOSTS]")
-    g.add_argument("--max-input-bytes", type=int, default=int(_env("CCSR_MAX_INPUT_BYTES", 50 * 1024 * 1024)),
-                   help="largest accepted input file [CCSR_MAX_INPUT_BYTES, 50 MiB]")
-    g.add_argument("--default-steps", type=int, default=_env("CCSR_DEFAULT_STEPS"),
-                   help="steps when a request gives none [CCSR_DEFAULT_STEPS, the model default]")
-    g.add_argument("--size-mode", choices=("reference", "pad"), default=_env("CCSR_SIZE_MODE", "reference"),
-                   help="reference: the original resize path (bit parity); pad: reflect-pad, no second resample,"
-                        " faster on small inputs [CCSR_SIZE_MODE, reference]")
+    g.add_argument(
+        "--data-dir",
+        default=_env("CCSR_DATA_DIR", "./ccsr-data"),
+        help="job database and image store [CCSR_DATA_DIR, ./ccsr-data]",
+    )
+    g.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="accepted API key; repeat for several [CCSR_API_KEYS, comma-separated]. Without any, "
+        "only loopback clients are served",
+    )
+    g.add_argument(
+        "--public-url",
+        default=_env("CCSR_PUBLIC_URL"),
+        help="base URL of links to images (default: the request's scheme and Host) [CCSR_PUBLIC_URL]",
+    )
+    g.add_argument(
+        "--max-queue",
+        type=int,
+        default=int(_env("CCSR_MAX_QUEUE", 64)),
+        help="queued+running jobs before 429 [CCSR_MAX_QUEUE, 64]",
+    )
+    g.add_argument(
+        "--image-ttl",
+        type=float,
+        default=float(_env("CCSR_IMAGE_TTL", 86400)),
+        help="seconds uploads and outputs are kept [CCSR_IMAGE_TTL, 86400]",
+    )
+    g.add_argument(
+        "--sync-timeout",
+        type=float,
+        default=float(_env("CCSR_SYNC_TIMEOUT", 600)),
+        help="longest wait of a sync request [CCSR_SYNC_TIMEOUT, 600]",
+    )
+    g.add_argument(
+        "--price-per-second",
+        type=float,
+        default=float(_env("CCSR_PRICE_PER_SECOND", 0)),
+        help="cost reported with includeCost = inference seconds x this [CCSR_PRICE_PER_SECOND, 0]",
+    )
+    g.add_argument(
+        "--allow-fetch-host",
+        action="append",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="host the URL fetcher / webhooks may reach despite the SSRF rules (e.g. a loopback sink);"
+        " repeatable [CCSR_ALLOW_FETCH_HOSTS]",
+    )
+    g.add_argument(
+        "--max-input-bytes",
+        type=int,
+        default=int(_env("CCSR_MAX_INPUT_BYTES", 50 * 1024 * 1024)),
+        help="largest accepted input file [CCSR_MAX_INPUT_BYTES, 50 MiB]",
+    )
+    g.add_argument(
+        "--default-steps",
+        type=int,
+        default=_env("CCSR_DEFAULT_STEPS"),
+        help="steps when a request gives none [CCSR_DEFAULT_STEPS, the model default]",
+    )
+    g.add_argument(
+        "--max-output-side",
+        type=int,
+        default=int(_env("CCSR_MAX_OUTPUT_SIDE", 4096)),
+        help="Runware output cap (both sides); larger requests shrink the input first"
+        " [CCSR_MAX_OUTPUT_SIDE, 4096]",
+    )
+    g.add_argument(
+        "--size-mode",
+        choices=("reference", "pad"),
+        default=_env("CCSR_SIZE_MODE", "reference"),
+        help="reference: the original resize path (bit parity); pad: reflect-pad, no second resample,"
+        " faster on small inputs [CCSR_SIZE_MODE, reference]",
+    )
     g.add_argument("--log-level", default=_env("CCSR_LOG_LEVEL", "info"), help="[CCSR_LOG_LEVEL, info]")
     m = parser.add_argument_group("model")
-    m.add_argument("--weights", default=_env("CCSR_WEIGHTS"),
-                   help="checkpoint file or hub reference [CCSR_WEIGHTS, the default CCSR-v1 model]")
+    m.add_argument(
+        "--weights",
+        default=_env("CCSR_WEIGHTS"),
+        help="checkpoint file or hub reference [CCSR_WEIGHTS, the default CCSR-v1 model]",
+    )
     m.add_argument("--config", default=_env("CCSR_CONFIG"), help="model YAML [CCSR_CONFIG, bundled]")
-    m.add_argument("--device", default=_env("CCSR_DEVICE", "auto"), help="cpu, cuda, cuda:1, … [CCSR_DEVICE, auto]")
-    m.add_argument("--dtype", default=_env("CCSR_DTYPE", "auto"),
-                   help="float32, float16, bfloat16 [CCSR_DTYPE, auto]")
+    m.add_argument(
+        "--device", default=_env("CCSR_DEVICE", "auto"), help="cpu, cuda, cuda:1, … [CCSR_DEVICE, auto]"
+    )
+    m.add_argument(
+        "--dtype", default=_env("CCSR_DTYPE", "auto"), help="float32, float16, bfloat16 [CCSR_DTYPE, auto]"
+    )
     m.add_argument("--quantize", default=_env("CCSR_QUANTIZE"), help=argparse.SUPPRESS)
     from .tls import add_tls_arguments
 
@@ -67,7 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     keys = list(args.api_key or [])
     if not keys:
-        keys = [k.strip() for k in (_env("CCSR_API_KEYS") or _env("CCSR_API_KEY") or "").split(",") if k.strip()]
+        keys = [
+            k.strip() for k in (_env("CCSR_API_KEYS") or _env("CCSR_API_KEY") or "").split(",") if k.strip()
+        ]
     allow = list(args.allow_fetch_host or [])
     if not allow:
         allow = [h.strip() for h in (_env("CCSR_ALLOW_FETCH_HOSTS") or "").split(",") if h.strip()]
@@ -90,6 +150,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         default_steps=int(args.default_steps) if args.default_steps else None,
         log_level=args.log_level,
         size_mode=args.size_mode,
+        max_output_side=args.max_output_side,
         quantize=args.quantize,
         extra={k: v for k, v in vars(args).items() if k.startswith("tls") or k.startswith("ssl")},
     )
@@ -99,10 +160,13 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = settings_from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if not settings.api_keys and not is_loopback(settings.host):
         print(
-            f"ccsr serve: listening on {settings.host} without --api-key; only loopback clients will be served",
+            f"ccsr serve: listening on {settings.host} without --api-key;"
+            " only loopback clients will be served",
             file=sys.stderr,
         )
     from .app import create_app
@@ -114,7 +178,9 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             kwargs = uvicorn_ssl_kwargs(
-                getattr(args, "tls_cert", None), getattr(args, "tls_key", None), getattr(args, "tls_self_signed", None)
+                getattr(args, "tls_cert", None),
+                getattr(args, "tls_key", None),
+                getattr(args, "tls_self_signed", None),
             )
         except ValueError as e:
             print(f"ccsr serve: {e}", file=sys.stderr)
@@ -133,7 +199,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ccsr serve", description="Serve CCSR over the Runware and fal APIs")
+    parser = argparse.ArgumentParser(
+        prog="ccsr serve", description="Serve CCSR over the Runware and fal APIs"
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -71,6 +71,11 @@ class Settings:
         if env.get("CCSR_PRICE_PER_SECOND"):
             s.price_per_second = float(env["CCSR_PRICE_PER_SECOND"])
         s.fetch_allow_hosts = _env_list("CCSR_ALLOW_FETCH_HOSTS")
+        if env.get("CCSR_MAX_OUTPUT_SIDE"):
+            s.max_output_side = int(env["CCSR_MAX_OUTPUT_SIDE"])
+        if env.get("CCSR_DEFAULT_STEPS"):
+            s.default_steps = int(env["CCSR_DEFAULT_STEPS"])
+        s.size_mode = env.get("CCSR_SIZE_MODE") or s.size_mode
         for k, v in overrides.items():
             setattr(s, k, v)
         return s

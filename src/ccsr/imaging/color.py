@@ -2,15 +2,17 @@
 
 Two engines, chosen per profile:
 
-- **Matrix/TRC profiles** (sRGB, Display P3, Adobe RGB, ProPhoto, Rec.2020, gray ``kTRC``; almost every camera and
-  phone profile) are parsed here and converted in float32 numpy: no intermediate 8-bit rounding, and it works on
-  16-bit data, which Pillow's LittleCMS binding cannot hold for colour images.
-- **Everything else** (CMYK, LUT-based RGB, Lab) goes through LittleCMS (``PIL.ImageCms``) on 8-bit data. A 16-bit
-  image with such a profile is left in its source space and the output re-embeds the unchanged profile, so the
-  colours stay right (the model then sees non-sRGB numbers; this is reported in ``DecodedImage.notes``).
+- **Matrix/TRC profiles** (sRGB, Display P3, Adobe RGB, ProPhoto, Rec.2020, gray ``kTRC``; almost every
+  camera and phone profile) are parsed here and converted in float32 numpy: no intermediate 8-bit rounding,
+  and it works on 16-bit data, which Pillow's LittleCMS binding cannot hold for colour images.
+- **Everything else** (CMYK, LUT-based RGB, Lab) goes through LittleCMS (``PIL.ImageCms``) on 8-bit data. A
+  16-bit image with such a profile is left in its source space and the output re-embeds the unchanged
+  profile, so the colours stay right (the model then sees non-sRGB numbers; this is reported in
+  ``DecodedImage.notes``).
 
-Both use the relative colorimetric intent, clip out-of-gamut colours (a P3 colour outside sRGB is clipped on the
-way in) and treat a profile whose matrix and curves match sRGB as sRGB: no conversion, bit-exact pixels.
+Both use the relative colorimetric intent, clip out-of-gamut colours (a P3 colour outside sRGB is clipped
+on the way in) and treat a profile whose matrix and curves match sRGB as sRGB: no conversion, bit-exact
+pixels.
 """
 
 from __future__ import annotations
@@ -38,17 +40,34 @@ def icc_color_space(icc: bytes) -> str:
 
 
 # ------------------------------------------------------------------------------------------- ICC parsing
+_GRID = 65536  # uniform table resolution for curve lookups (interpolated: finer than a 16-bit step)
+
+
+def _lookup(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Linear interpolation in a table sampled uniformly on [0, 1] (no binary search: a few vector ops)."""
+    n = len(table) - 1
+    pos = np.clip(x, 0.0, 1.0, dtype=np.float32) * np.float32(n)
+    i = np.minimum(pos.astype(np.int32), n - 1)
+    lo = table[i]
+    return lo + (pos - i) * (table[i + 1] - lo)
+
+
 class Curve:
-    """A tone reproduction curve (``curv`` or ``para``), as vectorised forward and inverse maps on [0, 1]."""
+    """A tone reproduction curve (``curv`` or ``para``), as vectorised forward and inverse maps on [0, 1].
+
+    Both directions are tabulated once on a uniform 65537-point grid and applied by interpolation, which
+    keeps a 12 MP conversion well under a second.
+    """
 
     def __init__(self, kind: str, params: tuple[float, ...] = (), table: np.ndarray | None = None):
         self.kind, self.params, self.table = kind, params, table
-        grid = np.linspace(0.0, 1.0, 4097)
-        self._fwd = np.maximum.accumulate(self.forward(grid))  # monotone, so it can be inverted by interp
-        self._grid = grid
+        grid = np.linspace(0.0, 1.0, _GRID + 1)
+        fwd = np.maximum.accumulate(self._exact(grid))  # monotone, so it can be inverted
+        self._fwd = fwd.astype(np.float32)
+        self._inv = np.interp(grid, fwd, grid).astype(np.float32)
+        self._fwd8 = self._exact(np.arange(256) / 255.0).astype(np.float32)  # exact, for 8-bit input
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.clip(x, 0.0, 1.0)
+    def _exact(self, x: np.ndarray) -> np.ndarray:
         if self.kind == "identity":
             return x
         if self.kind == "table":
@@ -69,12 +88,13 @@ class Curve:
         lo = c * x + f
         return np.clip(np.where(x >= d, hi, lo), 0.0, 1.0)
 
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """Encoded value (float in [0, 1], or uint8) -> linear light (float32)."""
+        return self._fwd8[x] if x.dtype == np.uint8 else _lookup(self._fwd, x)
+
     def inverse(self, y: np.ndarray) -> np.ndarray:
-        if self.kind == "identity":
-            return np.clip(y, 0.0, 1.0)
-        if self.kind == "gamma":
-            return np.power(np.clip(y, 0.0, 1.0), 1.0 / self.params[0])
-        return np.interp(y, self._fwd, self._grid)
+        """Linear light -> encoded value (float32)."""
+        return _lookup(self._inv, y)
 
     def close_to(self, other: Curve, tol: float = 2e-3) -> bool:
         return bool(np.max(np.abs(self._fwd - other._fwd)) <= tol)
@@ -95,19 +115,21 @@ def _parse_curve(buf: bytes) -> Curve | None:
         count = {0: 1, 1: 3, 2: 4, 3: 5, 4: 7}.get(ftype)
         if count is None or len(buf) < 12 + 4 * count:
             return None
-        params = tuple(v / 65536.0 for v in struct.unpack(">%di" % count, buf[12 : 12 + 4 * count]))
+        params = tuple(v / 65536.0 for v in struct.unpack(f">{count}i", buf[12 : 12 + 4 * count]))
         return Curve("gamma" if ftype == 0 else f"para{ftype}", params)
     return None
 
 
 @dataclass(frozen=True)
 class MatrixProfile:
-    """A matrix/TRC ICC profile: ``matrix`` maps linear device RGB to PCS XYZ (D50); gray has ``matrix=None``."""
+    """A matrix/TRC ICC profile: ``matrix`` maps linear device RGB to PCS XYZ (D50); gray has
+    ``matrix=None``."""
 
     curves: tuple[Curve, ...]
     matrix: np.ndarray | None
 
 
+@lru_cache(maxsize=32)
 def parse_matrix_profile(icc: bytes) -> MatrixProfile | None:
     """Parse an RGB matrix/TRC or a gray TRC profile; None for anything else (LUT, CMYK, Lab, damaged)."""
     try:
@@ -162,35 +184,31 @@ def _chunks(rgb: np.ndarray, rows: int = 256):
         yield y, min(rgb.shape[0], y + rows)
 
 
+def _matrix_convert(rgb: np.ndarray, src: MatrixProfile, dst: MatrixProfile) -> np.ndarray:
+    """Curves to linear light, one 3x3 matrix through PCS XYZ, the destination's inverse curves."""
+    m = (np.linalg.inv(dst.matrix) @ src.matrix).astype(np.float32)
+    out = np.empty(rgb.shape, np.float32)
+    for y0 in range(0, rgb.shape[0], 256):  # row blocks: bounded temporaries on big images
+        blk = rgb[y0 : y0 + 256]
+        lin = np.stack([c.forward(blk[..., i]) for i, c in enumerate(src.curves)], axis=-1)
+        lin = np.clip(lin @ m.T, 0.0, 1.0)
+        out[y0 : y0 + 256] = np.stack([c.inverse(lin[..., i]) for i, c in enumerate(dst.curves)], axis=-1)
+    return out
+
+
 def float_to_srgb(rgb: np.ndarray, p: MatrixProfile) -> np.ndarray:
-    """float32 HxWx3 (or HxW gray) in profile ``p`` -> float32 HxWx3 sRGB, clipped to [0, 1]."""
+    """float32 in [0, 1] or uint8, HxWx3 (or HxW gray), in profile ``p`` -> float32 HxWx3 sRGB in [0, 1]."""
     s = _srgb()
     if p.matrix is None:  # gray: one curve to linear luminance, then the sRGB curve (neutral axis)
-        lin = p.curves[0].forward(rgb.astype(np.float64))
-        g = s.curves[0].inverse(lin).astype(np.float32)
+        g = s.curves[0].inverse(p.curves[0].forward(rgb))
         return np.repeat(g[..., None], 3, axis=-1) if g.ndim == 2 else g
-    m = np.linalg.inv(s.matrix) @ p.matrix
-    out = np.empty(rgb.shape, np.float32)
-    for y0, y1 in _chunks(rgb):  # bounded temporaries on big images
-        blk = rgb[y0:y1].astype(np.float64)
-        lin = np.stack([c.forward(blk[..., i]) for i, c in enumerate(p.curves)], axis=-1)
-        lin = np.clip(lin @ m.T, 0.0, 1.0)
-        out[y0:y1] = np.stack([c.inverse(lin[..., i]) for i, c in enumerate(s.curves)], axis=-1)
-    return out
+    return _matrix_convert(rgb, p, s)
 
 
 def float_from_srgb(rgb: np.ndarray, p: MatrixProfile) -> np.ndarray:
     """float32 HxWx3 sRGB -> float32 HxWx3 in RGB profile ``p`` (clipped to [0, 1])."""
-    s = _srgb()
     assert p.matrix is not None
-    m = np.linalg.inv(p.matrix) @ s.matrix
-    out = np.empty(rgb.shape, np.float32)
-    for y0, y1 in _chunks(rgb):
-        blk = rgb[y0:y1].astype(np.float64)
-        lin = np.stack([c.forward(blk[..., i]) for i, c in enumerate(s.curves)], axis=-1)
-        lin = np.clip(lin @ m.T, 0.0, 1.0)
-        out[y0:y1] = np.stack([c.inverse(lin[..., i]) for i, c in enumerate(p.curves)], axis=-1)
-    return out
+    return _matrix_convert(rgb, _srgb(), p)
 
 
 # ----------------------------------------------------------------------------------------- lcms engine
@@ -199,7 +217,8 @@ def _lcms_profile(icc: bytes) -> ImageCms.ImageCmsProfile:
 
 
 def lcms_to_srgb(im: Image.Image, icc: bytes) -> Image.Image:
-    """8-bit RGB / L / CMYK image in profile ``icc`` -> 8-bit sRGB "RGB" image (raises ImageCms.PyCMSError)."""
+    """8-bit RGB / L / CMYK image in profile ``icc`` -> 8-bit sRGB "RGB" image (raises
+    ImageCms.PyCMSError)."""
     srgb = _lcms_profile(srgb_profile_bytes())
     return ImageCms.profileToProfile(im, _lcms_profile(icc), srgb, renderingIntent=_INTENT, outputMode="RGB")
 

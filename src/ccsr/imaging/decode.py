@@ -1,8 +1,9 @@
 """decode -> split alpha -> orient -> colour-manage: bytes in, a :class:`DecodedImage` ready for the model.
 
-Each step is a small function of its own. Safety rules (see :mod:`.security`): the format is sniffed from the bytes
-and must be on the allow-list; Pillow only ever gets that one format to try; the pixel count is checked from the
-header before any pixel is decoded; Pillow's ``DecompressionBombWarning`` is an error.
+Each step is a small function of its own. Safety rules (see :mod:`.security`): the format is sniffed from
+the bytes and must be on the allow-list; only that one Pillow plugin parses it; the pixel count is checked
+from the header before any pixel is decoded, against our limit and against Pillow's ``MAX_IMAGE_PIXELS``
+(where Pillow itself would only emit a ``DecompressionBombWarning``): both are errors.
 """
 
 from __future__ import annotations
@@ -10,23 +11,18 @@ from __future__ import annotations
 import io
 import re
 import struct
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFile
 
 from . import color as cms
 from .errors import ImageError
 from .highdepth import needs_16bit_read, read_16bit
-from .security import Limits
+from .security import DEFAULT_LIMITS, Limits
 from .sniff import sniff_format
 from .values import DecodedImage
-
-# Process-wide on purpose: a per-call ``warnings.catch_warnings()`` is not thread-safe, and the server decodes in
-# threads. Pillow warns above Image.MAX_IMAGE_PIXELS (89 MP) and only errors at twice that.
-warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 _T = Image.Transpose
 #: EXIF orientation -> the transpose that makes the image upright (as PIL.ImageOps.exif_transpose).
@@ -60,24 +56,43 @@ def pillow_errors() -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------------- steps
 def open_image(data: bytes, limits: Limits) -> Image.Image:
-    """Sniff, allow-list, open lazily (header only) and check the pixel count and frames, before any decoding."""
+    """Sniff, allow-list, open lazily (header only) and check the pixel count and frames, before any
+    decoding."""
     limits.check_input_bytes(len(data))
     fmt = limits.check_format(sniff_format(data))
     with pillow_errors():
-        im = Image.open(io.BytesIO(data), formats=[fmt])
+        im = _open_header(data, fmt)
         limits.check_input_pixels(im.size)
+        if Image.MAX_IMAGE_PIXELS and im.size[0] * im.size[1] > Image.MAX_IMAGE_PIXELS:
+            # Pillow would only *warn* here (DecompressionBombWarning) and error at twice the size.
+            raise ImageError(
+                "too_many_pixels",
+                f"image is {im.size[0]}x{im.size[1]}, above Pillow's "
+                f"decompression-bomb threshold of {Image.MAX_IMAGE_PIXELS} pixels",
+            )
         limits.check_frames(getattr(im, "n_frames", 1))
         if getattr(im, "n_frames", 1) > 1:
             im.seek(0)
     return im
 
 
+def _open_header(data: bytes, fmt: str) -> ImageFile.ImageFile:
+    """Parse only the header with the one plugin for ``fmt`` (what ``Image.open(formats=[fmt])`` does,
+    minus its own bomb check, so that our limit is checked first, with our error, and no warning machinery
+    is needed)."""
+    Image.init()
+    factory, accept = Image.OPEN[fmt]
+    if accept is not None and not accept(data[:16]):
+        raise ImageError("corrupt", f"not a valid {fmt} header")
+    return factory(io.BytesIO(data))
+
+
 def load_pixels(data: bytes, im: Image.Image) -> tuple[Image.Image | np.ndarray, np.ndarray | None, int]:
     """Decode pixels and split off alpha.
 
-    Returns ``(color, alpha, bit_depth)``: ``color`` is a Pillow image in mode "RGB", "L" or "CMYK" (8-bit) or a
-    uint16 array HxWx3 / HxW (16-bit); ``alpha`` is float32 HxW in [0, 1] or None. Palette and colour-key (tRNS)
-    transparency become alpha; premultiplied modes are un-premultiplied.
+    Returns ``(color, alpha, bit_depth)``: ``color`` is a Pillow image in mode "RGB", "L" or "CMYK" (8-bit)
+    or a uint16 array HxWx3 / HxW (16-bit); ``alpha`` is float32 HxW in [0, 1] or None. Palette and
+    colour-key (tRNS) transparency become alpha; premultiplied modes are un-premultiplied.
     """
     with pillow_errors():
         if needs_16bit_read(im):
@@ -100,9 +115,9 @@ def load_pixels(data: bytes, im: Image.Image) -> tuple[Image.Image | np.ndarray,
             im = im.convert("L")
         if mode in ("P", "PA"):
             im = im.convert("RGBA" if (keyed or mode == "PA") else "RGB")
-        elif mode in ("L", "1") and keyed or mode == "La":
+        elif (mode in ("L", "1") and keyed) or mode == "La":
             im = im.convert("LA")
-        elif mode == "RGB" and keyed or mode == "RGBa":
+        elif (mode == "RGB" and keyed) or mode == "RGBa":
             im = im.convert("RGBA")
         elif mode in ("RGBX", "YCbCr"):
             im = im.convert("RGB")
@@ -167,8 +182,8 @@ def to_srgb(pixels, icc: bytes | None) -> tuple[Image.Image | np.ndarray, bool, 
     """Colour-manage to sRGB. Returns ``(rgb, rgb_is_srgb, icc_kept, notes)``.
 
     8-bit in -> Pillow "RGB"; 16-bit in -> float32 HxWx3 in [0, 1]; gray is expanded to RGB. A profile that
-    does not fit the pixels (wrong colour space, or rejected by LittleCMS) is dropped with a note and the pixels
-    are taken as sRGB; a profile equal to sRGB causes no conversion at all (bit-exact pixels).
+    does not fit the pixels (wrong colour space, or rejected by LittleCMS) is dropped with a note and the
+    pixels are taken as sRGB; a profile equal to sRGB causes no conversion at all (bit-exact pixels).
     """
     notes: list[str] = []
     is_pil = isinstance(pixels, Image.Image)
@@ -185,7 +200,7 @@ def to_srgb(pixels, icc: bytes | None) -> tuple[Image.Image | np.ndarray, bool, 
         if srgb_like:
             return pixels.convert("RGB"), True, icc, notes
         if matrix is not None:  # float math, one rounding at the end
-            arr = cms.float_to_srgb(np.asarray(pixels, dtype=np.float32) / 255.0, matrix)
+            arr = cms.float_to_srgb(np.asarray(pixels), matrix)
             return Image.fromarray(np.rint(arr * 255.0).astype(np.uint8), "RGB"), True, icc, notes
         return cms.lcms_to_srgb(pixels, icc), True, icc, notes
     arr = pixels.astype(np.float32) / 65535.0
@@ -193,7 +208,9 @@ def to_srgb(pixels, icc: bytes | None) -> tuple[Image.Image | np.ndarray, bool, 
         return _rgb3(arr), True, icc, notes
     if matrix is not None:
         return cms.float_to_srgb(arr, matrix), True, icc, notes
-    notes.append("16-bit image with a LUT/CMYK profile: kept in its own colour space, profile re-embedded as is")
+    notes.append(
+        "16-bit image with a LUT/CMYK profile: kept in its own colour space, profile re-embedded as is"
+    )
     return _rgb3(arr), False, icc, notes
 
 
@@ -201,7 +218,7 @@ def _rgb3(a: np.ndarray) -> np.ndarray:
     return np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a
 
 
-def decode(data: bytes, limits: Limits = Limits()) -> DecodedImage:
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> DecodedImage:
     """The whole input chain: sniff + limits -> decode -> split alpha -> orient -> to sRGB."""
     im = open_image(data, limits)
     color, alpha, bit_depth = load_pixels(data, im)
@@ -234,6 +251,8 @@ _XMP_ORIENTATION = (
 
 
 def xmp_without_orientation(xmp: bytes) -> bytes:
-    """XMP with tiff:Orientation reset to 1 (it has been applied to the pixels)."""
-    xmp = _XMP_ORIENTATION[0].sub(b'tiff:Orientation="1"', xmp)
-    return _XMP_ORIENTATION[1].sub(b"<tiff:Orientation>1</tiff:Orientation>", xmp)
+    """XMP without tiff:Orientation (it has been applied to the pixels), as PIL.ImageOps.exif_transpose
+    does."""
+    for pattern in _XMP_ORIENTATION:
+        xmp = pattern.sub(b"", xmp)
+    return xmp

@@ -1,9 +1,10 @@
 """restore profile/metadata -> encode: an :class:`UpscaledImage` to bytes.
 
-Colour policy (documented in the package docstring): with ``keep_metadata`` the output carries the source's own ICC
-profile and the pixels are converted back into it (matrix/TRC profiles in float, LUT RGB profiles through
-LittleCMS). Where that is impossible (CMYK or Lab sources, a gray profile, a LUT profile at 16 bits) the output is
-sRGB and says so with an embedded sRGB profile. Without ``keep_metadata`` the output is sRGB with no profile.
+Colour policy (documented in the package docstring): with ``keep_metadata`` the output carries the source's
+own ICC profile and the pixels are converted back into it (matrix/TRC profiles in float, LUT RGB profiles
+through LittleCMS). Where that is impossible (CMYK or Lab sources, a gray profile, a LUT profile at 16
+bits) the output is sRGB and says so with an embedded sRGB profile. Without ``keep_metadata`` the output is
+sRGB with no profile.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from .errors import ImageError
 from .highdepth import write_png16, write_tiff16
 from .pixels import quantize_array
 from .sniff import OUTPUT_FORMATS
-from .values import EncodedImage, EncodeOptions, UpscaledImage
+from .values import DEFAULT_ENCODE, EncodedImage, EncodeOptions, UpscaledImage
 
 SOFTWARE = "ccsr"
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's convert("L")
@@ -54,8 +55,8 @@ def restore_profile(img: UpscaledImage, base: np.ndarray, keep: bool, bits: int)
 
 
 def output_exif(img: UpscaledImage, keep: bool, size: tuple[int, int]) -> bytes:
-    """EXIF for the output: the source's (orientation removed, pixel dimensions updated) or a fresh one, always
-    tagged ``Software: ccsr``."""
+    """EXIF for the output: the source's (orientation removed, pixel dimensions updated) or a fresh one,
+    always tagged ``Software: ccsr``."""
     exif = Image.Exif()
     if keep and img.exif:
         try:
@@ -64,22 +65,25 @@ def output_exif(img: UpscaledImage, keep: bool, size: tuple[int, int]) -> bytes:
             exif = Image.Exif()
     exif.pop(ExifTags.Base.Orientation, None)
     exif[ExifTags.Base.Software] = SOFTWARE
-    sub = exif.get_ifd(ExifTags.IFD.Exif)
-    if ExifTags.Base.ExifImageWidth in sub:
-        sub[ExifTags.Base.ExifImageWidth], sub[ExifTags.Base.ExifImageHeight] = size
+    if ExifTags.IFD.Exif in exif:
+        sub = exif.get_ifd(ExifTags.IFD.Exif)
+        if ExifTags.Base.ExifImageWidth in sub:
+            sub[ExifTags.Base.ExifImageWidth], sub[ExifTags.Base.ExifImageHeight] = size
     return exif.tobytes()
 
 
-def encode(img: UpscaledImage, options: EncodeOptions = EncodeOptions()) -> EncodedImage:
+def encode(img: UpscaledImage, options: EncodeOptions = DEFAULT_ENCODE) -> EncodedImage:
     """restore profile -> gray -> flatten (JPG) -> quantise -> write, with metadata kept or stripped."""
     o = options.validated()
     bits = o.bit_depth or (16 if img.bit_depth == 16 and o.format in ("PNG", "TIFF") else 8)
     base = img.final
-    if bits == 8 and img.quantize == "reference" and img.bit_depth == 8:
-        base = img.image8.astype(np.float32) / 255.0  # exact reference bytes unless converted below
+    if bits == 8 and img.reference8 is not None:
+        base = img.reference8.astype(np.float32) / 255.0  # exact reference bytes unless converted below
     pixels, icc, notes = restore_profile(img, base, o.keep_metadata, bits)
     if img.grayscale:
         pixels = pixels @ _LUMA
+        if icc is not None and cms.icc_color_space(icc) != "GRAY":
+            icc = None  # an RGB profile cannot tag gray pixels; they are in sRGB's tone curve (implied)
     alpha = img.alpha
     if o.format == "JPG" and alpha is not None:
         bg = np.asarray(o.background, dtype=np.float32) / 255.0
@@ -90,16 +94,14 @@ def encode(img: UpscaledImage, options: EncodeOptions = EncodeOptions()) -> Enco
         alpha = None
     q = quantize_array(pixels, bits, dither=img.quantize == "dither" and bits == 8)
     if alpha is not None:
-        q = np.concatenate([q if q.ndim == 3 else q[..., None], quantize_array(alpha, bits)[..., None]], axis=-1)
+        q = np.concatenate(
+            [q if q.ndim == 3 else q[..., None], quantize_array(alpha, bits)[..., None]], axis=-1
+        )
     xmp = xmp_without_orientation(img.xmp) if (o.keep_metadata and img.xmp) else None
     exif = output_exif(img, o.keep_metadata, img.size)
     data = _write(q, bits, o, icc, exif, xmp)
-    pil_format, content_type, ext = OUTPUT_FORMATS[o.format]
-    del pil_format
+    _, content_type, ext = OUTPUT_FORMATS[o.format]
     return EncodedImage(data, content_type, ext, img.size[0], img.size[1], (*img.notes, *notes))
-
-
-_MODES = {2: "L", 3: "LA"}
 
 
 def _write(q: np.ndarray, bits: int, o: EncodeOptions, icc, exif: bytes, xmp: bytes | None) -> bytes:
@@ -125,8 +127,15 @@ def _write(q: np.ndarray, bits: int, o: EncodeOptions, icc, exif: bytes, xmp: by
             info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
         im.save(buf, "PNG", pnginfo=info, exif=exif, compress_level=6, **kw)
     elif o.format == "JPG":
-        im.save(buf, "JPEG", quality=o.quality, subsampling=0 if o.quality >= 90 else 2, exif=exif,
-                xmp=xmp or b"", **kw)
+        im.save(
+            buf,
+            "JPEG",
+            quality=o.quality,
+            subsampling=0 if o.quality >= 90 else 2,
+            exif=exif,
+            xmp=xmp or b"",
+            **kw,
+        )
     elif o.format == "WEBP":
         im.save(buf, "WEBP", quality=o.quality, method=4, exact=True, exif=exif, xmp=xmp or b"", **kw)
     elif o.format == "TIFF":

@@ -3,21 +3,22 @@
 Rules (landscape.md section 5.2; imgproxy CVE-2023-30019 / CVE-2025-24354):
 
 - http and https only; no user:password@ in URLs; no control characters or spaces.
-- The host is normalised first (IDNA/NFKC, so full-width digits and ideographic dots cannot hide an address) and
-  numeric hosts are parsed the way browsers and ``inet_aton`` do (``127.1``, ``2130706433``, ``0x7f.0.0.1``,
-  ``0177.0.0.1``), so no spelling of an address escapes validation.
+- The host is normalised first (IDNA/NFKC, so full-width digits and ideographic dots cannot hide an
+  address) and numeric hosts are parsed the way browsers and ``inet_aton`` do (``127.1``,
+  ``2130706433``, ``0x7f.0.0.1``, ``0177.0.0.1``), so no spelling of an address escapes validation.
 - Every resolved address must be public: loopback, unspecified (0.0.0.0, ::), private, link-local (incl.
   169.254.169.254), CGNAT (100.64/10), multicast, reserved/benchmark/documentation ranges, IPv4-mapped,
   IPv4-compatible, NAT64, 6to4 and Teredo forms of those are refused, as are ``localhost``, ``*.localhost``,
-  ``*.local``, ``*.internal`` and ``*.home.arpa`` names. If a name resolves to any refused address it is refused.
-- The validated address is **pinned**: the connection goes to that IP (no second DNS lookup, so no rebinding), the
-  Host header and TLS SNI/certificate check use the name.
-- Redirects are followed by hand (at most ``max_redirects``) and every hop is validated again; credentials headers
-  are dropped when a redirect changes host.
+  ``*.local``, ``*.internal`` and ``*.home.arpa`` names. If a name resolves to any refused address it is
+  refused.
+- The validated address is **pinned**: the connection goes to that IP (no second DNS lookup, so no
+  rebinding), the Host header and TLS SNI/certificate check use the name.
+- Redirects are followed by hand (at most ``max_redirects``) and every hop is validated again; credentials
+  headers are dropped when a redirect changes host.
 - Timeouts: ``timeout`` per connect/read, ``total_timeout`` for the whole exchange; the body is capped while
   streaming (``max_bytes``), before and regardless of Content-Length.
-- ``allow_hosts``: explicit trust for named hosts ("127.0.0.1:8123" = that host and port; "images.internal" = any
-  port); they skip the address check but are still pinned.
+- ``allow_hosts``: explicit trust for named hosts ("127.0.0.1:8123" = that host and port; "images.internal"
+  = any port); they skip the address check but are still pinned.
 
 :func:`check_url` validates without connecting anywhere (it may resolve names with ``getaddrinfo``).
 """
@@ -95,7 +96,14 @@ def address_blocked(ip: IPAddress) -> str | None:
             return address_blocked(inner) and "NAT64 address of a blocked IPv4 address"
         if int(ip) >> 32 == 0:
             return "IPv4-compatible or unspecified IPv6 address"
-    for attr in ("is_unspecified", "is_loopback", "is_link_local", "is_multicast", "is_private", "is_reserved"):
+    for attr in (
+        "is_unspecified",
+        "is_loopback",
+        "is_link_local",
+        "is_multicast",
+        "is_private",
+        "is_reserved",
+    ):
         if getattr(ip, attr):
             return attr[3:].replace("_", "-") + " address"
     if isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local:
@@ -155,12 +163,16 @@ def _normalise_host(raw: str) -> str:
 
 
 def check_url(url: str, *, allow_hosts: frozenset[str] = frozenset()) -> CheckedURL:
-    """Validate ``url`` and choose the address to pin. Never connects; may call ``socket.getaddrinfo`` for names."""
+    """Validate ``url`` and choose the address to pin. Never connects; may call ``socket.getaddrinfo`` for
+    names."""
     if not isinstance(url, str) or not url or len(url) > 8192:
         raise FetchError("bad_url", "URL must be a non-empty string of at most 8192 characters")
     if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
         raise FetchError("bad_url", "URL contains spaces or control characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        raise FetchError("bad_url", f"cannot parse URL: {e}") from e
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise FetchError("bad_scheme", f"only http and https URLs are fetched, not {scheme or 'none'!r}")
@@ -188,7 +200,7 @@ def check_url(url: str, *, allow_hosts: frozenset[str] = frozenset()) -> Checked
         if literal is not None:
             host = str(literal)
     path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    trusted = host in allow_hosts or f"{host}:{port}" in allow_hosts
+    trusted = _trusted(host, port, allow_hosts)
     if literal is not None:
         addresses: list[IPAddress] = [literal]
     else:
@@ -201,6 +213,15 @@ def check_url(url: str, *, allow_hosts: frozenset[str] = frozenset()) -> Checked
             if why:
                 raise FetchError("blocked_address", f"{host} resolves to {ip} ({why})")
     return CheckedURL(url, scheme, host, port, str(addresses[0]), path, trusted)
+
+
+def _trusted(host: str, port: int, allow_hosts: frozenset[str]) -> bool:
+    """``allow_hosts`` entries: "name", "name:port", "1.2.3.4:port", "[::1]:port" (case-insensitive)."""
+    if not allow_hosts:
+        return False
+    allowed = {h.strip().lower() for h in allow_hosts}
+    shown = f"[{host}]" if ":" in host else host
+    return bool({host, shown, f"{shown}:{port}"} & allowed)
 
 
 def _resolve(host: str, port: int) -> list[IPAddress]:
@@ -261,7 +282,9 @@ def fetch(
     ssl_context: ssl.SSLContext | None = None,
 ) -> FetchResult:
     """Fetch ``url`` under the rules in the module docstring. Non-2xx final answers raise ``http_error``."""
-    deadline = time.monotonic() + (total_timeout if total_timeout is not None else max(timeout * 4, timeout + 5))
+    deadline = time.monotonic() + (
+        total_timeout if total_timeout is not None else max(timeout * 4, timeout + 5)
+    )
     headers = dict(headers or {})
     context = ssl_context or ssl.create_default_context()
     method = method.upper()
@@ -276,11 +299,17 @@ def fetch(
             return FetchResult(url, status, resp_headers, content)
         if hop == max_redirects:
             break
-        new_url = urljoin(url, location)
+        try:
+            new_url = urljoin(url, location)
+            same_host = urlsplit(new_url).hostname == urlsplit(url).hostname
+        except ValueError as e:
+            raise FetchError("bad_response", f"invalid redirect location {location!r}") from e
         if status == 303 or (status in (301, 302) and method == "POST"):
             method, body = "GET", None
-            headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
-        if urlsplit(new_url).hostname != urlsplit(url).hostname:
+            headers = {
+                k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")
+            }
+        if not same_host:
             headers = {k: v for k, v in headers.items() if k.lower() not in _SENSITIVE}
         url = new_url
     raise FetchError("too_many_redirects", f"more than {max_redirects} redirects")
@@ -316,7 +345,7 @@ def _exchange(target, method, body, headers, timeout, deadline, max_bytes, conte
         return status, resp_headers, b"".join(chunks), None
     except FetchError:
         raise
-    except (TimeoutError, socket.timeout) as e:
+    except TimeoutError as e:
         raise FetchError("timeout", f"{target.host}: timed out after {timeout} s") from e
     except ssl.SSLError as e:
         raise FetchError("tls_error", f"{target.host}: {e}") from e

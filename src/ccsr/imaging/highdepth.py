@@ -1,5 +1,5 @@
-"""16-bit I/O that Pillow lacks: Pillow has no 16-bit-per-channel RGB(A)/LA mode, so it reads 16-bit colour PNG
-and TIFF as 8-bit and cannot write them.
+"""16-bit I/O that Pillow lacks: Pillow has no 16-bit-per-channel RGB(A)/LA mode, so it reads 16-bit colour
+PNG and TIFF as 8-bit and cannot write them.
 
 - Reading: Pillow's C decoders still do the work (inflate, PNG unfiltering, Adam7, TIFF strips via libtiff).
   We decode the same tile twice with two *raw modes* that pick the high and the low byte of each sample
@@ -134,7 +134,7 @@ def write_tiff16(
         if typ in (_BYTE, _UNDEFINED, _ASCII):
             payload = bytes(values)
         else:
-            payload = struct.pack("<%d%s" % (len(values), "H" if typ == _SHORT else "I"), *values)
+            payload = struct.pack(f"<{len(values)}{'H' if typ == _SHORT else 'I'}", *values)
         entries.append((tag, typ, payload))
 
     offsets, pos = [], 8

@@ -1,7 +1,8 @@
 """[model] -> merge alpha: run any model on a :class:`DecodedImage` and bring the alpha along.
 
-:func:`upscale` knows nothing about how the model reaches its size (reference 64-multiple resize, reflect pad, tiles):
-it only requires the model's output to come back at one exact size, and upscales alpha to that same size.
+:func:`upscale` knows nothing about how the model reaches its size (reference 64-multiple resize, reflect
+pad, tiles): it only requires the model's output to come back at one exact size, and upscales alpha to that
+same size.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from PIL import Image
 from .decode import decode
 from .encode import encode
 from .errors import ImageError
-from .pixels import quantize_array, resize_float, upscale_alpha
-from .security import Limits, fit_scale
-from .values import DecodedImage, EncodedImage, EncodeOptions, UpscaledImage
+from .pixels import resize_alpha, resize_float
+from .security import DEFAULT_LIMITS, Limits, fit_scale
+from .values import DEFAULT_ENCODE, DecodedImage, EncodedImage, EncodeOptions, UpscaledImage
 
 QUANTIZE_MODES = ("round", "dither", "reference")
 _LANCZOS = Image.Resampling.LANCZOS
 
 
 def _model_output(out: Any) -> tuple[np.ndarray, Image.Image | None]:
-    """Accept the pipeline's result (``.final`` float + ``.image`` 8-bit), a bare PIL image or a float array."""
+    """Accept the pipeline's result (``.final`` float + ``.image`` 8-bit), a bare PIL image or a float
+    array."""
     image = getattr(out, "image", None)
     final = getattr(out, "final", None)
     if image is None and final is None:
@@ -53,22 +55,22 @@ def upscale(
 ) -> UpscaledImage:
     """Run ``model`` on ``decoded.rgb`` and merge the separately upscaled alpha back.
 
-    ``quantize`` decides the 8-bit pixels: ``"round"`` rounds ``.final`` (default; never truncates), ``"dither"``
-    applies an ordered dither, ``"reference"`` keeps the model's own ``.image`` (the reference implementation's
-    truncating quantisation, for bit-parity). A 16-bit source has no 8-bit reference: it always rounds.
+    ``quantize`` decides the 8-bit pixels: ``"round"`` rounds ``.final`` (default; never truncates),
+    ``"dither"`` applies an ordered dither, ``"reference"`` keeps the model's own ``.image`` (the reference
+    implementation's truncating quantisation, for bit-parity). A 16-bit source has no 8-bit reference: it
+    always rounds.
     """
     if quantize not in QUANTIZE_MODES:
         raise ImageError("invalid_option", f"quantize must be one of {', '.join(QUANTIZE_MODES)}")
     final, image = _model_output(model(decoded.rgb))
     size = (final.shape[1], final.shape[0])
+    reference8 = None
     if quantize == "reference" and image is not None and decoded.bit_depth == 8:
-        image8 = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    else:
-        image8 = quantize_array(final, 8, dither=quantize == "dither")
-    alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, size)
+        reference8 = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    alpha = None if decoded.alpha is None else resize_alpha(decoded.alpha, size)
     return UpscaledImage(
         final=final,
-        image8=image8,
+        reference8=reference8,
         alpha=alpha,
         icc_profile=decoded.icc_profile,
         rgb_is_srgb=decoded.rgb_is_srgb,
@@ -90,8 +92,10 @@ def shrink(decoded: DecodedImage, size: tuple[int, int]) -> DecodedImage:
         rgb = decoded.rgb.resize(size, _LANCZOS)
     else:
         rgb = np.clip(resize_float(decoded.rgb, size), 0.0, 1.0)
-    alpha = None if decoded.alpha is None else upscale_alpha(decoded.alpha, size)
-    note = f"input shrunk from {decoded.size[0]}x{decoded.size[1]} to {size[0]}x{size[1]} to fit the output cap"
+    alpha = None if decoded.alpha is None else resize_alpha(decoded.alpha, size)
+    note = (
+        f"input shrunk from {decoded.size[0]}x{decoded.size[1]} to {size[0]}x{size[1]} to fit the output cap"
+    )
     return dataclasses.replace(decoded, rgb=rgb, alpha=alpha, notes=(*decoded.notes, note))
 
 
@@ -99,8 +103,8 @@ def upscale_bytes(
     data: bytes,
     model: Callable[[Image.Image | np.ndarray], Any],
     *,
-    encode_options: EncodeOptions = EncodeOptions(),
-    limits: Limits = Limits(),
+    encode_options: EncodeOptions = DEFAULT_ENCODE,
+    limits: Limits = DEFAULT_LIMITS,
     quantize: str = "round",
     scale: float | None = None,
 ) -> EncodedImage:

@@ -1,4 +1,5 @@
-"""Pixel helpers shared by the steps: float Lanczos resize, alpha upscaling, rounding/dithering quantisation."""
+"""Pixel helpers shared by the steps: float Lanczos resize, alpha upscaling, rounding/dithering
+quantisation."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ def resize_float(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(im.resize(size, _LANCZOS), dtype=np.float32)
 
 
-def upscale_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Alpha upscaled separately with Lanczos (in float, so soft edges stay smooth), clipped to [0, 1]."""
+def resize_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Alpha resized on its own with Lanczos (in float, so soft edges stay smooth), clipped to [0, 1]."""
     return np.clip(resize_float(alpha, size), 0.0, 1.0)
 
 
@@ -46,5 +47,3 @@ def quantize_array(a: np.ndarray, bits: int = 8, dither: bool = False) -> np.nda
     else:
         x = np.rint(x)
     return np.clip(x, 0, top).astype(np.uint8 if bits == 8 else np.uint16)
-
-

@@ -23,8 +23,8 @@ class Limits:
     - ``max_input_pixels``: width x height of the *encoded* image, read from the header before any pixel is
       decoded (imgproxy ``MAX_SRC_RESOLUTION``).
     - ``max_input_bytes``: size of the encoded input (also the download cap of :func:`fetch_image`).
-    - ``max_output_side``: both output sides must be <= this (Runware's 4096x4096 cap); :func:`fit_scale` shrinks
-      the input first, as Runware documents.
+    - ``max_output_side``: both output sides must be <= this (Runware's 4096x4096 cap); :func:`fit_scale`
+      shrinks the input first, as Runware documents.
     - ``formats``: the decoder allow-list.
     - ``animated``: ``"reject"`` (default: an animation is refused with code ``animated``, nothing is dropped
       silently) or ``"first_frame"`` (upscale frame 0 only).
@@ -95,7 +95,10 @@ class Fit(NamedTuple):
         return output_size(self.input_size, scale)
 
 
-def fit_scale(size: tuple[int, int], scale: float, limits: Limits = Limits()) -> Fit:
+DEFAULT_LIMITS = Limits()
+
+
+def fit_scale(size: tuple[int, int], scale: float, limits: Limits = DEFAULT_LIMITS) -> Fit:
     """Shrink the input first so the output fits ``max_output_side`` on both sides (Runware's documented rule:
     "a 2048x2048 image with an upscaleFactor of 4 will first be reduced to 1024x1024").
 
@@ -110,7 +113,8 @@ def fit_scale(size: tuple[int, int], scale: float, limits: Limits = Limits()) ->
     if ow <= cap and oh <= cap:
         return Fit(None, (w, h))
     factor = min(cap / (scale * w), cap / (scale * h))
-    nw, nh = max(1, math.floor(w * factor)), max(1, math.floor(h * factor))
+    # + 1e-6: 512.0 must not become 511 through float error; the loops below undo any overshoot.
+    nw, nh = max(1, math.floor(w * factor + 1e-6)), max(1, math.floor(h * factor + 1e-6))
     # Float rounding may leave ceil(scale * n) one pixel over the cap; step down until it fits.
     while output_size((nw, 1), scale)[0] > cap and nw > 1:
         nw -= 1

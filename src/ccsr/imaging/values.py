@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from functools import cached_property
 
 import numpy as np
 from PIL import Image
 
 from .errors import ImageError
+from .pixels import quantize_array
 
 
 @dataclass(frozen=True, eq=False)
 class DecodedImage:
     """An input image made ready for the model.
 
-    - ``rgb``: what the model receives, already oriented and in sRGB (see ``rgb_is_srgb``): a Pillow "RGB" image
-      for 8-bit sources, float32 HxWx3 in [0, 1] for 16-bit sources. Grayscale sources are expanded to RGB.
+    - ``rgb``: what the model receives, already oriented and in sRGB (see ``rgb_is_srgb``): a Pillow "RGB"
+      image for 8-bit sources, float32 HxWx3 in [0, 1] for 16-bit sources. Grayscale sources are expanded
+      to RGB.
     - ``alpha``: float32 HxW in [0, 1], or None when the source had no transparency.
     - ``icc_profile``: the source's original profile bytes (kept for the output), or None.
     - ``rgb_is_srgb``: False only when a 16-bit image carries a profile we cannot convert in float (CMYK/LUT);
@@ -25,7 +27,8 @@ class DecodedImage:
     - ``orientation``: the EXIF orientation (1-8) that was applied.
     - ``bit_depth``: 8 or 16 (bits per sample of the source), ``source_format``: "PNG", "JPEG", ...
     - ``grayscale``: the source had no colour (outputs are then written as gray).
-    - ``notes``: human lines about anything the decoder had to decide (ignored broken profile, first frame ...).
+    - ``notes``: human lines about anything the decoder had to decide (ignored broken profile, first frame
+      ...).
     """
 
     rgb: Image.Image | np.ndarray
@@ -47,24 +50,20 @@ class DecodedImage:
             return self.rgb.size
         return (self.rgb.shape[1], self.rgb.shape[0])
 
-    @property
-    def has_alpha(self) -> bool:
-        return self.alpha is not None
-
 
 @dataclass(frozen=True, eq=False)
 class UpscaledImage:
     """The model's output with everything the encoder needs.
 
-    - ``final``: float32 HxWx3 in [0, 1], the model's unquantised output (the source of 16-bit outputs).
-    - ``image8``: uint8 HxWx3, ``final`` quantised as asked (``round``, ``dither`` or the model's own ``reference``
-      8-bit image): the source of 8-bit outputs.
+    - ``final``: float32 HxWx3 in [0, 1], the model's unquantised output.
+    - ``reference8``: uint8 HxWx3, the model's own 8-bit ``.image`` when ``quantize == "reference"`` (8-bit
+      sources only), else None.
     - ``alpha``: float32 HxW in [0, 1] (Lanczos-upscaled source alpha) or None.
     The metadata fields are carried over from :class:`DecodedImage`.
     """
 
     final: np.ndarray
-    image8: np.ndarray
+    reference8: np.ndarray | None
     alpha: np.ndarray | None
     icc_profile: bytes | None
     rgb_is_srgb: bool
@@ -80,8 +79,12 @@ class UpscaledImage:
     def size(self) -> tuple[int, int]:
         return (self.final.shape[1], self.final.shape[0])
 
-
-OutputFormat = Literal["PNG", "JPG", "WEBP", "TIFF"]
+    @cached_property
+    def image8(self) -> np.ndarray:
+        """uint8 HxWx3 as ``quantize`` asks: the reference bytes, or ``final`` rounded / dithered."""
+        if self.reference8 is not None:
+            return self.reference8
+        return quantize_array(self.final, 8, dither=self.quantize == "dither")
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,10 @@ class EncodeOptions:
 
     - ``format``: "PNG", "JPG" (alias "JPEG"), "WEBP" or "TIFF".
     - ``quality``: 20-99 (Runware's range), default 95; JPG and WEBP only.
-    - ``keep_metadata``: True keeps EXIF (orientation removed, it has been applied), XMP and the ICC profile (the
-      pixels are converted back to the source profile); False strips them, converts to sRGB and embeds no
-      profile (imgproxy's ``STRIP_METADATA`` + ``STRIP_COLOR_PROFILE``). Either way the output is tagged
+    - ``keep_metadata``: True keeps EXIF (orientation removed, it has been applied), XMP and the ICC
+      profile (the pixels are converted back to the source profile); False strips them, converts to sRGB
+      and embeds no profile (imgproxy's ``STRIP_METADATA`` + ``STRIP_COLOR_PROFILE``). Either way the
+      output is tagged
       ``Software: ccsr``.
     - ``background``: RGB colour that transparent pixels are flattened onto for JPG (the only format without
       alpha).
@@ -121,6 +125,9 @@ class EncodeOptions:
             raise ImageError("invalid_option", "background must be three values in 0-255")
         bg = tuple(int(c) for c in self.background)
         return EncodeOptions(fmt, self.quality, self.keep_metadata, bg, self.bit_depth)  # type: ignore[arg-type]
+
+
+DEFAULT_ENCODE = EncodeOptions()
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ Jobs::
     job, created = engine.submit(spec)    # raises QueueFull (-> 429), JobConflict, ccsr.params.ParamError
     engine.get(job.id) / engine.get_by_key("fal:<id>") -> Job | None
     engine.queue_position(job.id) -> int | None          # 0 = next; None when not queued
-    engine.cancel(job.id) -> Job                          # queued: cancelled now; running: stops between steps
+    engine.cancel(job.id) -> Job                          # queued: cancelled now; running: stops at a step
     job = await engine.wait(job.id, timeout=30)           # latest snapshot, terminal or not (None if unknown)
-    engine.add_listener(fn)                               # fn(job) on every terminal transition, worker thread
+    engine.add_listener(fn)                               # fn(job) on every terminal transition (a thread)
     engine.delivery.post_json(url, body) / .put_bytes(url, data, content_type)   # retried, safe fetcher
     engine.ready, engine.load_error                       # model loaded? (for /readyz)
 

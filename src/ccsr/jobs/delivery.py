@@ -16,6 +16,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 log = logging.getLogger("ccsr.jobs.delivery")
 
+_PERMANENT = frozenset({"blocked_address", "bad_url", "bad_scheme"})  # retrying cannot help
+
+
+def _refused(status: int | None) -> bool:
+    """A 4xx other than 408/429: the receiver rejected the delivery itself."""
+    return status is not None and 400 <= status < 500 and status not in (408, 429)
+
 
 class Delivery:
     def __init__(
@@ -42,11 +49,11 @@ class Delivery:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ public
-    def post_json(self, url: str, body: object, *, on_done: Callable[[bool, str], None] | None = None) -> Future:
+    def post_json(
+        self, url: str, body: object, *, on_done: Callable[[bool, str], None] | None = None
+    ) -> Future:
         data = json.dumps(body).encode()
-        return self._pool.submit(
-            self._send, "POST", url, data, {"Content-Type": "application/json"}, on_done
-        )
+        return self._pool.submit(self._send, "POST", url, data, {"Content-Type": "application/json"}, on_done)
 
     def put_bytes(
         self, url: str, data: bytes, content_type: str, *, on_done: Callable[[bool, str], None] | None = None
@@ -58,9 +65,11 @@ class Delivery:
         from ccsr import imaging
 
         last = ""
+        made = 0
         for attempt in range(self.attempts):
             if self._closed.is_set():
                 break
+            made = attempt + 1
             try:
                 resp = imaging.fetch(
                     url,
@@ -71,28 +80,18 @@ class Delivery:
                     body=data,
                     headers=headers,
                 )
-                status = getattr(resp, "status", None) or getattr(resp, "status_code", 200)
-                if 200 <= int(status) < 300:
-                    self._record(method, url, True, f"HTTP {status}", attempt + 1)
-                    if on_done:
-                        on_done(True, f"HTTP {status}")
-                    return True
-                last = f"HTTP {status}"
-                if 400 <= int(status) < 500 and int(status) not in (408, 429):
-                    break  # the receiver rejected it: retrying will not help
-            except Exception as e:  # FetchError (blocked / unreachable / timeout / HTTP status) and anything else
-                last = f"{type(e).__name__}: {e}"
-                code = getattr(e, "code", "")
-                status = getattr(e, "status", None)
-                if code in ("blocked_address", "bad_url", "bad_scheme"):
+                self._record(method, url, True, f"HTTP {resp.status}", made)
+                if on_done:
+                    on_done(True, f"HTTP {resp.status}")
+                return True
+            except imaging.FetchError as e:  # blocked, unreachable, timed out, or a non-2xx answer
+                last = str(e)
+                if e.code in _PERMANENT or (e.code == "http_error" and _refused(e.status)):
                     break
-                if code == "http_error" and status and 400 <= status < 500 and status not in (408, 429):
-                    break
-            delay = min(self.max_delay, self.base_delay * (2**attempt))
             if attempt + 1 < self.attempts:
-                time.sleep(delay)
-        log.warning("%s %s failed: %s", method, url, last)
-        self._record(method, url, False, last, self.attempts)
+                time.sleep(min(self.max_delay, self.base_delay * (2**attempt)))
+        log.warning("%s %s failed after %d attempt(s): %s", method, url, made, last)
+        self._record(method, url, False, last, made)
         if on_done:
             on_done(False, last)
         return False

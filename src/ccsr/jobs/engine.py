@@ -97,7 +97,7 @@ class Executor(abc.ABC):
     def ready(self) -> bool:
         """True once the model is loaded and jobs can run."""
 
-    def wake(self) -> None:
+    def wake(self) -> None:  # noqa: B027 - optional hook
         """A job was queued (hint)."""
 
     @property
@@ -169,7 +169,9 @@ class JobEngine:
             else:
                 self.store.requeue(job.id)
                 self.store.append_log(
-                    job.id, f"interrupted by a server restart; queued again (attempt {job.attempts + 1})", "WARNING"
+                    job.id,
+                    f"interrupted by a server restart; queued again (attempt {job.attempts + 1})",
+                    "WARNING",
                 )
                 changed.append(self.store.get(job.id))
         return changed
@@ -210,7 +212,7 @@ class JobEngine:
         return self.store.queue_position(job_id)
 
     def cancel(self, job_id: str) -> Job:
-        """Queued: cancelled at once. Processing: flagged; the runner stops between steps. Terminal: unchanged."""
+        """Queued: cancelled at once. Processing: flagged, the runner stops between steps. Terminal: as is."""
         job = self.store.request_cancel(job_id)
         if job is None:
             raise JobNotFound(job_id)
@@ -241,7 +243,7 @@ class JobEngine:
                 loop.call_soon_threadsafe(ev.set)
 
     async def wait(self, job_id: str, timeout: float | None = None, *, poll: float = 0.5) -> Job | None:
-        """Wait until the job is terminal or ``timeout`` passes; returns the latest snapshot (None if unknown)."""
+        """Wait until the job is terminal or ``timeout`` passes; the latest snapshot (None if unknown)."""
         loop = asyncio.get_running_loop()
         ev = asyncio.Event()
         entry = (loop, ev)
@@ -367,7 +369,9 @@ class InProcessExecutor(Executor):
         try:
             data = engine.images.read(job.input_image_id)
             if data is None:
-                raise JobFailed(ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted")
+                raise JobFailed(
+                    ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted"
+                )
             out = runner.run(job, data, progress=progress, should_cancel=should_cancel, log=logline)
             if should_cancel():
                 raise JobCancelled()

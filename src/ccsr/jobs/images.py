@@ -80,8 +80,8 @@ class ImageStore(abc.ABC):
         """A local file path for zero-copy serving, when the store has one."""
         return None
 
-    def close(self) -> None:  # pragma: no cover
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (nothing by default)."""
 
 
 class LocalImageStore(ImageStore):
@@ -97,8 +97,8 @@ class LocalImageStore(ImageStore):
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(
-                "CREATE TABLE IF NOT EXISTS images (id TEXT PRIMARY KEY, content_type TEXT, ext TEXT, width INT,"
-                " height INT, size INT, created_at REAL, expires_at REAL, kind TEXT)"
+                "CREATE TABLE IF NOT EXISTS images (id TEXT PRIMARY KEY, content_type TEXT, ext TEXT,"
+                " width INT, height INT, size INT, created_at REAL, expires_at REAL, kind TEXT)"
             )
             self._db.execute("CREATE INDEX IF NOT EXISTS images_exp ON images(expires_at)")
 
@@ -152,8 +152,15 @@ class LocalImageStore(ImageStore):
         if row is None:
             return None
         return StoredImage(
-            row["id"], row["content_type"], row["ext"], row["width"], row["height"], row["size"],
-            row["created_at"], row["expires_at"], row["kind"],
+            row["id"],
+            row["content_type"],
+            row["ext"],
+            row["width"],
+            row["height"],
+            row["size"],
+            row["created_at"],
+            row["expires_at"],
+            row["kind"],
         )
 
     def get(self, image_id: str) -> StoredImage | None:

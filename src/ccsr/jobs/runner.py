@@ -46,8 +46,9 @@ class CCSRRunner:
         from ccsr.pipeline import CCSRPipeline
 
         log.info("loading model %s", self.weights or "(default)")
-        self.pipeline = CCSRPipeline.from_single_file(self.weights, config=self.config, device=self.device,
-                                                      dtype=self.dtype)
+        self.pipeline = CCSRPipeline.from_single_file(
+            self.weights, config=self.config, device=self.device, dtype=self.dtype
+        )
         log.info("model loaded on %s (%s)", self.pipeline.device, self.pipeline.dtype)
 
     def run(
@@ -64,7 +65,9 @@ class CCSRRunner:
 
         params = job.params
         cap = max(job.max_output) if job.max_output else 1 << 30
-        limits = imaging.Limits(max_input_bytes=max(self.max_input_bytes, len(input_bytes)), max_output_side=cap)
+        limits = imaging.Limits(
+            max_input_bytes=max(self.max_input_bytes, len(input_bytes)), max_output_side=cap
+        )
         if job.max_output and job.max_output[0] != job.max_output[1]:
             cap = min(job.max_output)
         try:
@@ -73,15 +76,19 @@ class CCSRRunner:
             fit = imaging.fit_scale(in_size, float(params.scale), limits)
             if fit.shrink is not None:
                 decoded = imaging.shrink(decoded, fit.input_size)
-                log(f"input shrunk from {in_size[0]}x{in_size[1]} to {fit.input_size[0]}x{fit.input_size[1]}"
-                    f" to keep the output within {cap}x{cap}")
+                log(
+                    f"input shrunk from {in_size[0]}x{in_size[1]} to {fit.input_size[0]}x{fit.input_size[1]}"
+                    f" to keep the output within {cap}x{cap}"
+                )
             expected = fit.output_size(float(params.scale))
             fmt = ENCODE_FORMATS.get(job.output.format.lower(), "PNG")
             enc_opts = imaging.EncodeOptions(format=fmt, quality=int(job.output.quality or 95)).validated()
         except imaging.ImageError as e:
             raise JobFailed(ErrorCode.INVALID_INPUT, e.message) from e
-        log(f"upscaling {decoded.size[0]}x{decoded.size[1]} -> {expected[0]}x{expected[1]}"
-            f" ({params.steps} steps, seed {params.seed})")
+        log(
+            f"upscaling {decoded.size[0]}x{decoded.size[1]} -> {expected[0]}x{expected[1]}"
+            f" ({params.steps} steps, seed {params.seed})"
+        )
         seeds: list[int] = []
 
         def model(rgb):

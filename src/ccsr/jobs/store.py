@@ -89,8 +89,8 @@ class JobStore(abc.ABC):
     def queue_position(self, job_id: str) -> int | None:
         """0 for the next queued job, None when the job is not queued."""
 
-    def close(self) -> None:  # pragma: no cover - optional
-        pass
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (nothing by default)."""
 
 
 _SCHEMA = """
@@ -195,8 +195,8 @@ class SQLiteJobStore(JobStore):
                         raise QueueFull(depth, max_active)
                 job_id = str(uuid.uuid4())
                 self._db.execute(
-                    "INSERT INTO jobs (id, idem_key, payload_hash, protocol, status, params, input_image_id, output,"
-                    " output_image_id, max_output, meta, cost_per_second, created_at, updated_at)"
+                    "INSERT INTO jobs (id, idem_key, payload_hash, protocol, status, params, input_image_id,"
+                    " output, output_image_id, max_output, meta, cost_per_second, created_at, updated_at)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         job_id,
@@ -272,8 +272,8 @@ class SQLiteJobStore(JobStore):
         t = now()
         with self._lock:
             cur = self._db.execute(
-                "UPDATE jobs SET status=?, result=?, error_code=?, error_message=?, finished_at=?, updated_at=?,"
-                " progress=CASE WHEN ?='success' THEN 100 ELSE progress END"
+                "UPDATE jobs SET status=?, result=?, error_code=?, error_message=?, finished_at=?,"
+                " updated_at=?, progress=CASE WHEN ?='success' THEN 100 ELSE progress END"
                 " WHERE id=? AND status IN (?, ?)",
                 (
                     status,
@@ -318,13 +318,17 @@ class SQLiteJobStore(JobStore):
     def list_status(self, *statuses: str) -> list[Job]:
         with self._lock:
             q = ",".join("?" * len(statuses))
-            rows = self._db.execute(f"SELECT * FROM jobs WHERE status IN ({q}) ORDER BY seq", statuses).fetchall()
+            rows = self._db.execute(
+                f"SELECT * FROM jobs WHERE status IN ({q}) ORDER BY seq", statuses
+            ).fetchall()
             return [self._row_to_job(r) for r in rows]
 
     def active_count(self) -> int:
         with self._lock:
             q = ",".join("?" * len(ACTIVE))
-            return self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({q})", tuple(ACTIVE)).fetchone()[0]
+            return self._db.execute(
+                f"SELECT COUNT(*) FROM jobs WHERE status IN ({q})", tuple(ACTIVE)
+            ).fetchone()[0]
 
     def queue_position(self, job_id: str) -> int | None:
         with self._lock:

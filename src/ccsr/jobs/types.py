@@ -1,4 +1,4 @@
-"""The protocol-neutral job vocabulary: :class:`Job`, :class:`JobSpec`, :class:`OutputOptions`, results, errors.
+"""The protocol-neutral job vocabulary: :class:`Job`, :class:`JobSpec`, :class:`OutputOptions`, results.
 
 Nothing here knows about HTTP, Runware or fal. Protocol adapters translate their wire fields into a
 :class:`JobSpec`, hand it to the engine, and translate the resulting :class:`Job` back.
@@ -71,7 +71,9 @@ class JobConflict(JobsError):
     """The idempotency key is already used by a job with a different payload."""
 
     def __init__(self, key: str, job_id: str):
-        super().__init__(f"idempotency key {key!r} is already used by another request with a different payload")
+        super().__init__(
+            f"idempotency key {key!r} is already used by another request with a different payload"
+        )
         self.key = key
         self.job_id = job_id
 

@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save_file
 from torch import nn
 
 from ccsr.model.components import build_empty, expected_keys, fill
-from ccsr.model.config import CCSRConfig, ConfigError, load_config, parse_config
+from ccsr.model.config import CCSRConfig, ConfigError, load_config
 from ccsr.model.convert import CheckpointKeyError, split_checkpoint
 from ccsr.model.loading import (
     CONVERTED_FORMAT,
@@ -110,16 +109,17 @@ def _model_from_state(
 
 def load_model(weights: str | Path | None = None, config: str | Path | None = None) -> CCSRModel:
     """Load from an LDM checkpoint (with its yaml, or the built-in CCSR-v1 config) or a converted folder."""
+    explicit_cfg = load_config(config) if config else None  # a bad --config fails before any download
     path = resolve_weights(weights)
     if is_converted(path):
         index = read_converted_index(path)
-        cfg = load_config(config) if config else parse_config(index["config"], path, source=str(path))
+        cfg = explicit_cfg or CCSRConfig.from_dict(index["config"], source=str(path))
         parts = {name: read_component(path, name) for name in NETWORKS}
         text = TextConditioner.from_converted(cfg, path)
         return _model_from_state(cfg, parts, text, str(path))
     if path.is_dir():
         raise WeightsError(f"{path}: a folder, but not one written by `ccsr convert` (no {CONVERTED_INDEX})")
-    cfg = load_config(config)
+    cfg = explicit_cfg or load_config(None)
     sd = read_checkpoint(path)
     expected = expected_keys(build_empty(cfg, with_text=True))
     parts = split_checkpoint(sd, cfg, expected, source=str(path))
@@ -137,22 +137,16 @@ def convert(
 ) -> Path:
     """Write a fast-loading folder: one safetensors file per network, the text encoder and the "" embedding."""
     path = resolve_weights(weights)
-    cfg_path = config
-    raw_cfg = yaml.safe_load(Path(cfg_path).read_text()) if cfg_path else None
     model = load_model(path, config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if raw_cfg is None:
-        from importlib import resources
-
-        raw_cfg = yaml.safe_load(resources.files("ccsr.configs").joinpath("ccsr_v1.yaml").read_text())
     for name, module in model.networks().items():
         state = {k: v.to(dtype).contiguous() if v.is_floating_point() else v for k, v in module.state_dict().items()}
         save_file(state, str(out / f"{name}.safetensors"))
         log(f"wrote {name}.safetensors ({sum(v.numel() for v in state.values()) / 1e6:.1f} M values)")
     model.text.save(out, dtype)
     index = {"format": CONVERTED_FORMAT, "version": 1, "dtype": str(dtype).removeprefix("torch."),
-             "source": str(path), "config": raw_cfg}
+             "source": str(path), "config": model.config.to_dict()}
     (out / CONVERTED_INDEX).write_text(json.dumps(index, indent=1))
     log(f"wrote {out / CONVERTED_INDEX}")
     return out

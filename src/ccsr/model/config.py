@@ -7,6 +7,7 @@ as input and translate it once into the keyword arguments of ``UNet2DConditionMo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -58,6 +59,25 @@ class CCSRConfig:
     linear_end: float = 0.0120
     num_timesteps: int = 1000
     source: str = field(default="", compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-ready): a converted weights folder carries its config this way."""
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "") -> CCSRConfig:
+        def tuples(kw: dict[str, Any]) -> dict[str, Any]:
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
+
+        try:
+            return cls(unet=tuples(d["unet"]), controlnet=tuples(d["controlnet"]), vae=tuples(d["vae"]),
+                       text=TextConfig(**d["text"]), scale_factor=d["scale_factor"],
+                       linear_start=d["linear_start"], linear_end=d["linear_end"],
+                       num_timesteps=d["num_timesteps"], source=source)
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"{source or 'config'}: malformed model config ({exc})") from exc
 
     @property
     def latent_channels(self) -> int:
@@ -183,7 +203,7 @@ def load_config(path: str | Path | None = None) -> CCSRConfig:
     try:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: not valid YAML ({exc.__class__.__name__})") from exc
+        raise ConfigError(f"{p}: model config is not valid YAML ({exc.__class__.__name__})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: not a CCSR ControlLDM config")
     return parse_config(data, p.parent, source=str(p))

@@ -50,15 +50,23 @@ def resolve_weights(ref: str | os.PathLike[str] | None = None) -> Path:
     repo, filename, rev = m["repo"], m["file"], m["rev"]
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise WeightsError("huggingface_hub is required to download weights") from exc
+    from huggingface_hub.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # retries are reported once, by our message, not line by line
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename, revision=rev))
+    except LocalEntryNotFoundError as exc:  # offline (HF_HUB_OFFLINE) or no connection, and nothing cached
+        raise WeightsError(_offline_help(ref, repo, filename)) from exc
     except (RepositoryNotFoundError, EntryNotFoundError) as exc:
         raise WeightsError(f"{ref}: no such repository or file on the hub") from exc
     except Exception as exc:  # offline, DNS failure, timeouts, 5xx: all say the same thing to a user
         raise WeightsError(_offline_help(ref, repo, filename)) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def read_checkpoint(path: Path) -> dict[str, Tensor]:

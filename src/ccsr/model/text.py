@@ -6,6 +6,9 @@ load time; the text encoder (a third of SD-2.1's weights) is then released and o
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Callable
@@ -34,11 +37,53 @@ def empty_tokens(context_length: int = 77) -> Tensor:
     return ids
 
 
+def _bundled_bpe() -> Path | None:
+    """The CLIP BPE merges file that the ``open-clip-torch`` package ships, found without importing it."""
+    spec = importlib.util.find_spec("open_clip")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / "bpe_simple_vocab_16e6.txt.gz"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _unicode_bytes() -> list[str]:
+    """CLIP's reversible byte -> printable character table, in vocabulary order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in printable] + [chars[b] for b in range(256) if b not in printable]
+
+
+def tokenizer_files_from_bpe(bpe_gz: Path, out_dir: Path) -> Path:
+    """Write vocab.json + merges.txt for ``CLIPTokenizer`` from CLIP's merges list (49152 - 258 merges)."""
+    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    base = _unicode_bytes()
+    vocab = base + [c + "</w>" for c in base] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return out_dir
+
+
 def load_tokenizer(source: str | None = None):  # type: ignore[no-untyped-def]
-    """A ``CLIPTokenizer`` from a local folder (vocab.json + merges.txt) or ``hf://owner/repo/subfolder``."""
+    """A ``CLIPTokenizer``: from ``source`` (a folder with vocab.json + merges.txt, or ``hf://owner/repo/sub``),
+    else from the vocabulary bundled with ``open-clip-torch`` when installed, else from the hub."""
     from transformers import CLIPTokenizer
 
-    source = source or os.environ.get("CCSR_TOKENIZER") or DEFAULT_TOKENIZER
+    source = source or os.environ.get("CCSR_TOKENIZER")
+    if source is None and (bpe := _bundled_bpe()) is not None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccsr" / "clip-tokenizer"
+        if not (cache / "vocab.json").is_file():
+            tokenizer_files_from_bpe(bpe, cache)
+        return CLIPTokenizer.from_pretrained(str(cache))
+    source = source or DEFAULT_TOKENIZER
     try:
         if Path(source).is_dir():
             return CLIPTokenizer.from_pretrained(source)

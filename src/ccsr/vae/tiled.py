@@ -65,6 +65,9 @@ def split_tiles(height: int, width: int, tile: int, pad: int, decoder: bool) -> 
         for ix, vx in _axis_spans(width, tile, pad):
             in_boxes.append((*ix, *iy))
             out_boxes.append((scale(vx[0]), scale(vx[1]), scale(vy[0]), scale(vy[1])))
+    if not decoder and any(x1 % 8 or y1 % 8 for x1, _, y1, _ in in_boxes):
+        # the reference crashes here too (its crop no longer fits the output box)
+        raise ValueError(f"encoder tiles of {tile} px with pad {pad} are not aligned to the 8 px latent grid")
     return in_boxes, out_boxes
 
 
