@@ -8,7 +8,6 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-
 from tests.conftest import FIXTURES, TINY_CKPT, TINY_CONFIG
 
 MODEL = ["--weights", str(TINY_CKPT), "--config", str(TINY_CONFIG)]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tests.conftest import TINY_CKPT, TINY_CONFIG, TINY_WEIGHTS
 
 from ccsr.model import CheckpointKeyError, WeightsError, convert, load_config, load_model
 from ccsr.model.loading import resolve_weights
-from tests.conftest import TINY_CKPT, TINY_CONFIG, TINY_WEIGHTS
 
 
 def _same_networks(a, b) -> None:

@@ -52,9 +52,7 @@ def png_bytes(size=(48, 40), seed=0) -> bytes:
 
     rnd = random.Random(seed)
     img = Image.new("RGB", size)
-    img.putdata(
-        [(rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)) for _ in range(size[0] * size[1])]
-    )
+    img.putdata([(rnd.randrange(256), rnd.randrange(256), rnd.randrange(256)) for _ in range(size[0] * size[1])])
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
@@ -88,9 +86,7 @@ class Sink:
                         return r
                 left = end - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(
-                        f"sink received nothing matching within {timeout}s: {self.requests!r}"
-                    )
+                    raise AssertionError(f"sink received nothing matching within {timeout}s: {self.requests!r}")
                 self.cond.wait(left)
 
 
@@ -150,6 +146,7 @@ class Server:
     args: list[str]
     proc: subprocess.Popen | None = None
     api_key: str = API_KEY
+    model: tuple[Path, Path] = field(default_factory=tiny_model)  # (weights, config) it serves
 
     @property
     def http(self) -> str:
@@ -256,7 +253,10 @@ def server_factory(tmp_path):
 def server(tmp_path_factory, sink):
     """One shared server for the Runware tests: API key ``test-key``, the sink allowed for deliveries."""
     tmp = tmp_path_factory.mktemp("runware-server")
-    srv = make_server(tmp, "--api-key", API_KEY, "--allow-fetch-host", f"127.0.0.1:{sink.port}")
+    # a small output cap (Runware's is 4096) so that the shrink-to-fit rule is exercised on tiny images
+    srv = make_server(
+        tmp, "--api-key", API_KEY, "--allow-fetch-host", f"127.0.0.1:{sink.port}", "--max-output-side", "192"
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -292,9 +292,7 @@ def legacy_python() -> Path:
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
         pytest.fail(f"could not create the legacy Runware venv at {venv}: {e}")
     if r.returncode != 0:
-        pytest.fail(
-            f"pip could not install {LEGACY_SPEC} into {venv} (needs PyPI access):\n{r.stdout}\n{r.stderr}"
-        )
+        pytest.fail(f"pip could not install {LEGACY_SPEC} into {venv} (needs PyPI access):\n{r.stdout}\n{r.stderr}")
     check = subprocess.run(
         [str(py), "-c", "import runware, runware.version as v; print(v.__version__)"],
         capture_output=True,

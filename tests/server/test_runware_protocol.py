@@ -1,7 +1,7 @@
 """The Runware wire rules a client depends on (protocols.md A.6), checked on the raw wire against a real
 server: handshake and session resume, ping, several tasks per frame routed by taskUUID, error shapes and HTTP
 codes, progress items, idempotent taskUUIDs, images at stable URLs, ops endpoints; plus the library parity of
-outputs and the output cap (with the tiny model in-process)."""
+outputs with ``ccsr upscale`` and the output cap."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import asyncio
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,15 +23,15 @@ from PIL import Image
 
 pytestmark = pytest.mark.timeout(240)
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def image_size(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
 
 
 def post(server, tasks, key: str | None = "default", **kw) -> httpx.Response:
-    headers = (
-        {} if key is None else {"Authorization": f"Bearer {server.api_key if key == 'default' else key}"}
-    )
+    headers = {} if key is None else {"Authorization": f"Bearer {server.api_key if key == 'default' else key}"}
     return httpx.post(f"{server.http}/v1", json=tasks, headers=headers, timeout=60, **kw)
 
 
@@ -90,9 +94,7 @@ def test_websocket_handshake_ping_and_multi_task_frames(server, input_png):
             assert got["ping"]["data"] == {"taskType": "ping", "pong": True}
             for t in (a, b):
                 item = got[t]["data"]
-                assert item["taskType"] == "imageUpload" and item["imageURL"].endswith(
-                    f"{item['imageUUID']}.png"
-                )
+                assert item["taskType"] == "imageUpload" and item["imageURL"].endswith(f"{item['imageUUID']}.png")
             assert got[missing]["error"]["code"] == "taskNotFound"
             assert got[other]["error"]["code"] == "unsupportedTaskType"
             assert got[other]["error"]["taskType"] == "modelSearch"
@@ -114,9 +116,7 @@ def test_rest_auth_envelopes_and_ops_endpoints(server, input_png):
         r = post(server, [up], key=key)
         assert r.status_code == 401 and r.json()["errors"][0]["code"] == "invalidApiKey"
     # a leading authentication task instead of the header, at the root path
-    r = httpx.post(
-        f"{server.http}/", json=[{"taskType": "authentication", "apiKey": server.api_key}, up], timeout=30
-    )
+    r = httpx.post(f"{server.http}/", json=[{"taskType": "authentication", "apiKey": server.api_key}, up], timeout=30)
     assert r.status_code == 200, r.text
     item = r.json()["data"][-1]
     assert item["taskUUID"] == up["taskUUID"]
@@ -131,9 +131,7 @@ def test_rest_auth_envelopes_and_ops_endpoints(server, input_png):
     assert post(server, None, content=b"{nope").status_code == 400
     r = post(server, [{"taskType": "imageInference", "taskUUID": str(uuid.uuid4())}])
     assert r.status_code == 400 and r.json()["errors"][0]["code"] == "unsupportedTaskType"
-    r = post(
-        server, [{"taskType": "upscale", "taskUUID": str(uuid.uuid4()), "inputs": {"image": b64}, "ttl": 5}]
-    )
+    r = post(server, [{"taskType": "upscale", "taskUUID": str(uuid.uuid4()), "inputs": {"image": b64}, "ttl": 5}])
     assert r.status_code == 400 and r.json()["errors"][0]["parameter"] == "ttl"
     # ops
     assert httpx.get(f"{server.http}/healthz").json() == {"status": "ok"}
@@ -173,51 +171,38 @@ def test_progress_items_and_idempotent_task_uuids(server, input_png):
     assert r.status_code == 400 and r.json()["errors"][0]["code"] == "conflictTaskUUID"
 
 
-def test_output_is_the_library_output_and_respects_the_cap(server, input_png, tiny_pipeline):
-    """A server output is byte for byte what the library chain (imaging + pipeline) makes with the same
-    settings and seed; an output over the cap shrinks the input first and keeps the exact asked-for size."""
-    from ccsr import imaging
-    from ccsr.jobs import Job, OutputOptions
-    from ccsr.jobs.runner import CCSRRunner
-    from ccsr.params import UpscaleParams
-
-    params = UpscaleParams(scale=2, steps=2, seed=11, size_mode="pad")
+def test_output_equals_ccsr_upscale_and_respects_the_cap(server, input_png, tmp_path):
+    """The issue's bar: a Runware output is byte for byte what ``ccsr upscale`` writes for the same settings
+    and seed. And a request over the output cap (this server: --max-output-side 192) shrinks the input first
+    and returns exactly the capped size."""
     b64 = base64.b64encode(input_png).decode()
-    r = post(
-        server,
-        [
-            {
-                "taskType": "upscale",
-                "taskUUID": str(uuid.uuid4()),
-                "inputs": {"image": b64},
-                "upscaleFactor": 2,
-                "outputFormat": "PNG",
-                "deliveryMethod": "sync",
-                "settings": {"steps": 2, "seed": 11},
-            }
-        ],
-    )
-    served = httpx.get(r.json()["data"][0]["imageURL"], timeout=30).content
-    local = imaging.upscale_bytes(
-        input_png,
-        lambda rgb: tiny_pipeline.run(rgb, params),
-        encode_options=imaging.EncodeOptions(format="PNG"),
-        scale=2,
-    )
-    assert served == local.data
 
-    runner = CCSRRunner(pipeline=tiny_pipeline)
-    job = Job(
-        id="j",
-        status="processing",
-        params=params.replace(scale=4.0),
-        input_image_id="i",
-        output=OutputOptions(format="png"),
-        output_image_id=str(uuid.uuid4()),
-        max_output=(100, 100),
-    )
-    lines: list[str] = []
-    out = runner.run(job, input_png, progress=lambda f: None, should_cancel=lambda: False, log=lines.append)
-    assert (out.width, out.height) == (100, 80) == image_size(out.data)
-    assert (out.input_width, out.input_height) == (48, 40)
-    assert any("shrunk" in line for line in lines)
+    def upscale(image: str, factor: int, **settings) -> dict:
+        task = {
+            "taskType": "upscale",
+            "taskUUID": str(uuid.uuid4()),
+            "inputs": {"image": image},
+            "upscaleFactor": factor,
+            "outputFormat": "PNG",
+            "deliveryMethod": "sync",
+            "settings": settings,
+        }
+        r = post(server, [task])
+        assert r.status_code == 200, r.text
+        return r.json()["data"][0]
+
+    item = upscale(b64, 2, steps=2, seed=11)
+    served = httpx.get(item["imageURL"], timeout=30).content
+    (tmp_path / "in.png").write_bytes(input_png)
+    weights, config = server.model
+    cli = [sys.executable, "-m", "ccsr.cli", "upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "cli.png"),
+           "--weights", str(weights), "--config", str(config), "--device", "cpu", "--dtype", "float32",
+           "--scale", "2", "--steps", "2", "--seed", "11", "--size-mode", "pad", "-q"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert served == (tmp_path / "cli.png").read_bytes()
+
+    # 96x80 x4 would be 384x320: the input is shrunk to 48x40 first, the output is the capped 192x160
+    capped = upscale(item["imageUUID"], 4, steps=2, seed=1)
+    assert image_size(httpx.get(capped["imageURL"], timeout=30).content) == (192, 160)

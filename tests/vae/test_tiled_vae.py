@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tests.conftest import FIXTURES
 
 from ccsr.vae import split_tiles, tiled_decode, tiled_encode
 from ccsr.vae.tiled import _decoder, _encoder, _tiled
-
-from tests.conftest import FIXTURES
 
 COMPONENTS = FIXTURES / "components"
 SCALE = 0.18215

@@ -50,7 +50,11 @@ def resolve_weights(ref: str | os.PathLike[str] | None = None) -> Path:
     repo, filename, rev = m["repo"], m["file"], m["rev"]
     try:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+        )
     except ImportError as exc:  # pragma: no cover - huggingface_hub is a dependency
         raise WeightsError("huggingface_hub is required to download weights") from exc
     from huggingface_hub.utils import logging as hf_logging

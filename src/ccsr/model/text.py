@@ -61,14 +61,21 @@ def _unicode_bytes() -> list[str]:
 
 def tokenizer_files_from_bpe(bpe_gz: Path, out_dir: Path) -> Path:
     """Write vocab.json + merges.txt for ``CLIPTokenizer`` from CLIP's merges list (49152 - 258 merges)."""
-    lines = gzip.open(bpe_gz, "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
     base = _unicode_bytes()
     vocab = base + [c + "</w>" for c in base] + ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    files = {
+        "merges.txt": "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
+        "vocab.json": json.dumps({tok: i for i, tok in enumerate(vocab)}),  # last: its presence marks completion
+    }
+    for name, text in files.items():  # atomic, so concurrent processes never read a half-written file
+        tmp = out_dir / f".{name}.{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, out_dir / name)
     return out_dir
 
 

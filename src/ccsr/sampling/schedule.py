@@ -104,7 +104,7 @@ def truncated_plan(schedule: SpacedSchedule, t_max: float, t_min: float) -> Trun
     rev = schedule.timesteps[::-1]
     first_index = steps - 1
     tao = int(torch.round(torch.tensor(first_index, dtype=torch.int64) * t_max).item())
-    big_l, small_k = int(round(steps * t_max)), int(round(steps * t_min))
+    big_l, small_k = round(steps * t_max), round(steps * t_min)
     window = rev[-big_l:]
     used = len(window)
     loop = window[:-small_k] if small_k else window[:0]

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install ccsr with everything the server and the tests need. Idempotent.
+# torch is installed FIRST and pinned, so no dependency can pull a multi-GB CUDA build onto a CPU machine;
+# on a GPU machine set CCSR_TORCH (e.g. CCSR_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP=.venv/.ccsr-installed
+if [[ -f $STAMP && $STAMP -nt pyproject.toml ]]; then exit 0; fi
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# shellcheck disable=SC2086
+python -m pip install -q ${CCSR_TORCH:-torch==2.13.0}
+python -m pip install -q -e ".[server,scale,dev]"
+# The CLIP BPE vocabulary for prompts, offline: open-clip-torch ships it (its own deps are not needed).
+python -m pip install -q --no-deps "open-clip-torch==3.3.0"
+touch "$STAMP"

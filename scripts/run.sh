@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Install if needed, then run ccsr (default: the server with the web playground on http://127.0.0.1:8000).
+# The first run downloads the released CCSR-v1 weights once (progress bar, cached by huggingface_hub).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/install.sh
+. .venv/bin/activate
+if [[ $# -eq 0 ]]; then set -- serve; fi
+exec ccsr "$@"

@@ -1,0 +1,232 @@
+"""What one GPU worker process does with a job id: claim it, hold a lease, run it, store the output, finish.
+
+The model is loaded and warmed up once, before the worker says it is ready (a sorted-set entry in Redis that
+the API replicas' ``/readyz`` reads). While a job runs, its lease is renewed; a worker that dies stops
+renewing, the lease runs out, and :class:`~ccsr.jobs.distributed.engine.Maintenance` (or the redelivered
+message) gives the job to another worker. Finishing requires still holding the job, so a job is finished
+once, by one worker.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from ccsr.params import UpscaleParams
+
+from ..engine import JobCancelled, JobFailed, Runner
+from ..images import ImageStore
+from ..types import CANCELLED, ERROR, PROCESSING, SUCCESS, ErrorCode, Job, JobError, JobResult, OutputOptions, now
+from .engine import Maintenance
+from .redis_store import RedisJobStore
+
+log = logging.getLogger("ccsr.worker")
+
+
+def warm_up(runner: Runner) -> float:
+    """One tiny upscale, so the first real job does not pay for lazy initialisation; returns seconds."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 96, 64)).save(buf, "PNG")
+    job = Job(
+        id="warm-up",
+        status=PROCESSING,
+        params=UpscaleParams(scale=2, steps=1, seed=0, size_mode="pad"),
+        input_image_id="",
+        output=OutputOptions(format="png"),
+        output_image_id="",
+    )
+    t0 = time.monotonic()
+    runner.run(job, buf.getvalue(), progress=lambda _f: None, should_cancel=lambda: False, log=lambda _m: None)
+    return time.monotonic() - t0
+
+
+class WorkerRuntime:
+    """One model, one job at a time. ``start()`` loads and warms up; ``process(job_id)`` runs one job."""
+
+    def __init__(
+        self,
+        store: RedisJobStore,
+        images: ImageStore,
+        runner: Runner,
+        *,
+        name: str,
+        lease: float = 30.0,
+        heartbeat: float = 5.0,
+        warmup: bool = True,
+        maintenance: Maintenance | None = None,
+    ):
+        self.store = store
+        self.images = images
+        self.runner = runner
+        self.name = name
+        self.lease = lease
+        self.heartbeat = heartbeat
+        self.warmup = warmup
+        self.maintenance = maintenance
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        t0 = time.monotonic()
+        self.runner.load()
+        log.info("worker %s: model loaded in %.1fs", self.name, time.monotonic() - t0)
+        if self.warmup:
+            log.info("worker %s: warmed up in %.1fs", self.name, warm_up(self.runner))
+        self._announce()
+        self._thread = threading.Thread(target=self._beat, name="ccsr-worker-heartbeat", daemon=True)
+        self._thread.start()
+        log.info("worker %s ready", self.name)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.store.redis.zrem(self.store.key("workers"), self.name)
+
+    def _announce(self) -> None:
+        r = self.store.redis
+        key = self.store.key("workers")
+        r.zadd(key, {self.name: now() + 3 * self.heartbeat})
+        r.zremrangebyscore(key, 0, now())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            try:
+                self._announce()
+                if self.maintenance is not None:
+                    self.maintenance.tick()
+            except Exception as e:  # Redis blips must not kill the heartbeat
+                log.warning("worker heartbeat: %s", e)
+
+    # ------------------------------------------------------------------ one job
+    def process(self, job_id: str) -> str:
+        """Claim and run one job; returns the claim outcome (``claimed`` when this worker ran it)."""
+        token = f"{self.name}:{uuid.uuid4().hex[:12]}"
+        outcome = self.store.claim(job_id, token, self.lease)
+        if outcome != "claimed":
+            log.info("job %s not run here: %s", job_id, outcome)
+            return outcome
+        job = self.store.get(job_id)
+        lost = threading.Event()
+        done = threading.Event()
+
+        def keep_lease() -> None:
+            while not done.wait(self.lease / 3):
+                try:
+                    if not self.store.renew(job_id, token, self.lease):
+                        lost.set()
+                        return
+                except Exception as e:
+                    log.warning("lease renewal of %s: %s", job_id, e)
+
+        keeper = threading.Thread(target=keep_lease, name="ccsr-lease", daemon=True)
+        keeper.start()
+        try:
+            if job is not None:
+                self._run(job, token, lost)
+        finally:
+            done.set()
+            keeper.join()
+        return outcome
+
+    def _run(self, job: Job, token: str, lost: threading.Event) -> None:
+        store = self.store
+        last = [-1, 0.0]
+
+        def progress(frac: float) -> None:
+            p = min(99, int(max(0.0, min(1.0, frac)) * 100))  # 100 means stored
+            if p != last[0]:
+                last[0] = p
+                store.set_progress(job.id, p)
+                if time.monotonic() - last[1] > 1.0:
+                    last[1] = time.monotonic()
+                    store.append_log(job.id, f"progress {p}%")
+
+        checked = [0.0, False]
+
+        def should_cancel() -> bool:
+            if lost.is_set():
+                return True
+            if time.monotonic() - checked[0] > 0.2:
+                checked[0] = time.monotonic()
+                flag = store.redis.hget(store.key("job", job.id), "cancel_requested")
+                checked[1] = flag in (None, b"1")
+            return checked[1]
+
+        def finish(status: str, **kw) -> None:
+            if store.finish_claimed(job.id, token, status, **kw) is None:
+                log.warning("job %s was taken from this worker; its result is dropped", job.id)
+
+        t0 = time.monotonic()
+        try:
+            data = self.images.read(job.input_image_id)
+            if data is None:
+                raise JobFailed(
+                    ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted"
+                )
+            out = self.runner.run(
+                job, data, progress=progress, should_cancel=should_cancel, log=lambda m: store.append_log(job.id, m)
+            )
+            if should_cancel():
+                raise JobCancelled()
+            secs = time.monotonic() - t0
+            rec = self.images.put(
+                out.data,
+                content_type=out.content_type,
+                extension=out.extension,
+                width=out.width,
+                height=out.height,
+                ttl=job.output.ttl,
+                image_id=job.output_image_id,
+                kind="output",
+            )
+            result = JobResult(
+                image_id=rec.id,
+                width=out.width,
+                height=out.height,
+                content_type=out.content_type,
+                extension=rec.extension,
+                size=rec.size,
+                seed=out.seed,
+                inference_seconds=round(secs, 4),
+                cost=round(secs * job.cost_per_second, 6),
+                input_width=out.input_width,
+                input_height=out.input_height,
+            )
+            store.append_log(job.id, f"done in {secs:.2f}s on {self.name}: {out.width}x{out.height}")
+            finish(SUCCESS, result=result)
+        except JobCancelled:
+            if lost.is_set():
+                log.warning("job %s: lease lost, stopped", job.id)
+                return
+            store.append_log(job.id, "cancelled", "WARNING")
+            finish(CANCELLED, error=JobError(ErrorCode.CANCELLED, "cancelled while running"))
+        except SoftTimeLimitExceeded:
+            store.append_log(job.id, "time limit exceeded", "ERROR")
+            finish(ERROR, error=JobError(ErrorCode.TIMEOUT, "the job ran past the worker's time limit"))
+        except JobFailed as e:
+            store.append_log(job.id, f"failed: {e.message}", "ERROR")
+            finish(ERROR, error=JobError(e.code, e.message))
+        except Exception as e:
+            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+            store.append_log(job.id, f"failed: {type(e).__name__}: {e}", "ERROR")
+            code = ErrorCode.INVALID_PARAMS if isinstance(e, ValueError) else ErrorCode.INFERENCE_FAILED
+            finish(ERROR, error=JobError(code, f"{type(e).__name__}: {e}"))
+
+
+def runtime_name(base: str | None = None) -> str:
+    import os
+    import socket
+
+    return base or f"{socket.gethostname()}-{os.getpid()}"
+
+
+__all__ = ["Callable", "WorkerRuntime", "runtime_name", "warm_up"]
