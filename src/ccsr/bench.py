@@ -255,6 +255,7 @@ def run_bench(
     for r in range(repeat):
         timers = {name: _Timer(getattr(model, name), sync) for name in ("unet", "controlnet", "cond_encoder")}
         stamps: list[float] = []
+        phase_peak: dict[str, float] = {}
         gc_collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -263,8 +264,10 @@ def run_bench(
         base_rss = rss_mb()
         reset_ok = reset_peak_rss()
 
-        def progress(done: int, total: int, stamps: list[float] = stamps) -> None:
+        def progress(done: int, total: int, stamps: list[float] = stamps, phase_peak: dict = phase_peak) -> None:
             stamps.append(time.perf_counter())
+            if done == total:  # the high-water mark is monotonic: what sampling (+ hint encodes) reached
+                phase_peak["sampling"] = peak_rss_mb()
             if log and (done == total or done % max(1, total // 10) == 0):
                 log(f"  eval {done}/{total}")
 
@@ -317,6 +320,8 @@ def run_bench(
         run["rss_start_mb"] = base_rss
         run["peak_rss_mb"] = peak
         run["peak_rss_is_per_run"] = reset_ok
+        # Which phase set the peak: sampling (networks + hint encodes) or what follows (decode, colour fix, finish).
+        run["peak_rss_sampling_mb"] = phase_peak.get("sampling")
         runs.append(run)
         if log:
             log(f"run {r + 1}/{repeat}: {wall:.2f} s, {out.evaluations} evaluations")
@@ -345,6 +350,8 @@ def run_bench(
     summary["tiles"] = n_tiles
     summary["hint_encodes"] = runs[0]["hint_encodes"]
     summary["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    sampling = [r["peak_rss_sampling_mb"] for r in runs if r["peak_rss_sampling_mb"] is not None]
+    summary["peak_rss_sampling_mb"] = max(sampling) if sampling else None
     if cuda:
         summary["peak_allocated_mb"] = max(r["peak_allocated_mb"] for r in runs)
     summary["finite"] = all(r["finite"] for r in runs)
@@ -500,6 +507,9 @@ def _summary_text(r: dict[str, Any]) -> str:
         f"peak RSS:              {m['peak_rss_mb']:.0f} MB (after build {m['weights_rss_mb']:.0f} MB, "
         f"above it {m['peak_above_weights_mb']:.0f} MB; build peak {m['build_peak_rss_mb']:.0f} MB)"
     )
+    if s.get("peak_rss_sampling_mb") is not None:
+        lines.append(f"  of which sampling:   {s['peak_rss_sampling_mb']:.0f} MB by the end of the last evaluation; "
+                     "the rest (if higher) is decode / colour fix / finish")
     return "\n".join(lines)
 
 

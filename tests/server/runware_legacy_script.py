@@ -50,9 +50,7 @@ async def main(url: str, key: str, png_path: str, sink: str) -> dict:
         out["inputs"] = {"imageUUID": r2[0].imageUUID, "imageURL": r2[0].imageURL}
         # 3. async: an ACK object, then the user polls getResponse
         ack = await rw.imageUpscale(
-            IImageUpscale(
-                inputImage=img.imageUUID, upscaleFactor=2, outputFormat="PNG", deliveryMethod="async"
-            )
+            IImageUpscale(inputImage=img.imageUUID, upscaleFactor=2, outputFormat="PNG", deliveryMethod="async")
         )
         t1 = time.monotonic()
         res = await rw.getResponse(taskUUID=ack.taskUUID)
@@ -75,9 +73,7 @@ async def main(url: str, key: str, png_path: str, sink: str) -> dict:
         out["webhook"] = {"ack_type": type(wh).__name__, "taskUUID": getattr(wh, "taskUUID", None)}
         # 5. an unreadable input: RunwareAPIError with the code and the taskUUID
         try:
-            await rw.imageUpscale(
-                IImageUpscale(inputImage="data:image/png;base64,bm90IGFuIGltYWdl", upscaleFactor=2)
-            )
+            await rw.imageUpscale(IImageUpscale(inputImage="data:image/png;base64,bm90IGFuIGltYWdl", upscaleFactor=2))
             out["error"] = {"raised": False}
         except Exception as e:
             data = getattr(e, "error_data", None) or {}

@@ -17,9 +17,7 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def post(srv, tasks) -> httpx.Response:
-    return httpx.post(
-        f"{srv.http}/v1", json=tasks, headers={"Authorization": f"Bearer {srv.api_key}"}, timeout=60
-    )
+    return httpx.post(f"{srv.http}/v1", json=tasks, headers={"Authorization": f"Bearer {srv.api_key}"}, timeout=60)
 
 
 def status_of(srv, tid: str) -> dict:
@@ -87,8 +85,6 @@ def test_sigkill_with_running_and_queued_jobs(server_factory, input_png):
 
     db = sqlite3.connect(again.data_dir / "jobs.db")
     attempts = dict(db.execute("SELECT json_extract(meta, '$.taskUUID'), attempts FROM jobs").fetchall())
-    logs = db.execute(
-        "SELECT logs FROM jobs WHERE json_extract(meta, '$.taskUUID') = ?", (tids[0],)
-    ).fetchone()
+    logs = db.execute("SELECT logs FROM jobs WHERE json_extract(meta, '$.taskUUID') = ?", (tids[0],)).fetchone()
     db.close()
     assert attempts[tids[0]] == 2 and "restart" in logs[0]

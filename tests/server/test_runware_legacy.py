@@ -32,9 +32,7 @@ def test_legacy_sdk_upload_upscale_async_webhook_error(server, sink, input_png, 
         timeout=240,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert lines, (
-        f"no result from the legacy client (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    )
+    assert lines, f"no result from the legacy client (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
     out = json.loads(lines[-1])
     assert "fatal" not in out, out.get("traceback", out)
 

@@ -154,9 +154,7 @@ def test_bad_request_raises_validation_error(server, input_png, transport):
             tid = str(uuid.uuid4())
             with pytest.raises(RunwareError) as e2:
                 await rw.run(
-                    upscale_task(
-                        file_to_data_uri(input_png), taskUUID=tid, upscaleFactor=5, deliveryMethod="sync"
-                    )
+                    upscale_task(file_to_data_uri(input_png), taskUUID=tid, upscaleFactor=5, deliveryMethod="sync")
                 )
             assert e2.value.code == "validation" and e2.value.task_uuid == tid
             if transport == "rest":
@@ -241,9 +239,7 @@ def test_reconnect_in_the_middle_of_an_async_job(server, input_png):
         await rw.connect()
         try:
             run = asyncio.create_task(
-                rw.run(
-                    upscale_task(file_to_data_uri(input_png), taskUUID=tid, settings={"steps": 8, "seed": 1})
-                )
+                rw.run(upscale_task(file_to_data_uri(input_png), taskUUID=tid, settings={"steps": 8, "seed": 1}))
             )
             # wait (over REST, another connection) until the job exists and is not finished, then cut
             async with httpx.AsyncClient(timeout=30) as h:

@@ -180,4 +180,3 @@ async def cancel(request: Request, request_id: str) -> JSONResponse:
         return JSONResponse({"detail": "Request not found"}, 404)
     job = await run_in_threadpool(engine.cancel, job.id)
     return JSONResponse({"status": job.status, "cancel_requested": job.cancel_requested})
-

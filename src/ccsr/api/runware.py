@@ -231,9 +231,7 @@ async def resolve_image(ref: Any, ctx: Ctx, parameter: str) -> tuple[str, bool]:
         except imaging.FetchError as e:
             code = getattr(e, "code", "")
             raise RWError(
-                "invalidInputImageURL"
-                if code in ("blocked_address", "bad_url", "bad_scheme")
-                else "downloadFailed",
+                "invalidInputImageURL" if code in ("blocked_address", "bad_url", "bad_scheme") else "downloadFailed",
                 f"could not fetch {parameter}: {e}",
                 parameter=parameter,
                 status=400,
@@ -283,9 +281,7 @@ async def handle_task(task: Any, ctx: Ctx, on_ack=None) -> Reply:
     the job is queued (the legacy SDK takes the first frame as the webhook ACK), and the result follows.
     """
     if not isinstance(task, dict):
-        return Reply(
-            errors=[(RWError("invalidRequestBody", "each task must be a JSON object").entry(None, None), 400)]
-        )
+        return Reply(errors=[(RWError("invalidRequestBody", "each task must be a JSON object").entry(None, None), 400)])
     tt, tu = _task_ident(task)
     try:
         if tt is None:
@@ -338,9 +334,7 @@ async def _image_upload(task: dict, ctx: Ctx, tt: str, tu: str) -> Reply:
 async def _media_storage(task: dict, ctx: Ctx, tt: str, tu: str) -> Reply:
     op = task.get("operation", "upload")
     if op != "upload":
-        raise RWError(
-            "unsupportedOperation", f"mediaStorage operation {op!r} is not supported", parameter="operation"
-        )
+        raise RWError("unsupportedOperation", f"mediaStorage operation {op!r} is not supported", parameter="operation")
     ref = task.get("media")
     if ref is None:
         raise RWError("missingMedia", "media is required", parameter="media")
@@ -370,11 +364,7 @@ def _num(v: Any, name: str, code: str, *, integer: bool = False, lo=None, hi=Non
     if ok and hi is not None and v > hi:
         ok = False
     if not ok:
-        rng = (
-            f" in [{lo}, {hi}]"
-            if lo is not None and hi is not None
-            else (f" >= {lo}" if lo is not None else "")
-        )
+        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else (f" >= {lo}" if lo is not None else "")
         raise RWError(code, f"{name} must be {'an integer' if integer else 'a number'}{rng}", parameter=name)
     return v
 
@@ -409,9 +399,7 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
     elif task.get("inputImage") is not None:
         ref, param = task.get("inputImage"), "inputImage"
     else:
-        raise RWError(
-            "missingInputImage", "inputs.image (or inputImage) is required", parameter="inputs.image"
-        )
+        raise RWError("missingInputImage", "inputs.image (or inputImage) is required", parameter="inputs.image")
 
     factor = task.get("upscaleFactor", 2)
     factor = _num(factor, "upscaleFactor", "invalidUpscaleFactor", lo=2, hi=4)
@@ -420,20 +408,14 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
     if isinstance(ot, list) and len(ot) == 1:
         ot = ot[0]
     if not isinstance(ot, str) or ot.lower() not in OUTPUT_TYPES:
-        raise RWError(
-            "invalidOutputType", "outputType must be URL, base64Data or dataURI", parameter="outputType"
-        )
+        raise RWError("invalidOutputType", "outputType must be URL, base64Data or dataURI", parameter="outputType")
     ot = OUTPUT_TYPES[ot.lower()]
 
     of = task.get("outputFormat", "JPG")
     if not isinstance(of, str) or of.upper() not in OUTPUT_FORMATS:
-        raise RWError(
-            "invalidOutputFormat", "outputFormat must be JPG, PNG or WEBP", parameter="outputFormat"
-        )
+        raise RWError("invalidOutputFormat", "outputFormat must be JPG, PNG or WEBP", parameter="outputFormat")
     fmt = OUTPUT_FORMATS[of.upper()]
-    quality = _num(
-        task.get("outputQuality", 95), "outputQuality", "invalidOutputQuality", integer=True, lo=20, hi=99
-    )
+    quality = _num(task.get("outputQuality", 95), "outputQuality", "invalidOutputQuality", integer=True, lo=20, hi=99)
     ttl = task.get("ttl")
     if ttl is not None:
         ttl = _num(ttl, "ttl", "invalidTtl", integer=True, lo=int(settings.min_ttl))
@@ -442,9 +424,7 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
         raise RWError("invalidIncludeCost", "includeCost must be a boolean", parameter="includeCost")
     delivery = task.get("deliveryMethod", "sync")
     if delivery not in ("sync", "async"):
-        raise RWError(
-            "invalidDeliveryMethod", "deliveryMethod must be sync or async", parameter="deliveryMethod"
-        )
+        raise RWError("invalidDeliveryMethod", "deliveryMethod must be sync or async", parameter="deliveryMethod")
     urls = {}
     for name, code in (("webhookURL", "invalidWebhookURL"), ("uploadEndpoint", "invalidUploadEndpoint")):
         v = task.get(name)
@@ -465,9 +445,7 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
         pname = f"settings.{key}"
         if key in ("positivePrompt", "negativePrompt"):
             if not isinstance(v, str):
-                raise RWError(
-                    f"invalid{key[0].upper()}{key[1:]}", f"{pname} must be a string", parameter=pname
-                )
+                raise RWError(f"invalid{key[0].upper()}{key[1:]}", f"{pname} must be a string", parameter=pname)
             if len(v) > 3000:
                 raise RWError(
                     f"invalid{key[0].upper()}{key[1:]}",
@@ -509,9 +487,7 @@ def _check_outbound(url: str, name: str, ctx: Ctx) -> None:
     try:
         imaging.check_url(url, allow_hosts=frozenset(ctx.settings.fetch_allow_hosts))
     except imaging.FetchError as e:
-        raise RWError(
-            f"invalid{name[0].upper()}{name[1:]}", f"{name} is not allowed: {e}", parameter=name
-        ) from e
+        raise RWError(f"invalid{name[0].upper()}{name[1:]}", f"{name} is not allowed: {e}", parameter=name) from e
 
 
 async def _upscale(task: dict, ctx: Ctx, tt: str, tu: str, on_ack=None) -> Reply:
@@ -576,8 +552,7 @@ async def _deliver(job: Job, ctx: Ctx, delivery: str, *, fresh: bool, on_ack=Non
     if done is None or not done.done:
         err = RWError(
             "processingTimeout",
-            f"the task did not finish within {ctx.settings.sync_timeout:.0f}s;"
-            " poll getResponse with this taskUUID",
+            f"the task did not finish within {ctx.settings.sync_timeout:.0f}s; poll getResponse with this taskUUID",
             status=504,
         )
         return Reply(errors=[(err.entry(meta["taskType"], meta["taskUUID"]), 504)])
@@ -721,9 +696,7 @@ async def rest(request: Request) -> JSONResponse:
     try:
         body = json.loads(await request.body() or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return JSONResponse(
-            {"errors": [{"code": "invalidRequestBody", "message": "the body is not JSON"}]}, 400
-        )
+        return JSONResponse({"errors": [{"code": "invalidRequestBody", "message": "the body is not JSON"}]}, 400)
     if isinstance(body, dict):
         body = [body]
     if not isinstance(body, list) or not body:
@@ -844,9 +817,7 @@ async def websocket(ws: WebSocket) -> None:
             if isinstance(tasks, dict):
                 tasks = [tasks]
             if not isinstance(tasks, list):
-                await conn.send(
-                    {"errors": [{"code": "invalidRequestBody", "message": "frame must be an array"}]}
-                )
+                await conn.send({"errors": [{"code": "invalidRequestBody", "message": "frame must be an array"}]})
                 continue
             for task in tasks:
                 if not isinstance(task, dict):

@@ -23,9 +23,7 @@ def _env(name: str, default=None):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
-    g.add_argument(
-        "--host", default=_env("CCSR_HOST", "127.0.0.1"), help="bind address [CCSR_HOST, 127.0.0.1]"
-    )
+    g.add_argument("--host", default=_env("CCSR_HOST", "127.0.0.1"), help="bind address [CCSR_HOST, 127.0.0.1]")
     g.add_argument("--port", type=int, default=int(_env("CCSR_PORT", 8000)), help="port [CCSR_PORT, 8000]")
     g.add_argument(
         "--data-dir",
@@ -92,8 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-output-side",
         type=int,
         default=int(_env("CCSR_MAX_OUTPUT_SIDE", 4096)),
-        help="Runware output cap (both sides); larger requests shrink the input first"
-        " [CCSR_MAX_OUTPUT_SIDE, 4096]",
+        help="Runware output cap (both sides); larger requests shrink the input first [CCSR_MAX_OUTPUT_SIDE, 4096]",
     )
     g.add_argument(
         "--size-mode",
@@ -110,12 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint file or hub reference [CCSR_WEIGHTS, the default CCSR-v1 model]",
     )
     m.add_argument("--config", default=_env("CCSR_CONFIG"), help="model YAML [CCSR_CONFIG, bundled]")
-    m.add_argument(
-        "--device", default=_env("CCSR_DEVICE", "auto"), help="cpu, cuda, cuda:1, … [CCSR_DEVICE, auto]"
-    )
-    m.add_argument(
-        "--dtype", default=_env("CCSR_DTYPE", "auto"), help="float32, float16, bfloat16 [CCSR_DTYPE, auto]"
-    )
+    m.add_argument("--device", default=_env("CCSR_DEVICE", "auto"), help="cpu, cuda, cuda:1, … [CCSR_DEVICE, auto]")
+    m.add_argument("--dtype", default=_env("CCSR_DTYPE", "auto"), help="float32, float16, bfloat16 [CCSR_DTYPE, auto]")
     m.add_argument("--quantize", default=_env("CCSR_QUANTIZE"), help=argparse.SUPPRESS)
     from .tls import add_tls_arguments
 
@@ -125,9 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     keys = list(args.api_key or [])
     if not keys:
-        keys = [
-            k.strip() for k in (_env("CCSR_API_KEYS") or _env("CCSR_API_KEY") or "").split(",") if k.strip()
-        ]
+        keys = [k.strip() for k in (_env("CCSR_API_KEYS") or _env("CCSR_API_KEY") or "").split(",") if k.strip()]
     allow = list(args.allow_fetch_host or [])
     if not allow:
         allow = [h.strip() for h in (_env("CCSR_ALLOW_FETCH_HOSTS") or "").split(",") if h.strip()]
@@ -160,13 +151,10 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = settings_from_args(args)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.api_keys and not is_loopback(settings.host):
         print(
-            f"ccsr serve: listening on {settings.host} without --api-key;"
-            " only loopback clients will be served",
+            f"ccsr serve: listening on {settings.host} without --api-key; only loopback clients will be served",
             file=sys.stderr,
         )
     from .app import create_app
@@ -199,9 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ccsr serve", description="Serve CCSR over the Runware and fal APIs"
-    )
+    parser = argparse.ArgumentParser(prog="ccsr serve", description="Serve CCSR over the Runware and fal APIs")
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -49,9 +49,7 @@ class Delivery:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ public
-    def post_json(
-        self, url: str, body: object, *, on_done: Callable[[bool, str], None] | None = None
-    ) -> Future:
+    def post_json(self, url: str, body: object, *, on_done: Callable[[bool, str], None] | None = None) -> Future:
         data = json.dumps(body).encode()
         return self._pool.submit(self._send, "POST", url, data, {"Content-Type": "application/json"}, on_done)
 

@@ -369,9 +369,7 @@ class InProcessExecutor(Executor):
         try:
             data = engine.images.read(job.input_image_id)
             if data is None:
-                raise JobFailed(
-                    ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted"
-                )
+                raise JobFailed(ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted")
             out = runner.run(job, data, progress=progress, should_cancel=should_cancel, log=logline)
             if should_cancel():
                 raise JobCancelled()

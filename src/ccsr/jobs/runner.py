@@ -65,9 +65,7 @@ class CCSRRunner:
 
         params = job.params
         cap = max(job.max_output) if job.max_output else 1 << 30
-        limits = imaging.Limits(
-            max_input_bytes=max(self.max_input_bytes, len(input_bytes)), max_output_side=cap
-        )
+        limits = imaging.Limits(max_input_bytes=max(self.max_input_bytes, len(input_bytes)), max_output_side=cap)
         if job.max_output and job.max_output[0] != job.max_output[1]:
             cap = min(job.max_output)
         try:
@@ -89,6 +87,7 @@ class CCSRRunner:
             f"upscaling {decoded.size[0]}x{decoded.size[1]} -> {expected[0]}x{expected[1]}"
             f" ({params.steps} steps, seed {params.seed})"
         )
+        log(f"sampling: {self.pipeline.evaluations(decoded.size, params)} network evaluations (tiles x steps)")
         seeds: list[int] = []
 
         def model(rgb):
@@ -99,6 +98,7 @@ class CCSRRunner:
                 should_cancel=should_cancel,
             )
             seeds.append(out.seed)
+            log("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items()))
             return out
 
         try:

@@ -233,15 +233,12 @@ class SQLiteJobStore(JobStore):
 
     def claim_next(self) -> Job | None:
         with self._lock:
-            row = self._db.execute(
-                "SELECT id FROM jobs WHERE status=? ORDER BY seq LIMIT 1", (QUEUED,)
-            ).fetchone()
+            row = self._db.execute("SELECT id FROM jobs WHERE status=? ORDER BY seq LIMIT 1", (QUEUED,)).fetchone()
             if row is None:
                 return None
             t = now()
             self._db.execute(
-                "UPDATE jobs SET status=?, attempts=attempts+1, started_at=?, updated_at=?, progress=0"
-                " WHERE id=?",
+                "UPDATE jobs SET status=?, attempts=attempts+1, started_at=?, updated_at=?, progress=0 WHERE id=?",
                 (PROCESSING, t, t, row["id"]),
             )
             return self._one("SELECT * FROM jobs WHERE id=?", (row["id"],))
@@ -318,17 +315,13 @@ class SQLiteJobStore(JobStore):
     def list_status(self, *statuses: str) -> list[Job]:
         with self._lock:
             q = ",".join("?" * len(statuses))
-            rows = self._db.execute(
-                f"SELECT * FROM jobs WHERE status IN ({q}) ORDER BY seq", statuses
-            ).fetchall()
+            rows = self._db.execute(f"SELECT * FROM jobs WHERE status IN ({q}) ORDER BY seq", statuses).fetchall()
             return [self._row_to_job(r) for r in rows]
 
     def active_count(self) -> int:
         with self._lock:
             q = ",".join("?" * len(ACTIVE))
-            return self._db.execute(
-                f"SELECT COUNT(*) FROM jobs WHERE status IN ({q})", tuple(ACTIVE)
-            ).fetchone()[0]
+            return self._db.execute(f"SELECT COUNT(*) FROM jobs WHERE status IN ({q})", tuple(ACTIVE)).fetchone()[0]
 
     def queue_position(self, job_id: str) -> int | None:
         with self._lock:

@@ -71,9 +71,7 @@ class JobConflict(JobsError):
     """The idempotency key is already used by a job with a different payload."""
 
     def __init__(self, key: str, job_id: str):
-        super().__init__(
-            f"idempotency key {key!r} is already used by another request with a different payload"
-        )
+        super().__init__(f"idempotency key {key!r} is already used by another request with a different payload")
         self.key = key
         self.job_id = job_id
 

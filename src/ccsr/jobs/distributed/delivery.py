@@ -72,6 +72,4 @@ class OnceDelivery(Delivery):
         return self._once("POST", url, on_done, lambda cb: Delivery.post_json(self, url, body, on_done=cb))
 
     def put_bytes(self, url: str, data: bytes, content_type: str, *, on_done=None) -> Future:
-        return self._once(
-            "PUT", url, on_done, lambda cb: Delivery.put_bytes(self, url, data, content_type, on_done=cb)
-        )
+        return self._once("PUT", url, on_done, lambda cb: Delivery.put_bytes(self, url, data, content_type, on_done=cb))

@@ -149,16 +149,14 @@ class S3ImageStore(ImageStore):
             self.s3.delete_object(Bucket=self.bucket, Key=self._key(image_id))
 
     def sweep(self) -> int:
-        due = f"{self.prefix}_expiry/{int(now()):012d}"
+        cutoff = int(now())
         done = 0
-        pages = self.s3.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=f"{self.prefix}_expiry/"
-        )
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{self.prefix}_expiry/")
         for page in pages:
             for obj in page.get("Contents", []):
-                if obj["Key"] > due:  # sorted by expiry: nothing later is due yet
+                bucket, image_id = obj["Key"].rsplit("/", 2)[-2:]
+                if int(bucket) > cutoff:  # sorted by expiry: nothing later is due yet
                     return done
-                image_id = obj["Key"].rsplit("/", 1)[-1]
                 rec = self.get(image_id)
                 if rec is None or rec.expired(now() + 1):  # a later put may have extended its life
                     self.delete(image_id)

@@ -311,9 +311,7 @@ class RedisJobStore(JobStore):
         job_id = str(uuid.uuid4())
         fields = self._fields(job_id, spec, t)
         limit = -1 if max_active is None else max_active
-        what, value = self._run(
-            "create", job_id, spec.idempotency_key or "", limit, repr(t), json.dumps(fields)
-        )
+        what, value = self._run("create", job_id, spec.idempotency_key or "", limit, repr(t), json.dumps(fields))
         if what == "full":
             raise QueueFull(int(value), limit)
         job = self.get(value)
@@ -339,9 +337,7 @@ class RedisJobStore(JobStore):
     def claim(self, job_id: str, token: str, lease: float) -> str:
         """``claimed`` | ``busy`` (another live worker has it) | ``done`` | ``failed`` (orphaned too often)
         | ``missing``."""
-        return self._run(
-            "claim", job_id, token, int(lease * 1000), repr(now()), self.max_attempts, self.job_ttl
-        )
+        return self._run("claim", job_id, token, int(lease * 1000), repr(now()), self.max_attempts, self.job_ttl)
 
     def claim_next(self) -> Job | None:
         for raw in self.redis.zrange(self.key("queue"), 0, 9):

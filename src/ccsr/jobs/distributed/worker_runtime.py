@@ -15,7 +15,6 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -169,9 +168,7 @@ class WorkerRuntime:
         try:
             data = self.images.read(job.input_image_id)
             if data is None:
-                raise JobFailed(
-                    ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted"
-                )
+                raise JobFailed(ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted")
             out = self.runner.run(
                 job, data, progress=progress, should_cancel=should_cancel, log=lambda m: store.append_log(job.id, m)
             )
@@ -222,11 +219,4 @@ class WorkerRuntime:
             finish(ERROR, error=JobError(code, f"{type(e).__name__}: {e}"))
 
 
-def runtime_name(base: str | None = None) -> str:
-    import os
-    import socket
-
-    return base or f"{socket.gethostname()}-{os.getpid()}"
-
-
-__all__ = ["Callable", "WorkerRuntime", "runtime_name", "warm_up"]
+__all__ = ["WorkerRuntime", "warm_up"]

@@ -1,0 +1,43 @@
+"""An API replica on the distributed backend, for the scale tests (until ``ccsr serve --broker`` exists).
+
+``python tests/scale/replica.py --broker redis://... --store s3://... <ccsr serve options>``: the same
+options as ``ccsr serve``; the app is built by ``create_app(settings, engine=build_distributed_engine(...))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import uvicorn
+
+from ccsr.api.app import create_app
+from ccsr.api.serve import add_arguments, settings_from_args
+from ccsr.jobs.distributed import build_distributed_engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="replica")
+    add_arguments(parser)
+    parser.add_argument("--broker", required=True)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--claim-idle", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = build_distributed_engine(
+        args.broker,
+        args.store,
+        max_queue=settings.max_queue,
+        image_ttl=settings.image_ttl,
+        fetch_allow_hosts=settings.fetch_allow_hosts,
+        claim_idle=args.claim_idle,
+    )
+    app = create_app(settings, engine=engine)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

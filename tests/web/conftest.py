@@ -1,0 +1,126 @@
+"""Fixtures for the playground's browser tests: a real ``ccsr serve`` subprocess with the tiny model on
+127.0.0.1, and Debian's headless Chromium driven by Selenium through ``/usr/bin/chromedriver``.
+
+A missing browser is a failure, not a skip: ``apt-get install -y chromium chromium-driver``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from tests.conftest import FIXTURES, TINY_CONFIG, TINY_WEIGHTS
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "tests" / "_artifacts"
+CHROMIUM = Path(os.environ.get("CCSR_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("CCSR_CHROMEDRIVER", "/usr/bin/chromedriver"))
+WRAPPER = Path(__file__).with_name("serve_with_playground.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    base: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``ccsr serve`` (through a wrapper that registers the playground router) with the tiny model."""
+    tmp = tmp_path_factory.mktemp("playground-server")
+    port = _free_port()
+    log_path = tmp / "server.log"
+    args = [
+        "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp / "data"),
+        "--weights", str(TINY_WEIGHTS), "--config", str(TINY_CONFIG), "--device", "cpu",
+        "--size-mode", "pad", "--log-level", "warning",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", CCSR_FIXTURES=str(FIXTURES))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, str(WRAPPER), *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
+    srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"ccsr serve exited with {proc.returncode}:\n{srv.log()}")
+            try:
+                if httpx.get(f"{srv.base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"ccsr serve not ready after 120 s:\n{srv.log()}")
+            time.sleep(0.25)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def downloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory, downloads: Path):
+    """Headless Chromium; fails (never skips) with the install command when it is missing."""
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        pytest.fail(
+            f"browser tests need Debian's Chromium and its driver, missing: {', '.join(missing)}. "
+            "Install them with: apt-get update && apt-get install -y chromium chromium-driver"
+        )
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("browser tests need Selenium: pip install selenium")
+    os.environ["SE_AVOID_STATS"] = "true"  # Selenium Manager never runs: both paths are given
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):  # fmt: skip
+        opts.add_argument(flag)
+    opts.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
+    if not shutil.which(str(CHROMEDRIVER)):
+        pytest.fail(f"{CHROMEDRIVER} is not executable")
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=str(CHROMEDRIVER)))
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    try:
+        yield driver
+    finally:
+        driver.quit()

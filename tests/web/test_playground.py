@@ -1,0 +1,181 @@
+"""The playground at ``/`` in a real headless Chromium against a real ``ccsr serve`` (tiny model, CPU).
+
+One upscale drives the whole happy path (upload, sizes, progress, result, slider, zoom, downloads, code
+snippet, screenshot); the error path checks that the API's own error text reaches the page.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import Select, WebDriverWait
+from tests.conftest import FIXTURES
+
+pytestmark = pytest.mark.timeout(150)
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "_artifacts"
+INPUT = FIXTURES / "inputs" / "lq_48x40.png"
+
+
+def open_page(browser, server):
+    browser.get(f"{server.base}/")
+    wait = WebDriverWait(browser, 20)
+    wait.until(ec.presence_of_element_located((By.ID, "fal-steps")))  # the form is built from the schema
+    return wait
+
+
+def set_number(browser, element_id: str, value: str) -> None:
+    field = browser.find_element(By.ID, element_id)
+    field.send_keys(Keys.CONTROL, "a")
+    field.send_keys(value)
+
+
+def wait_download(folder: Path, suffix: str, timeout: float = 20) -> Path:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        done = [p for p in folder.iterdir() if p.suffix == suffix]
+        if done:
+            return done[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no {suffix} download in {folder}: {list(folder.iterdir())}")
+
+
+def test_upscale_end_to_end(browser, server, downloads):
+    wait = open_page(browser, server)
+    # the form carries the fal schema's defaults and ranges
+    steps = browser.find_element(By.ID, "fal-steps")
+    assert (steps.get_attribute("value"), steps.get_attribute("min"), steps.get_attribute("max")) == (
+        "50",
+        "10",
+        "100",
+    )
+    assert browser.find_element(By.ID, "fal-color_fix_type").get_attribute("value") == "adain"
+    wait.until(ec.text_to_be_present_in_element((By.ID, "server-status"), "ready"))
+
+    browser.find_element(By.ID, "file").send_keys(str(INPUT))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
+    assert "96 × 80" in browser.find_element(By.ID, "output-size").text
+    set_number(browser, "fal-steps", "10")
+    set_number(browser, "fal-seed", "7")
+    assert "fal queue API" in browser.find_element(By.ID, "route").text
+    code = browser.find_element(By.ID, "code-text").text
+    assert "/queue/fal-ai/ccsr" in code and '"steps": 10' in code and '"seed": 7' in code
+
+    browser.find_element(By.ID, "upscale").click()
+    seen: list[int] = []
+    end = time.monotonic() + 120
+    while time.monotonic() < end:
+        value, ready, error = browser.execute_script(
+            "return [document.getElementById('progress').value,"
+            " document.getElementById('result').dataset.ready === 'true',"
+            " document.getElementById('error').hidden ? '' : document.getElementById('error').textContent]"
+        )
+        assert not error, error
+        if not seen or seen[-1] != int(value):
+            seen.append(int(value))
+        if ready:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"no result within 120 s; progress seen {seen}\n{server.log()}")
+    running = sorted({v for v in seen if 0 < v < 100})
+    assert len(running) >= 2, f"the progress bar did not advance in steps: {seen}"
+    assert seen[-1] == 100
+    assert "Done in" in browser.find_element(By.ID, "progress-text").text
+
+    after = browser.find_element(By.ID, "after")
+    assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", after) == [
+        96,
+        80,
+    ]
+    assert "seed 7" in browser.find_element(By.ID, "result-info").text
+    # the bicubic "before" layer is drawn at the output size
+    canvas = browser.find_element(By.ID, "before-bicubic")
+    assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("96", "80")
+
+    # slider: keyboard moves it and the "after" layer's clip follows
+    slider = browser.find_element(By.ID, "split")
+    slider.send_keys(Keys.HOME)
+    assert after.value_of_css_property("clip-path") == "inset(0px 0px 0px 0%)"
+    for _ in range(30):
+        slider.send_keys(Keys.ARROW_RIGHT)
+    assert slider.get_attribute("value") == "30"
+    assert after.value_of_css_property("clip-path") == "inset(0px 0px 0px 30%)"
+
+    # zoom: 200% makes the comparison box twice the output size
+    Select(browser.find_element(By.ID, "zoom")).select_by_value("2")
+    box = browser.find_element(By.ID, "canvas-box")
+    assert (box.size["width"], box.size["height"]) == (192, 160)
+    Select(browser.find_element(By.ID, "zoom")).select_by_value("fit")
+
+    # downloads: the server's PNG as is, and a WEBP encoded in the page, both at the output size
+    browser.find_element(By.ID, "download").click()
+    png = wait_download(downloads, ".png")
+    Select(browser.find_element(By.ID, "format")).select_by_value("webp")
+    browser.find_element(By.ID, "download").click()
+    webp = wait_download(downloads, ".webp")
+    for path, fmt in ((png, "PNG"), (webp, "WEBP")):
+        with Image.open(path) as im:
+            assert (im.format, im.size) == (fmt, (96, 80)), path
+
+    # the same image the API serves
+    served = httpx.get(after.get_attribute("src"), timeout=10)
+    assert served.status_code == 200 and served.content == png.read_bytes()
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.find_element(By.ID, "split").send_keys(Keys.ARROW_RIGHT * 20)
+    browser.save_screenshot(str(ARTIFACTS / "playground.png"))
+
+
+def test_not_an_image_shows_the_api_error(browser, server, tmp_path):
+    wait = open_page(browser, server)
+    bogus = tmp_path / "notes.png"
+    bogus.write_bytes(b"this is not an image at all, just some text\n" * 4)
+    browser.find_element(By.ID, "file").send_keys(str(bogus))
+    wait.until(ec.visibility_of_element_located((By.ID, "error")))
+    shown = browser.find_element(By.ID, "error").text
+
+    # what the API itself answers for the same bytes
+    uri = "data:image/png;base64," + base64.b64encode(bogus.read_bytes()).decode()
+    r = httpx.post(
+        f"{server.base}/v1",
+        json=[{"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": uri}],
+        timeout=10,
+    )
+    assert r.status_code == 400
+    err = r.json()["errors"][0]
+    assert f"{err['code']}: {err['message']}" in shown, shown
+    assert shown.startswith("HTTP 400")
+    assert browser.find_element(By.ID, "upscale").get_attribute("disabled") is not None
+
+
+def test_out_of_range_parameter_shows_the_api_error(browser, server):
+    """A value the fal schema refuses is sent anyway (the form does not second-guess the API)."""
+    wait = open_page(browser, server)
+    browser.find_element(By.ID, "file").send_keys(str(INPUT))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
+    set_number(browser, "fal-steps", "5")
+    browser.find_element(By.ID, "upscale").click()
+    wait.until(ec.visibility_of_element_located((By.ID, "error")))
+    shown = browser.find_element(By.ID, "error").text
+    assert shown.startswith("HTTP 422") and "steps: Input should be greater than or equal to 10" in shown, shown
+
+
+def test_page_assets_are_small(server):
+    """No build step, no framework: the page and its two assets stay small."""
+    total = 0
+    for path in ("/", "/playground/static/app.js", "/playground/static/style.css"):
+        r = httpx.get(f"{server.base}{path}", timeout=10)
+        assert r.status_code == 200, path
+        total += len(r.content)
+    assert total < 80_000
+    assert httpx.get(f"{server.base}/playground/static/index.html", timeout=10).status_code == 404
