@@ -96,7 +96,7 @@ def wait_until(fn, timeout: float = 60.0, every: float = 0.1):
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
+    raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
 
 
 def test_runware_and_fal_across_replicas(cluster, fixtures, sink):

@@ -109,7 +109,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory, downloads: Path):
     for flag in (
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--window-size=1280,1000",
+        "--disable-dev-shm-usage", "--window-size=1280,1100",
         f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
     ):  # fmt: skip
         opts.add_argument(flag)

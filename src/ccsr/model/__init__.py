@@ -13,7 +13,7 @@ from torch import nn
 
 from ccsr.model.components import build_empty, expected_keys, fill
 from ccsr.model.config import CCSRConfig, ConfigError, load_config
-from ccsr.model.convert import CheckpointKeyError, split_checkpoint
+from ccsr.model.convert import TEXT_PREFIX, CheckpointKeyError, split_checkpoint
 from ccsr.model.loading import (
     CONVERTED_FORMAT,
     CONVERTED_INDEX,
@@ -123,7 +123,15 @@ def load_model(weights: str | Path | None = None, config: str | Path | None = No
     sd = read_checkpoint(path)
     expected = expected_keys(build_empty(cfg, with_text=True))
     parts = split_checkpoint(sd, cfg, expected, source=str(path))
-    text = TextConditioner.from_state(cfg, parts["text_encoder"])
+    del sd
+
+    def reload_text() -> dict[str, torch.Tensor]:
+        """Re-read only the text tower when a prompt first needs it (it is a third of SD-2.1's weights)."""
+        text_sd = read_checkpoint(path, prefix=TEXT_PREFIX)
+        text_expected = {"text_encoder": expected["text_encoder"], **{k: set() for k in NETWORKS}}
+        return split_checkpoint(text_sd, cfg, text_expected, source=str(path))["text_encoder"]
+
+    text = TextConditioner.from_state(cfg, parts.pop("text_encoder"), reload_text)
     return _model_from_state(cfg, parts, text, str(path))
 
 

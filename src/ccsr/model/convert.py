@@ -297,7 +297,7 @@ def split_checkpoint(
         want = set(expected[name])
         have = set(mapper.pairs)
         missing += [f"{name}:{k}" for k in sorted(want - have)]
-        for target in sorted(have - want):
+        for target in sorted(t for t in have - want if mapper.pairs[t][0] in sd):
             unexpected.append(f"{mapper.pairs[target][0]} (as {name}:{target}, which the config does not have)")
         comp: dict[str, Tensor] = {}
         for target, (src, fn) in mapper.pairs.items():

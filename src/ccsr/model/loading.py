@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 Tensor = torch.Tensor
@@ -73,13 +74,19 @@ def resolve_weights(ref: str | os.PathLike[str] | None = None) -> Path:
         hf_logging.set_verbosity(verbosity)
 
 
-def read_checkpoint(path: Path) -> dict[str, Tensor]:
-    """Read an LDM-layout state dict (``.ckpt``/``.pt``/``.pth``/``.bin`` or ``.safetensors``)."""
+def read_checkpoint(path: Path, prefix: str | None = None) -> dict[str, Tensor]:
+    """Read an LDM-layout state dict (``.ckpt``/``.pt``/``.pth``/``.bin`` or ``.safetensors``).
+
+    With ``prefix``, only those keys are kept (a safetensors file then reads nothing else).
+    """
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            sd: object = load_file(str(path))
+        if path.suffix == ".safetensors" and prefix is not None:
+            with safe_open(str(path), framework="pt") as f:
+                sd: object = {k: f.get_tensor(k) for k in f.keys() if k.removeprefix("module.").startswith(prefix)}  # noqa: SIM118
+        elif path.suffix == ".safetensors":
+            sd = load_file(str(path))
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
@@ -91,7 +98,8 @@ def read_checkpoint(path: Path) -> dict[str, Tensor]:
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    return sd if prefix is None else {k: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def is_converted(path: Path) -> bool:

@@ -132,11 +132,14 @@ class TextConditioner:
         self.device = torch.device("cpu")
 
     @classmethod
-    def from_state(cls, cfg: CCSRConfig, state: dict[str, Tensor]) -> TextConditioner:
+    def from_state(
+        cls, cfg: CCSRConfig, state: dict[str, Tensor], reload: Callable[[], dict[str, Tensor]]
+    ) -> TextConditioner:
+        """Compute the "" embedding from ``state`` now, then let go of it; ``reload`` reads it again if needed."""
         encoder = fill(build_empty(cfg)["text_encoder"], state)
         with torch.no_grad():
             empty = encoder(input_ids=empty_tokens(cfg.text.context_length)).last_hidden_state
-        return cls(cfg, lambda: state, empty)
+        return cls(cfg, reload, empty)
 
     @classmethod
     def from_converted(cls, cfg: CCSRConfig, folder: Path) -> TextConditioner:

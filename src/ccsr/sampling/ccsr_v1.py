@@ -32,7 +32,8 @@ class Tiling:
     blend: Literal["mix", "gaussian"]
 
     def weights(self, window: Window, device: torch.device) -> Tensor:
-        return gaussian_weights(window.bottom - window.top, window.right - window.left).to(device)
+        w = gaussian_weights(window.bottom - window.top, window.right - window.left)
+        return w.to(device, torch.float32 if device.type == "mps" else torch.float64)  # MPS has no float64
 
 
 @dataclass

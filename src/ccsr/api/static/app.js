@@ -119,7 +119,8 @@
     const id = `${group}-${name}`;
     const type = fieldType(spec);
     const wrap = el("div", { class: "field", "data-name": name });
-    const label = el("label", { for: id }, spec.title || name);
+    const label = el("label", { for: id }, `${spec.title || name} `);
+    label.append(el("code", { class: "api-name" }, name));
     let input;
     if (spec.enum) {
       input = el("select");
@@ -139,7 +140,7 @@
       if (spec.default === null || spec.default === undefined) input.placeholder = "random";
       else input.value = spec.default;
     }
-    Object.assign(input.dataset, { kind: type, default: String(spec.default ?? "") });
+    Object.assign(input.dataset, { group, kind: type, default: String(spec.default ?? "") });
     input.id = id;
     input.name = name;
     const range = spec.minimum !== undefined ? ` ${spec.minimum}–${spec.maximum}.` : "";
@@ -153,7 +154,8 @@
   function buildForm(cfg) {
     const props = cfg.fal.schema.properties;
     for (const [name, spec] of Object.entries(props)) {
-      if (name !== "image_url") buildField($("fal-fields"), "fal", name, spec);
+      if (name === "image_url") continue;
+      buildField($(name.startsWith("tile_") ? "tile-fields" : "fal-fields"), "fal", name, spec);
     }
     for (const [name, spec] of Object.entries(cfg.runware.settings)) buildField($("runware-fields"), "rw", name, spec);
   }
@@ -176,8 +178,8 @@
     return (v ?? "").trim() === input.dataset.default;
   }
 
-  const falInputs = () => Array.from($("fal-fields").querySelectorAll("input, select, textarea"));
-  const runwareInputs = () => Array.from($("runware-fields").querySelectorAll("input, select, textarea"));
+  const falInputs = () => Array.from(document.querySelectorAll('[data-group="fal"]'));
+  const runwareInputs = () => Array.from(document.querySelectorAll('[data-group="rw"]'));
   const usesRunware = () => runwareInputs().some((i) => !isDefault(i));
 
   // What the page will send: {api: "fal"|"runware", body, dropped: [fields the other API cannot take]}.
@@ -544,10 +546,10 @@
     if (!r) return;
     const stage = $("stage");
     let z = Number($("zoom").value);
-    if (!(z > 0)) z = Math.min(stage.clientWidth / r.width, (window.innerHeight * 0.7) / r.height) || 1;
+    if (!(z > 0)) z = Math.min((stage.clientWidth - 2) / r.width, (window.innerHeight * 0.7 - 4) / r.height) || 1;
     const box = $("canvas-box");
-    box.style.width = `${Math.max(1, Math.round(r.width * z))}px`;
-    box.style.height = `${Math.max(1, Math.round(r.height * z))}px`;
+    box.style.width = `${Math.max(1, Math.floor(r.width * z))}px`;
+    box.style.height = `${Math.max(1, Math.floor(r.height * z))}px`;
   }
 
   function splitFromPointer(ev) {
