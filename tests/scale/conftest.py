@@ -7,6 +7,7 @@ the Redis on 127.0.0.1:6379 (flushed); without either the tests fail with the re
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -84,6 +85,7 @@ def s3_endpoint() -> Iterator[str]:
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         claim_idle=args.claim_idle,
     )
     app = create_app(settings, engine=engine)
+    app.state.fal_storage_key = engine.shared_secret("fal_storage")  # upload tokens valid on every replica
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", timeout_graceful_shutdown=2)
     return 0
 

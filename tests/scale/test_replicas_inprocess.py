@@ -126,14 +126,17 @@ def test_runware_and_fal_across_replicas(cluster, fixtures, sink):
         again = b.post("/v1", json=[task]).json()  # an idempotent retry on the other replica
         assert again["data"][0]["taskUUID"] == tid
         assert RedisJobStore(cluster.redis_url).active_count() == 0
+        assert a.app.state.engine.shared_secret("x") == b.app.state.engine.shared_secret("x")
 
-        sub = a.post("/queue/fal-ai/ccsr", json={"image_url": f"data:image/png;base64,{png_b64(fixtures)}",
-                                                  "steps": 10, "seed": 3})
+        sub = a.post(
+            "/queue/fal-ai/ccsr",
+            json={"image_url": f"data:image/png;base64,{png_b64(fixtures)}", "steps": 10, "seed": 3},
+        )
         rid = sub.json()["request_id"]
         status = wait_until(
-            lambda: (s := b.get(f"/queue/fal-ai/ccsr/requests/{rid}/status?logs=1").json())["status"]
-            == "COMPLETED"
-            and s
+            lambda: (
+                (s := b.get(f"/queue/fal-ai/ccsr/requests/{rid}/status?logs=1").json())["status"] == "COMPLETED" and s
+            )
         )
         assert any("done in" in line["message"] for line in status["logs"])
         out = b.get(f"/queue/fal-ai/ccsr/requests/{rid}").json()

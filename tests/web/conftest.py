@@ -24,7 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "tests" / "_artifacts"
 CHROMIUM = Path(os.environ.get("CCSR_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("CCSR_CHROMEDRIVER", "/usr/bin/chromedriver"))
-WRAPPER = Path(__file__).with_name("serve_with_playground.py")
 
 
 def _free_port() -> int:
@@ -45,7 +44,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """``ccsr serve`` (through a wrapper that registers the playground router) with the tiny model."""
+    """A real ``ccsr serve`` process with the tiny model on a free loopback port."""
     tmp = tmp_path_factory.mktemp("playground-server")
     port = _free_port()
     log_path = tmp / "server.log"
@@ -56,9 +55,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", CCSR_FIXTURES=str(FIXTURES))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
+    entry = ["-m", "ccsr.api.serve"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, str(WRAPPER), *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+            [sys.executable, *entry, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
         )
     srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
     try:
@@ -98,11 +98,9 @@ def browser(tmp_path_factory: pytest.TempPathFactory, downloads: Path):
             f"browser tests need Debian's Chromium and its driver, missing: {', '.join(missing)}. "
             "Install them with: apt-get update && apt-get install -y chromium chromium-driver"
         )
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        pytest.fail("browser tests need Selenium: pip install selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
     os.environ["SE_AVOID_STATS"] = "true"  # Selenium Manager never runs: both paths are given
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
@@ -113,6 +111,7 @@ def browser(tmp_path_factory: pytest.TempPathFactory, downloads: Path):
         f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
     ):  # fmt: skip
         opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     opts.add_experimental_option(
         "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
     )

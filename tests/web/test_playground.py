@@ -7,6 +7,10 @@ snippet, screenshot); the error path checks that the API's own error text reache
 from __future__ import annotations
 
 import base64
+import io
+import os
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -51,6 +55,7 @@ def wait_download(folder: Path, suffix: str, timeout: float = 20) -> Path:
 
 def test_upscale_end_to_end(browser, server, downloads):
     wait = open_page(browser, server)
+    browser.get_log("browser")  # start from an empty console
     # the form carries the fal schema's defaults and ranges
     steps = browser.find_element(By.ID, "fal-steps")
     assert (steps.get_attribute("value"), steps.get_attribute("min"), steps.get_attribute("max")) == (
@@ -64,11 +69,11 @@ def test_upscale_end_to_end(browser, server, downloads):
     browser.find_element(By.ID, "file").send_keys(str(INPUT))
     wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
     assert "96 × 80" in browser.find_element(By.ID, "output-size").text
-    set_number(browser, "fal-steps", "10")
+    set_number(browser, "fal-steps", "20")  # 10 network evaluations: a few seconds, several progress events
     set_number(browser, "fal-seed", "7")
     assert "fal queue API" in browser.find_element(By.ID, "route").text
     code = browser.find_element(By.ID, "code-text").text
-    assert "/queue/fal-ai/ccsr" in code and '"steps": 10' in code and '"seed": 7' in code
+    assert "/queue/fal-ai/ccsr" in code and '"steps": 20' in code and '"seed": 7' in code
 
     browser.find_element(By.ID, "upscale").click()
     seen: list[int] = []
@@ -135,6 +140,8 @@ def test_upscale_end_to_end(browser, server, downloads):
     browser.find_element(By.ID, "split").send_keys(Keys.ARROW_RIGHT * 20)
     browser.execute_script("window.scrollTo(0, 0)")
     browser.save_screenshot(str(ARTIFACTS / "playground.png"))
+    problems = [e["message"] for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    assert not problems, problems
 
 
 def wait_result(browser, server, timeout: float = 120) -> None:
@@ -151,7 +158,7 @@ def wait_result(browser, server, timeout: float = 120) -> None:
     raise AssertionError(f"no result within {timeout} s\n{server.log()}")
 
 
-def test_prompt_and_cfg_go_through_runware(browser, server):
+def test_advanced_settings_go_through_runware(browser, server):
     wait = open_page(browser, server)
     browser.find_element(By.ID, "file").send_keys(str(INPUT))
     wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
@@ -165,12 +172,11 @@ def test_prompt_and_cfg_go_through_runware(browser, server):
     # a prompt is not run here: the tiny fixture checkpoint cannot encode one (a core issue, reported)
     prompt.send_keys(Keys.CONTROL, "a", Keys.DELETE)
     assert "fal queue API" in browser.find_element(By.ID, "route").text
-    set_number(browser, "rw-CFGScale", "2")
-    set_number(browser, "rw-controlNetWeight", "0.8")
+    set_number(browser, "rw-controlNetWeight", "0.8")  # CFG above 1 would double the evaluations
     assert "Runware task API" in browser.find_element(By.ID, "route").text
     browser.find_element(By.ID, "tab-runware").click()
     code = browser.find_element(By.ID, "code-text").text
-    assert "rw.run(" in code and '"CFGScale": 2' in code and '"controlNetWeight": 0.8' in code
+    assert "rw.run(" in code and '"controlNetWeight": 0.8' in code
     assert '"steps": 10' in code
 
     browser.find_element(By.ID, "upscale").click()
@@ -180,6 +186,19 @@ def test_prompt_and_cfg_go_through_runware(browser, server):
         96,
         80,
     ]
+
+    # the runware snippet, copied as is, runs against this server with the official SDK
+    snippet = browser.execute_script("return document.getElementById('code-text').textContent")
+    run = subprocess.run(
+        [sys.executable, "-c", snippet], capture_output=True, text=True, timeout=90, env=dict(os.environ)
+    )
+    assert run.returncode == 0, run.stderr
+    url = run.stdout.strip()
+    assert url.startswith(f"{server.base}/images/") and url.endswith(".png"), run.stdout
+    with Image.open(io.BytesIO(httpx.get(url, timeout=10).content)) as im:
+        assert im.size == (96, 80)
+    browser.find_element(By.ID, "tab-fal").click()
+    compile(browser.execute_script("return document.getElementById('code-text').textContent"), "fal.py", "exec")
 
 
 def test_cancel_stops_the_job(browser, server):
@@ -216,6 +235,37 @@ def test_not_an_image_shows_the_api_error(browser, server, tmp_path):
     assert f"{err['code']}: {err['message']}" in shown, shown
     assert shown.startswith("HTTP 400")
     assert browser.find_element(By.ID, "upscale").get_attribute("disabled") is not None
+
+
+def test_blocked_url_shows_the_api_error(browser, server):
+    """A pasted URL is fetched by the server, under its SSRF rules; their refusal is what the page shows."""
+    wait = open_page(browser, server)
+    url = f"{server.base}/images/nothing.png"
+    browser.find_element(By.ID, "url").send_keys(url)
+    browser.find_element(By.CSS_SELECTOR, "#url-form button").click()
+    wait.until(ec.visibility_of_element_located((By.ID, "error")))
+    shown = browser.find_element(By.ID, "error").text
+    r = httpx.post(
+        f"{server.base}/v1",
+        json=[{"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": url}],
+        timeout=10,
+    )
+    err = r.json()["errors"][0]
+    assert shown == f"HTTP {r.status_code}\n{err['code']}: {err['message']}"
+
+
+def test_too_large_output_shows_the_api_error(browser, server, tmp_path):
+    wait = open_page(browser, server)
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (1100, 20), (90, 120, 200)).save(wide)
+    browser.find_element(By.ID, "file").send_keys(str(wide))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "1100 × 20"))
+    set_number(browser, "fal-scale", "4")
+    assert "4400 × 80 px (over this server's 4096 px limit)" in browser.find_element(By.ID, "output-size").text
+    browser.find_element(By.ID, "upscale").click()
+    wait.until(ec.visibility_of_element_located((By.ID, "error")))
+    shown = browser.find_element(By.ID, "error").text
+    assert shown == "HTTP 422\nimage_url: The output would be 4400x80; this server's limit is 4096x4096", shown
 
 
 def test_out_of_range_parameter_shows_the_api_error(browser, server):

@@ -26,7 +26,7 @@ from .settings import Settings
 
 log = logging.getLogger("ccsr.api")
 
-ROUTER_MODULES: list[str] = ["ccsr.api.runware", "ccsr.api.fal"]
+ROUTER_MODULES: list[str] = ["ccsr.api.runware", "ccsr.api.fal", "ccsr.api.playground"]
 
 
 def register_router_module(name: str) -> None:

@@ -36,7 +36,7 @@ STATIC_TYPES = {
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
-POLL_SECONDS = 0.25  # how often a stream looks at a running job (the engine only signals terminal states)
+POLL_SECONDS = 0.2  # how often a stream looks at a running job (the engine only signals terminal states)
 KEEPALIVE_SECONDS = 15.0  # a comment line so proxies do not close an idle stream
 
 router = APIRouter(include_in_schema=False)
@@ -88,10 +88,31 @@ async def config(request: Request) -> dict:
             "scale": {"minimum": 2, "maximum": 4},
             # ranges as ccsr.api.runware.parse_upscale checks them; defaults are the core's
             "settings": {
-                "positivePrompt": {"type": "text", "default": core.prompt, "maxLength": 3000},
-                "negativePrompt": {"type": "text", "default": core.negative_prompt, "maxLength": 3000},
-                "CFGScale": {"type": "number", "default": core.cfg_scale, "minimum": 0, "maximum": 30},
+                "positivePrompt": {
+                    "title": "Prompt",
+                    "description": "What the restored image should show.",
+                    "type": "text",
+                    "default": core.prompt,
+                    "maxLength": 3000,
+                },
+                "negativePrompt": {
+                    "title": "Negative prompt",
+                    "description": "What to steer away from (needs CFG scale above 1).",
+                    "type": "text",
+                    "default": core.negative_prompt,
+                    "maxLength": 3000,
+                },
+                "CFGScale": {
+                    "title": "CFG scale",
+                    "description": "How strongly the prompts guide the result; 1 turns guidance off.",
+                    "type": "number",
+                    "default": core.cfg_scale,
+                    "minimum": 0,
+                    "maximum": 30,
+                },
                 "controlNetWeight": {
+                    "title": "ControlNet weight",
+                    "description": "How closely the result follows the input image.",
                     "type": "number",
                     "default": core.controlnet_weight,
                     "minimum": 0,

@@ -274,13 +274,14 @@
       const data = await api("POST", "/v1", [{ taskType: "imageUpload", taskUUID: uuid4(), image: ref }]);
       const item = data.data[0];
       const head = await fetch(item.imageURL, { method: "HEAD" });
-      state.image = {
-        id: item.imageUUID,
-        url: item.imageURL,
-        width: Number(head.headers.get("X-Image-Width")),
-        height: Number(head.headers.get("X-Image-Height")),
-      };
+      let width = Number(head.headers.get("X-Image-Width"));
+      let height = Number(head.headers.get("X-Image-Height"));
       $("input-thumb").src = item.imageURL;
+      if (!(width && height)) {
+        await $("input-thumb").decode(); // the headers are hidden when images live on another origin
+        ({ naturalWidth: width, naturalHeight: height } = $("input-thumb"));
+      }
+      state.image = { id: item.imageUUID, url: item.imageURL, width, height };
       $("upscale").disabled = state.busy;
       refreshSizes();
       refreshCode();
@@ -550,6 +551,7 @@
     const box = $("canvas-box");
     box.style.width = `${Math.max(1, Math.floor(r.width * z))}px`;
     box.style.height = `${Math.max(1, Math.floor(r.height * z))}px`;
+    box.classList.toggle("px", z >= 1); // both sides show their pixels the same way when enlarged
   }
 
   function splitFromPointer(ev) {
@@ -707,13 +709,14 @@
 
   function wire() {
     $("file").addEventListener("change", (e) => useFile(e.target.files[0]));
+    // the whole window takes drops, so a missed drop zone never navigates away from the page
     const drop = $("drop");
-    drop.addEventListener("dragover", (e) => {
+    window.addEventListener("dragover", (e) => {
       e.preventDefault();
       drop.classList.add("over");
     });
-    drop.addEventListener("dragleave", () => drop.classList.remove("over"));
-    drop.addEventListener("drop", (e) => {
+    window.addEventListener("dragleave", (e) => e.relatedTarget === null && drop.classList.remove("over"));
+    window.addEventListener("drop", (e) => {
       e.preventDefault();
       drop.classList.remove("over");
       const file = e.dataTransfer.files[0];

@@ -49,8 +49,10 @@ def build_distributed_engine(
     hands a job id to the workers (default: a Celery message on ``queue``)."""
     client = redis.Redis.from_url(broker_url)
     store = RedisJobStore(client, prefix=prefix, job_ttl=job_ttl or image_ttl or 24 * 3600, max_attempts=max_attempts)
-    celery = make_celery(broker_url, queue=queue)
-    executor = CeleryExecutor(store, lambda job_id: send_job(celery, job_id, queue), claim_idle=claim_idle, tick=tick)
+    if send is None:
+        celery = make_celery(broker_url, queue=queue)
+        send = lambda job_id: send_job(celery, job_id, queue)  # noqa: E731
+    executor = CeleryExecutor(store, send, claim_idle=claim_idle, tick=tick)
     return DistributedEngine(
         store,
         image_store_from_url(store_url, default_ttl=image_ttl),

@@ -230,6 +230,12 @@ class DistributedEngine(JobEngine):
             self.executor.dispatch(job.id)
         return job, created
 
+    def shared_secret(self, name: str) -> bytes:
+        """A random key every replica agrees on (created by the first to ask), e.g. for signed upload tokens."""
+        key = self.store.key("secret", name)
+        self.store.redis.set(key, secrets.token_hex(32), nx=True)
+        return bytes.fromhex(self.store.redis.get(key).decode())
+
     def cancel(self, job_id: str) -> Job:
         """Queued: cancelled now (announced on the stream like any end); running: the worker stops."""
         job = self.store.request_cancel(job_id)
