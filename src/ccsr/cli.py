@@ -222,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         serve_mod.add_arguments(sv)
         sv.set_defaults(func=serve_mod.run)
 
+    from ccsr import worker as worker_mod
+
+    wk = sub.add_parser("worker", help="run a GPU worker of the distributed backend (Celery + Redis)")
+    worker_mod.add_arguments(wk)
+    wk.set_defaults(func=worker_mod.run)
+
     from ccsr import bench as bench_mod
 
     bench_mod.add_commands(sub)

@@ -136,7 +136,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.broker or not args.store:
         print("ccsr worker: --broker and --store are required (or CCSR_BROKER_URL, CCSR_STORE)", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     name = args.name or f"{socket.gethostname()}-{os.getpid()}"
 
     def handle(job_id: str) -> None:
@@ -156,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"ccsr worker: {e}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     @worker_process_init.connect(weak=False)
     def _init(**_kw) -> None:

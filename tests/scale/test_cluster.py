@@ -347,28 +347,38 @@ def test_chaos_workers_and_replicas_killed(cluster, fixtures, sink):
     client = Client(cluster)
     hook = f"{sink.base}/chaos"
     refs = []
-    for i in range(16):
+    for i in range(20):
         if i % 2 == 0:
             refs.append(client.submit_runware(i, runware_task(fixtures, 100 + i, hook)))
         else:
             refs.append(client.submit_fal(i, fal_body(fixtures, 100 + i), hook))
     kills = Counter()
 
-    def kill_worker_mid_job() -> None:
+    def kill_worker_mid_job(pool_process_only: bool = False) -> None:
+        """SIGKILL the worker running a job: the whole worker (a machine dying; a new one is started), or
+        only its pool process (Celery gives the message back and forks a new one, which reloads the model)."""
         end = time.monotonic() + 60
         while time.monotonic() < end:
             for job_id in cluster.store.processing_ids():
                 job = cluster.store.get(job_id)
                 token = cluster.store.redis.get(cluster.store.key("lease", job_id))
-                if job is not None and job.progress > 0 and token:
-                    name = token.decode().split(":")[0]
-                    victim = next((w for w in cluster.workers if w.name == name and w.proc.poll() is None), None)
-                    if victim is not None:
-                        victim.kill()
-                        cluster.workers.remove(victim)
-                        cluster.workers.append(cluster.worker())
-                        kills["worker"] += 1
-                        return
+                if job is None or job.progress == 0 or not token:
+                    continue
+                name = token.decode().split(":")[0]
+                victim = next((w for w in cluster.workers if w.name == name and w.proc.poll() is None), None)
+                if victim is None:
+                    continue
+                if pool_process_only:
+                    children = Path(f"/proc/{victim.proc.pid}/task/{victim.proc.pid}/children").read_text().split()
+                    for pid in children:
+                        os.kill(int(pid), signal.SIGKILL)
+                    kills["worker pool process"] += 1
+                else:
+                    victim.kill()
+                    cluster.workers.remove(victim)
+                    cluster.workers.append(cluster.worker())
+                    kills["worker"] += 1
+                return
             time.sleep(0.02)
         raise AssertionError("no job was seen running")
 
@@ -383,6 +393,7 @@ def test_chaos_workers_and_replicas_killed(cluster, fixtures, sink):
     kill_replica(0)
     kill_worker_mid_job()
     kill_replica(1)
+    kill_worker_mid_job(pool_process_only=True)
     results = client.wait_all(refs, timeout=240)
     deadline = time.monotonic() + 30
     while sum(webhooks(sink)[r] > 0 for r in refs) < len(results) and time.monotonic() < deadline:
@@ -401,7 +412,7 @@ def test_chaos_workers_and_replicas_killed(cluster, fixtures, sink):
         f" webhooks {sum(hooks[r] for r in refs)} ({duplicate_hooks} duplicates,"
         f" {sum(hooks[r] == 0 for r in refs)} missing)"
     )
-    assert kills == {"worker": 2, "api": 2}
+    assert kills == {"worker": 2, "api": 2, "worker pool process": 1}
     assert len(results) == len(refs), "jobs lost: " + ", ".join(r for r in refs if r not in results)
     assert all(j is not None and events[j.id] == 1 for j in jobs), "a job ended twice (or never)"
     for status, _png, detail in results.values():

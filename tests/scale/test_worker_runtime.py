@@ -170,3 +170,20 @@ def test_delivery_marker_prevents_a_second_send(rclient, prefix, sink):
         assert sum(1 for _m, path, _b in sink.requests if path == f"/once-{prefix}") == 1
     finally:
         d.close()
+
+
+def test_worker_cli_needs_broker_and_store(monkeypatch, capsys):
+    import argparse
+
+    from ccsr import worker
+
+    monkeypatch.delenv("CCSR_BROKER_URL", raising=False)
+    monkeypatch.delenv("CCSR_STORE", raising=False)
+    parser = argparse.ArgumentParser()
+    worker.add_arguments(parser)
+    args = parser.parse_args(["--store", "/tmp/x"])
+    assert worker.run(args) == 2 and "--broker" in capsys.readouterr().err
+    args = parser.parse_args(
+        ["--broker", "redis://127.0.0.1:1/0", "--store", "/tmp/x", "--time-limit", "10", "--visibility-timeout", "5"]
+    )
+    assert worker.run(args) == 2 and "visibility_timeout" in capsys.readouterr().err

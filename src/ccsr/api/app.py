@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ccsr.jobs import JobEngine, build_embedded_engine
 
@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
         try:
             yield
         finally:
-            engine.stop()
+            log.info("shutting down: waiting up to %.0fs for the running job", settings.drain_timeout)
+            engine.stop(settings.drain_timeout)
 
     app = FastAPI(
         title="ccsr",
@@ -74,6 +75,27 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
     )
     app.state.settings = settings
     app.state.engine = engine
+    settings.keyring()  # hash configured keys now; the plaintext is dropped
+    if engine.delivery is not None and hasattr(engine.delivery, "attempts"):
+        engine.delivery.timeout = settings.webhook_timeout
+        engine.delivery.attempts = max(1, settings.webhook_attempts)
+    engine.add_listener(lambda job: settings.quotas.done(job.id))
+
+    from .limits import LimitsMiddleware
+    from .metrics import HTTPErrorCounter, Metrics
+
+    metrics = Metrics(engine)
+    app.state.metrics = metrics
+    app.add_middleware(LimitsMiddleware, settings=settings)
+    app.add_middleware(HTTPErrorCounter, metrics=metrics)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (an API key when keys are configured)")
+    async def metrics_endpoint(request: Request) -> Response:
+        _, _, key = (request.headers.get("authorization") or "").partition(" ")
+        if not settings.key_ok(key.strip() or None, client_host(request)):
+            return JSONResponse({"detail": "Unauthorized"}, status_code=401)
+        body, ctype = metrics.exposition()
+        return Response(body, media_type=ctype)
 
     from . import images
 

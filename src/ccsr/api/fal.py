@@ -55,6 +55,7 @@ from ccsr.params import ParamError
 
 from . import fal_storage
 from .app import client_host, get_engine, get_settings, image_url, public_base
+from .auth import Denied
 from .fal_schema import CCSRInput, FalInputError, fal_error, image_output, parse_input, to_params
 
 log = logging.getLogger("ccsr.api.fal")
@@ -111,17 +112,29 @@ def _is_queue_host(request: Request) -> bool:
     return host.startswith("queue.")
 
 
-def _authorized(request: Request) -> bool:
-    """``Authorization: Key <k>`` (fal_client) or ``Bearer <k>``; the server's key policy decides."""
-    settings = get_settings(request)
+def _request_key(request: Request) -> str | None:
     auth = request.headers.get("authorization") or ""
     scheme, _, key = auth.partition(" ")
-    key = key.strip() if scheme.lower() in ("key", "bearer") else None
-    return settings.key_ok(key or None, client_host(request))
+    return (key.strip() or None) if scheme.lower() in ("key", "bearer") else None
 
 
-def _unauthorized() -> JSONResponse:
-    return _request_error("Unauthorized: invalid or missing key (Authorization: Key <FAL_KEY>)", 401, None)
+def _authorized(request: Request) -> bool:
+    """The key policy alone (no rate limit): used by :mod:`ccsr.api.fal_storage`."""
+    return get_settings(request).key_ok(_request_key(request), client_host(request))
+
+
+def _denied(request: Request) -> JSONResponse | None:
+    """``Authorization: Key <k>`` (fal_client) or ``Bearer <k>``; the server's key policy and the key's rate
+    limit decide. None when admitted (the caller is kept in ``request.state.principal``), else the error."""
+    try:
+        request.state.principal = get_settings(request).admit(_request_key(request), client_host(request))
+    except Denied as e:
+        if e.status == 429:
+            resp = _request_error(e.message, 429, "rate_limited", retryable=True)
+            resp.headers.update(e.headers())
+            return resp
+        return _request_error("Unauthorized: invalid or missing key (Authorization: Key <FAL_KEY>)", 401, None)
+    return None
 
 
 # ----------------------------------------------------------------------------------------- input image
@@ -401,12 +414,22 @@ async def _create_job(request: Request, app_id: str, *, webhook: str | None = No
         meta=meta,
         cost_per_second=settings.price_per_second,
     )
+    who = getattr(request.state, "principal", None)
+    if who is not None and settings.quotas.full(who):
+        msg = f"{who.id} already has {who.quota} queued or running requests"
+        resp = _request_error(msg, 429, "rate_limited", retryable=True)
+        resp.headers["Retry-After"] = "1"
+        return resp
     try:
         job, _ = await run_in_threadpool(engine.submit, spec)
     except QueueFull as e:
-        return _request_error(str(e), 429, "rate_limited", retryable=True)
+        resp = _request_error(str(e), 429, "rate_limited", retryable=True)
+        resp.headers["Retry-After"] = "1"
+        return resp
     except ParamError as e:
         return _input_error(FalInputError([fal_error(e.field, e.message, "value_error")]))
+    if who is not None:
+        settings.quotas.add(who, job.id)
     return job
 
 
@@ -422,8 +445,8 @@ def _start_timeout(request: Request) -> float | None:
 
 
 async def _sync_run(request: Request, app_id: str) -> JSONResponse:
-    if not _authorized(request):
-        return _unauthorized()
+    if (denied := _denied(request)) is not None:
+        return denied
     job = await _create_job(request, app_id)
     if isinstance(job, JSONResponse):
         return job
@@ -465,8 +488,8 @@ async def _sync_run(request: Request, app_id: str) -> JSONResponse:
 
 
 async def _submit(request: Request, app_id: str, prefixed: bool) -> JSONResponse:
-    if not _authorized(request):
-        return _unauthorized()
+    if (denied := _denied(request)) is not None:
+        return denied
     webhook = request.query_params.get("fal_webhook")
     if webhook is not None:
         scheme = urlsplit(webhook).scheme.lower()
@@ -503,8 +526,8 @@ def _want_logs(request: Request) -> bool:
 
 
 async def _status(request: Request, app_id: str, request_id: str, prefixed: bool) -> JSONResponse:
-    if not _authorized(request):
-        return _unauthorized()
+    if (denied := _denied(request)) is not None:
+        return denied
     job = _find_job(request, app_id, request_id)
     if job is None:
         return _not_found(request_id)
@@ -515,8 +538,8 @@ async def _status(request: Request, app_id: str, request_id: str, prefixed: bool
 
 
 async def _result(request: Request, app_id: str, request_id: str) -> JSONResponse:
-    if not _authorized(request):
-        return _unauthorized()
+    if (denied := _denied(request)) is not None:
+        return denied
     job = _find_job(request, app_id, request_id)
     if job is None:
         return _not_found(request_id)
@@ -528,8 +551,8 @@ async def _result(request: Request, app_id: str, request_id: str) -> JSONRespons
 
 
 async def _cancel(request: Request, app_id: str, request_id: str) -> JSONResponse:
-    if not _authorized(request):
-        return _unauthorized()
+    if (denied := _denied(request)) is not None:
+        return denied
     job = _find_job(request, app_id, request_id)
     if job is None:
         return _json({"status": "NOT_FOUND"}, 404, request_id)

@@ -43,7 +43,9 @@ from ccsr.jobs import (
 from ccsr.params import ParamError, UpscaleParams
 
 from .app import client_host, get_engine, get_settings, image_url, public_base
+from .auth import Denied, Principal
 from .images import parse_image_ref
+from .limits import json_depth
 from .settings import Settings
 
 log = logging.getLogger("ccsr.api.runware")
@@ -122,6 +124,7 @@ class Ctx:
     engine: JobEngine
     settings: Settings
     base: str  # public base URL for image links
+    principal: Principal | None = None  # the caller, for per-key queue quotas
 
 
 # ------------------------------------------------------------------------------------------- inputs
@@ -530,14 +533,22 @@ async def _upscale(task: dict, ctx: Ctx, tt: str, tu: str, on_ack=None) -> Reply
         payload_hash=body_hash,
         cost_per_second=ctx.settings.price_per_second,
     )
+    if ctx.principal is not None and ctx.settings.quotas.full(ctx.principal):
+        raise RWError(
+            "rateLimitExceeded",
+            f"{ctx.principal.id} already has {ctx.principal.quota} queued or running tasks",
+            status=429,
+        )
     try:
-        job, _created = ctx.engine.submit(spec)
+        job, created = ctx.engine.submit(spec)
     except QueueFull as e:
         raise RWError("rateLimitExceeded", str(e), status=429) from e
     except JobConflict as e:
         raise RWError("conflictTaskUUID", str(e), parameter="taskUUID") from e
     except ParamError as e:
         raise RWError("invalidParameters", str(e), parameter=PARAM_TO_FIELD.get(e.field, e.field)) from e
+    if created and ctx.principal is not None:
+        ctx.settings.quotas.add(ctx.principal, job.id)
     return await _deliver(job, ctx, req.delivery, fresh=True, on_ack=on_ack)
 
 
@@ -652,6 +663,24 @@ def _auth_error(message: str) -> dict:
     return {"code": "invalidApiKey", "message": message, "parameter": "apiKey", "taskType": "authentication"}
 
 
+def _denied_error(e: Denied) -> dict:
+    if e.status == 429:
+        return {"code": "rateLimitExceeded", "message": e.message, "retryAfter": e.headers()["Retry-After"]}
+    return _auth_error(e.message)
+
+
+def _task_count(tasks: list) -> int:
+    """Tasks that do work: authentication and ping ride along for free."""
+    return sum(1 for t in tasks if not (isinstance(t, dict) and t.get("taskType") in ("authentication", "ping")))
+
+
+def _too_many_tasks(n: int, settings: Settings) -> dict:
+    return {
+        "code": "invalidTaskCount",
+        "message": f"{n} tasks in one request; at most {settings.max_tasks} allowed",
+    }
+
+
 _EXAMPLE = [
     {
         "taskType": "upscale",
@@ -704,6 +733,8 @@ async def rest(request: Request) -> JSONResponse:
             {"errors": [{"code": "invalidRequestBody", "message": "the body must be a JSON array of tasks"}]},
             400,
         )
+    if (n := _task_count(body)) > settings.max_tasks:
+        return JSONResponse({"errors": [_too_many_tasks(n, settings)]}, 400)
     key = None
     authz = request.headers.get("authorization", "")
     if authz.lower().startswith("bearer "):
@@ -713,14 +744,12 @@ async def rest(request: Request) -> JSONResponse:
         first = body.pop(0)
         key = first.get("apiKey") or key
         auth_items.append({"taskType": "authentication", "connectionSessionUUID": str(uuid.uuid4())})
-    if not settings.key_ok(key, client_host(request)):
-        msg = (
-            "invalid API key"
-            if settings.keys_required()
-            else "this server has no API keys configured and accepts loopback clients only"
-        )
-        return JSONResponse({"errors": [_auth_error(msg)]}, status_code=401)
+    try:
+        who = settings.admit(key if isinstance(key, str) else None, client_host(request))
+    except Denied as e:
+        return JSONResponse({"errors": [_denied_error(e)]}, status_code=e.status, headers=e.headers())
     ctx = _ctx(request)
+    ctx.principal = who
     replies = await asyncio.gather(*(handle_task(t, ctx) for t in body))
     data = auth_items + [d for r in replies for d in r.data]
     errors = [e for r in replies for e in r.errors]
@@ -728,7 +757,8 @@ async def rest(request: Request) -> JSONResponse:
         out: dict[str, Any] = {"errors": [e for e, _ in errors]}
         if data:
             out["data"] = data
-        return JSONResponse(out, status_code=errors[0][1])
+        status = errors[0][1]
+        return JSONResponse(out, status_code=status, headers={"Retry-After": "1"} if status == 429 else None)
     return JSONResponse({"data": data})
 
 
@@ -806,18 +836,39 @@ async def websocket(ws: WebSocket) -> None:
         if not await conn.send(frame) and conn.session and task.get("taskType") in UPSCALE_TYPES:
             sessions.stash(conn.session, frame)  # a sync result the client may come back for
 
+    def frame_error(code: str, message: str) -> dict:
+        return {"errors": [{"code": code, "message": message}]}
+
     try:
         while True:
-            raw = await ws.receive_text()
+            try:
+                raw = await asyncio.wait_for(ws.receive_text(), settings.ws_idle_timeout)
+            except asyncio.TimeoutError:
+                if pending:
+                    continue  # the client waits for a sync result: not idle
+                await conn.send(frame_error("connectionTimeout", f"no frame for {settings.ws_idle_timeout:g}s"))
+                await ws.close(1000)
+                break
+            if len(raw) > settings.frame_limit():
+                await conn.send(frame_error("invalidRequestSize", f"frame over {settings.frame_limit()} bytes"))
+                await ws.close(1009)
+                break
+            if json_depth(raw) > settings.max_json_depth:
+                msg = f"JSON nested deeper than {settings.max_json_depth}"
+                await conn.send(frame_error("invalidRequestBody", msg))
+                continue
             try:
                 tasks = json.loads(raw)
             except json.JSONDecodeError:
-                await conn.send({"errors": [{"code": "invalidRequestBody", "message": "frame is not JSON"}]})
+                await conn.send(frame_error("invalidRequestBody", "frame is not JSON"))
                 continue
             if isinstance(tasks, dict):
                 tasks = [tasks]
             if not isinstance(tasks, list):
-                await conn.send({"errors": [{"code": "invalidRequestBody", "message": "frame must be an array"}]})
+                await conn.send(frame_error("invalidRequestBody", "frame must be an array"))
+                continue
+            if (n := _task_count(tasks)) > settings.max_tasks:
+                await conn.send({"errors": [_too_many_tasks(n, settings)]})
                 continue
             for task in tasks:
                 if not isinstance(task, dict):
@@ -825,14 +876,11 @@ async def websocket(ws: WebSocket) -> None:
                 tt, tu = _task_ident(task)
                 if tt == "authentication":
                     key = task.get("apiKey")
-                    if not settings.key_ok(key if isinstance(key, str) else None, client_host(ws)):
+                    try:
+                        ctx.principal = settings.principal(key if isinstance(key, str) else None, client_host(ws))
+                    except Denied as e:
                         authed = False
-                        msg = (
-                            "invalid API key"
-                            if settings.keys_required()
-                            else "no API keys configured: loopback clients only"
-                        )
-                        await conn.send({"errors": [_auth_error(msg)]})
+                        await conn.send({"errors": [_denied_error(e)]})
                         continue
                     sid = task.get("connectionSessionUUID")
                     resumed = isinstance(sid, str) and sessions.known(sid)
@@ -862,6 +910,13 @@ async def websocket(ws: WebSocket) -> None:
                         err["taskUUID"] = tu
                     await conn.send({"errors": [err]})
                     continue
+                if ctx.principal is not None:
+                    try:
+                        settings.admit_principal(ctx.principal)
+                    except Denied as e:
+                        err = _denied_error(e) | {"taskType": tt or "", "taskUUID": tu or ""}
+                        await conn.send({"errors": [err]})
+                        continue
                 if conn.session:
                     sessions.touch(conn.session)
                 t = asyncio.create_task(run(task))

@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -36,6 +36,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="accepted API key; repeat for several [CCSR_API_KEYS, comma-separated]. Without any, "
         "only loopback clients are served",
+    )
+    g.add_argument(
+        "--api-keys-file",
+        default=_env("CCSR_API_KEYS_FILE"),
+        help="file of sha256 key digests, one per line, optionally 'name rate=R burst=B quota=Q'; re-read when"
+        " it changes or on SIGHUP (revocation) [CCSR_API_KEYS_FILE]. Digest: printf %%s KEY | sha256sum",
+    )
+    g.add_argument(
+        "--rate-limit",
+        type=float,
+        default=float(_env("CCSR_RATE_LIMIT", 0)),
+        help="requests per second per key, 429 + Retry-After past it; 0: off [CCSR_RATE_LIMIT, 0]",
+    )
+    g.add_argument(
+        "--rate-burst", type=int, default=int(_env("CCSR_RATE_BURST", 0)), help="[CCSR_RATE_BURST, the rate]"
+    )
+    g.add_argument(
+        "--key-max-queue",
+        type=int,
+        default=int(_env("CCSR_KEY_MAX_QUEUE", 0)),
+        help="queued+running jobs per key before 429; 0: only --max-queue [CCSR_KEY_MAX_QUEUE, 0]",
+    )
+    g.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=_env("CCSR_MAX_BODY_BYTES"),
+        help="largest request body / WebSocket frame [CCSR_MAX_BODY_BYTES, a data URI of --max-input-bytes + 1 MiB]",
+    )
+    g.add_argument(
+        "--max-json-depth", type=int, default=int(_env("CCSR_MAX_JSON_DEPTH", 32)), help="[CCSR_MAX_JSON_DEPTH, 32]"
+    )
+    g.add_argument(
+        "--max-tasks",
+        type=int,
+        default=int(_env("CCSR_MAX_TASKS", 16)),
+        help="Runware tasks per request or frame [CCSR_MAX_TASKS, 16]",
+    )
+    g.add_argument(
+        "--ws-idle-timeout",
+        type=float,
+        default=float(_env("CCSR_WS_IDLE_TIMEOUT", 300)),
+        help="close a WebSocket silent this long with no task pending [CCSR_WS_IDLE_TIMEOUT, 300]",
+    )
+    g.add_argument(
+        "--webhook-timeout",
+        type=float,
+        default=float(_env("CCSR_WEBHOOK_TIMEOUT", 15)),
+        help="seconds per webhook / upload attempt [CCSR_WEBHOOK_TIMEOUT, 15]",
+    )
+    g.add_argument(
+        "--webhook-attempts",
+        type=int,
+        default=int(_env("CCSR_WEBHOOK_ATTEMPTS", 5)),
+        help="attempts (with backoff) before a delivery gives up [CCSR_WEBHOOK_ATTEMPTS, 5]",
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=float(_env("CCSR_DRAIN_TIMEOUT", 600)),
+        help="on SIGTERM, longest wait for the running job [CCSR_DRAIN_TIMEOUT, 600]",
+    )
+    g.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=_env("CCSR_LOG_FORMAT", "text"),
+        help="json: one object per line with the task id [CCSR_LOG_FORMAT, text]",
     )
     g.add_argument(
         "--public-url",
@@ -116,7 +182,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    keys = list(args.api_key or [])
+    keys = list(getattr(args, "api_key", None) or [])
     if not keys:
         keys = [k.strip() for k in (_env("CCSR_API_KEYS") or _env("CCSR_API_KEY") or "").split(",") if k.strip()]
     allow = list(args.allow_fetch_host or [])
@@ -131,6 +197,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         dtype=args.dtype,
         data_dir=Path(args.data_dir),
         api_keys=keys,
+        api_keys_file=args.api_keys_file,
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        key_max_queue=args.key_max_queue,
+        max_body_bytes=int(args.max_body_bytes) if args.max_body_bytes else None,
+        max_json_depth=args.max_json_depth,
+        max_tasks=args.max_tasks,
+        ws_idle_timeout=args.ws_idle_timeout,
+        drain_timeout=args.drain_timeout,
+        webhook_timeout=args.webhook_timeout,
+        webhook_attempts=args.webhook_attempts,
+        log_format=args.log_format,
         public_url=args.public_url,
         max_queue=args.max_queue,
         image_ttl=args.image_ttl,
@@ -150,9 +228,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ccsr.logs import configure
+
     settings = settings_from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.api_keys and not is_loopback(settings.host):
+    configure(settings.log_level, settings.log_format)
+    if not settings.keys_required() and not is_loopback(settings.host):
         print(
             f"ccsr serve: listening on {settings.host} without --api-key; only loopback clients will be served",
             file=sys.stderr,
@@ -160,6 +240,8 @@ def run(args: argparse.Namespace) -> int:
     from .app import create_app
 
     app = create_app(settings)
+    if hasattr(signal, "SIGHUP"):  # revoke / add keys without a restart
+        signal.signal(signal.SIGHUP, lambda *_: settings.keyring().reload())
     kwargs: dict = {}
     if any(getattr(args, n, None) for n in ("tls_cert", "tls_key", "tls_self_signed")):
         from .tls import uvicorn_ssl_kwargs
@@ -179,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         port=settings.port,
         log_level=settings.log_level.lower(),
         ws_ping_interval=None,  # the Runware SDKs keep their own application-level pings
-        ws_max_size=64 * 1024 * 1024,
+        ws_max_size=settings.frame_limit() + 1024,  # past our own limit: the handler answers in protocol shape
         timeout_graceful_shutdown=5,
         **kwargs,
     )

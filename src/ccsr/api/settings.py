@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .auth import Denied, KeyRing, Principal, Quotas, RateLimiter
+
 
 def _env_list(name: str) -> list[str]:
     raw = os.environ.get(name, "")
@@ -22,7 +24,20 @@ class Settings:
     device: str = "auto"
     dtype: str = "auto"
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("CCSR_DATA_DIR", "./ccsr-data")))
-    api_keys: list[str] = field(default_factory=list)  # empty: open on loopback only
+    api_keys: list[str] = field(default_factory=list)  # empty: open on loopback only; hashed, then cleared
+    api_keys_file: str | None = None  # sha256 digests, one per line (see ccsr.api.auth); re-read on change
+    rate_limit: float = 0.0  # requests per second per key (0: off); a keys-file line may override it
+    rate_burst: int = 0  # bucket size (0: ceil(rate_limit))
+    key_max_queue: int = 0  # queued+running jobs per key (0: only the global max_queue)
+    max_body_bytes: int | None = None  # None: room for a data URI of max_input_bytes plus 1 MiB
+    max_json_depth: int = 32
+    max_tasks: int = 16  # Runware tasks per request or WebSocket frame
+    ws_max_frame: int | None = None  # None: max_body_bytes
+    ws_idle_timeout: float = 300.0  # seconds without a frame (and no task pending) before the server closes
+    webhook_timeout: float = 15.0  # per webhook / upload attempt
+    webhook_attempts: int = 5  # then the delivery gives up (logged, kept in the delivery history)
+    drain_timeout: float = 600.0  # on SIGTERM: longest wait for the running job
+    log_format: str = "text"  # text or json
     public_url: str | None = None  # base of image URLs; None: the request's own scheme and Host
     max_queue: int = 64
     image_ttl: float = 24 * 3600.0  # default lifetime of uploads and outputs (seconds)
@@ -39,14 +54,64 @@ class Settings:
     quantize: str | None = None
     extra: dict = field(default_factory=dict)  # room for other adapters' options (fal: tls files, …)
 
+    def body_limit(self) -> int:
+        return self.max_body_bytes or self.max_input_bytes * 4 // 3 + (1 << 20)
+
+    def frame_limit(self) -> int:
+        return self.ws_max_frame or self.body_limit()
+
+    def keyring(self) -> KeyRing:
+        """The accepted keys as digests; the first call hashes ``api_keys`` and drops the plaintext."""
+        ring = self.extra.get("_keyring")
+        if ring is None:
+            ring = KeyRing([], self.api_keys_file)
+            self.extra.update(_keyring=ring, _limiter=RateLimiter(), _quotas=Quotas())
+        if self.api_keys:
+            ring.add(self.api_keys)
+            self.api_keys = []
+        return ring
+
+    @property
+    def quotas(self) -> Quotas:
+        self.keyring()
+        return self.extra["_quotas"]
+
     def keys_required(self) -> bool:
-        return bool(self.api_keys)
+        return self.keyring().configured()
 
     def key_ok(self, key: str | None, client_host: str | None) -> bool:
         """Configured keys: the key must match. No keys: any key, but only from a loopback client."""
-        if self.api_keys:
-            return bool(key) and key in self.api_keys
+        ring = self.keyring()
+        if ring.configured():
+            return ring.lookup(key) is not None
         return is_loopback(client_host)
+
+    def principal(self, key: str | None, client_host: str | None) -> Principal:
+        """Who is calling, with their limits; raises Denied(401) for a bad key or a remote keyless client."""
+        ring = self.keyring()
+        if ring.configured():
+            entry = ring.lookup(key)
+            if entry is None:
+                raise Denied(401, "invalid API key")
+            rate = self.rate_limit if entry.rate is None else entry.rate
+            burst = self.rate_burst if entry.burst is None else entry.burst
+            quota = self.key_max_queue if entry.quota is None else entry.quota
+            return Principal(entry.name, rate, burst, quota)
+        if not is_loopback(client_host):
+            raise Denied(401, "this server has no API keys configured and accepts loopback clients only")
+        return Principal(f"anon:{client_host}", self.rate_limit, self.rate_burst, self.key_max_queue)
+
+    def admit(self, key: str | None, client_host: str | None) -> Principal:
+        """:meth:`principal` plus one token of its rate limit; raises Denied(429) with a Retry-After."""
+        who = self.principal(key, client_host)
+        self.admit_principal(who)
+        return who
+
+    def admit_principal(self, who: Principal) -> None:
+        self.keyring()
+        wait = self.extra["_limiter"].take(who)
+        if wait > 0:
+            raise Denied(429, f"rate limit of {who.rate:g} requests/s exceeded for {who.id}", retry_after=wait)
 
     @classmethod
     def from_env(cls, **overrides) -> Settings:
@@ -76,6 +141,11 @@ class Settings:
         if env.get("CCSR_DEFAULT_STEPS"):
             s.default_steps = int(env["CCSR_DEFAULT_STEPS"])
         s.size_mode = env.get("CCSR_SIZE_MODE") or s.size_mode
+        s.api_keys_file = env.get("CCSR_API_KEYS_FILE") or s.api_keys_file
+        for name, conv in (("rate_limit", float), ("rate_burst", int), ("key_max_queue", int), ("max_tasks", int)):
+            if env.get(f"CCSR_{name.upper()}"):
+                setattr(s, name, conv(env[f"CCSR_{name.upper()}"]))
+        s.log_format = env.get("CCSR_LOG_FORMAT") or s.log_format
         for k, v in overrides.items():
             setattr(s, k, v)
         return s

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from ccsr.logs import task_id
+
 from .images import ImageStore
 from .store import JobStore
 from .types import (
@@ -143,9 +145,10 @@ class JobEngine:
         self._sweeper = threading.Thread(target=self._sweep_loop, name="ccsr-image-sweeper", daemon=True)
         self._sweeper.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop taking jobs; wait up to ``timeout`` s for running ones to finish (graceful shutdown drains)."""
         self._stop.set()
-        self.executor.stop()
+        self.executor.stop(timeout)
         if self.delivery is not None:
             self.delivery.close()
 
@@ -332,7 +335,14 @@ class InProcessExecutor(Executor):
                 self._wake.wait(self.idle_poll)
                 self._wake.clear()
                 continue
-            self._run_one(engine, runner, job)
+            tid = job.meta.get("taskUUID") or job.id
+            token = task_id.set(tid)  # every log line of this job, the model's included, carries it
+            try:
+                log.info("job %s started (attempt %d)", job.id, job.attempts, extra={"task_id": tid})
+                self._run_one(engine, runner, job)
+                log.info("job %s finished", job.id, extra={"task_id": tid})
+            finally:
+                task_id.reset(token)
 
     def _run_one(self, engine: JobEngine, runner: Runner, job: Job) -> None:
         store = engine.store

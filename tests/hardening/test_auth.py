@@ -1,0 +1,167 @@
+"""API keys: hashed at rest, several, revocable, compared in constant time, rate limited and queue-capped
+per key, and required on every endpoint that reads or changes jobs."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import uuid
+
+import pytest
+from hardening_helpers import data_uri, keys_file, png_bytes, rw_upscale
+
+from ccsr.api import auth
+from ccsr.api.auth import hash_key
+
+FAL = "/fal-ai/ccsr"
+KEY_A, KEY_B = "key-alpha-" + "a" * 20, "key-bravo-" + "b" * 20
+# served without a key by design: health, the API description, images behind unguessable UUIDs, the
+# playground's static shell (its job endpoints check keys), the fal storage PUT (a per-upload token)
+PUBLIC = {
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+    ("GET", "/docs/oauth2-redirect"),
+    ("GET", "/redoc"),
+    ("GET", "/images/{name}"),
+    ("HEAD", "/images/{name}"),
+    ("GET", "/"),
+    ("GET", "/playground/static/{name}"),
+    ("GET", "/playground/config"),
+    ("PUT", "/storage/upload/{upload_id}"),
+}
+
+
+def _routes(app):
+    """(method, path template) of every HTTP route, including those of included routers."""
+    out = set()
+    stack = list(app.routes)
+    while stack:
+        r = stack.pop()
+        if hasattr(r, "effective_route_contexts"):
+            stack.extend(r.effective_route_contexts())
+            continue
+        path = getattr(r, "path_format", None) or getattr(r, "path", None)
+        for m in getattr(r, "methods", None) or ():
+            if path:
+                out.add((m, path))
+    return out
+
+
+def _bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_every_route_needs_a_key(make_client):
+    c = make_client(api_keys=[KEY_A])
+    routes = _routes(c.app)
+    assert ("POST", "/v1") in routes and ("PUT", "/fal-ai/ccsr/requests/{request_id}/cancel") in routes
+    open_routes = []
+    for method, path in sorted(routes - PUBLIC):
+        if method == "HEAD":
+            continue
+        url = path.replace("{path}", "x").replace("{name}", "x")
+        url = url.replace("{request_id}", str(uuid.uuid4())).replace("{upload_id}", str(uuid.uuid4()))
+        r = c.request(method, url, content=b'[{"taskType": "ping"}]', headers={"content-type": "application/json"})
+        if r.status_code != 401:
+            open_routes.append((method, path, r.status_code))
+    assert not open_routes
+    with c.websocket_connect("/v1") as ws:
+        ws.send_text(json.dumps([rw_upscale("x" * 40)]))
+        assert json.loads(ws.receive_text())["errors"][0]["code"] == "missingApiKey"
+        ws.send_text(json.dumps([{"taskType": "authentication", "apiKey": "wrong"}]))
+        assert json.loads(ws.receive_text())["errors"][0]["code"] == "invalidApiKey"
+
+
+def test_keys_are_hashed_at_rest(make_client):
+    c = make_client(api_keys=[KEY_A, KEY_B])
+    settings = c.app.state.settings
+    assert settings.api_keys == []
+    blob = repr(settings) + repr(vars(settings.keyring()))
+    assert KEY_A not in blob and KEY_B not in blob and hash_key(KEY_A) in blob
+    for k in (KEY_A, KEY_B):  # several keys, each accepted
+        assert c.post("/v1", json=[{"taskType": "ping"}], headers=_bearer(k)).status_code == 200
+        assert c.get(f"{FAL}/requests/{uuid.uuid4()}/status", headers={"Authorization": f"Key {k}"}).status_code == 404
+    r = c.post("/v1", json=[{"taskType": "ping"}], headers=_bearer(KEY_A + "x"))
+    assert r.status_code == 401 and r.json()["errors"][0]["code"] == "invalidApiKey"
+
+
+def test_constant_time_comparison_visits_every_key(monkeypatch, tmp_path):
+    ring = auth.KeyRing([KEY_A, KEY_B, "c" * 30])
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(auth.hmac, "compare_digest", lambda a, b: calls.append(1) or real(a, b))
+    assert ring.lookup(KEY_A) is not None
+    assert len(calls) == 3  # no early exit on the first match
+    calls.clear()
+    assert ring.lookup("nope") is None and len(calls) == 3
+
+
+def test_keys_file_revocation(make_client, tmp_path):
+    path = keys_file(tmp_path / "keys", {KEY_A: "alpha", KEY_B: "bravo"})
+    c = make_client(api_keys_file=str(path))
+    ring = c.app.state.settings.keyring()
+    ping = [{"taskType": "ping"}]
+    assert c.post("/v1", json=ping, headers=_bearer(KEY_B)).status_code == 200
+    keys_file(path, {KEY_A: "alpha"})  # bravo revoked
+    os.utime(path, ns=(1, 1))  # a changed mtime, whatever the clock's resolution
+    ring._checked = 0.0  # the next request re-checks (normally at most once a second)
+    r = c.post("/v1", json=ping, headers=_bearer(KEY_B))
+    assert r.status_code == 401, r.text
+    assert c.post("/v1", json=ping, headers=_bearer(KEY_A)).status_code == 200
+    keys_file(path, {KEY_A: "alpha", KEY_B: "bravo"})
+    ring.reload()  # what SIGHUP does
+    assert c.post("/v1", json=ping, headers=_bearer(KEY_B)).status_code == 200
+
+
+def test_per_key_rate_limit(make_client, tmp_path):
+    path = keys_file(tmp_path / "keys", {KEY_A: "alpha rate=0.5 burst=2", KEY_B: "bravo"})
+    c = make_client(api_keys_file=str(path))
+    ping = [{"taskType": "ping"}]
+    codes = [c.post("/v1", json=ping, headers=_bearer(KEY_A)).status_code for _ in range(2)]
+    assert codes == [200, 200]
+    r = c.post("/v1", json=ping, headers=_bearer(KEY_A))
+    assert r.status_code == 429 and r.json()["errors"][0]["code"] == "rateLimitExceeded"
+    assert int(r.headers["retry-after"]) >= 1
+    r = c.get(f"{FAL}/requests/{uuid.uuid4()}/status", headers={"Authorization": f"Key {KEY_A}"})
+    assert r.status_code == 429 and r.json()["error_type"] == "rate_limited" and r.headers["retry-after"]
+    assert c.post("/v1", json=ping, headers=_bearer(KEY_B)).status_code == 200  # other keys unaffected
+    with c.websocket_connect("/v1") as ws:
+        ws.send_text(json.dumps([{"taskType": "authentication", "apiKey": KEY_A}]))
+        assert "data" in json.loads(ws.receive_text())
+        ws.send_text(json.dumps([{"taskType": "getResponse", "taskUUID": "t"}]))
+        err = json.loads(ws.receive_text())["errors"][0]
+        assert err["code"] == "rateLimitExceeded" and err["taskUUID"] == "t"
+
+
+@pytest.mark.parametrize("protocol", ["runware", "fal"])
+def test_per_key_queue_quota(make_client, runner, tmp_path, protocol):
+    path = keys_file(tmp_path / "keys", {KEY_A: "alpha quota=1", KEY_B: "bravo"})
+    c = make_client(api_keys_file=str(path))
+    img = data_uri(png_bytes())
+    runner.gate.clear()
+
+    def submit(key):
+        if protocol == "runware":
+            return c.post("/v1", json=[rw_upscale(img)], headers=_bearer(key))
+        return c.post(f"/queue{FAL}", json={"image_url": img}, headers={"Authorization": f"Key {key}"})
+
+    first = submit(KEY_A)
+    assert first.status_code == 200, first.text
+    r = submit(KEY_A)
+    assert r.status_code == 429 and r.headers["retry-after"]
+    if protocol == "runware":
+        assert r.json()["errors"][0]["code"] == "rateLimitExceeded"
+    else:
+        assert r.json()["error_type"] == "rate_limited"
+    assert submit(KEY_B).status_code == 200  # quotas are per key
+    runner.gate.set()
+    quotas = c.app.state.settings.quotas
+    import time
+
+    deadline = time.monotonic() + 10
+    while quotas.count("alpha") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert submit(KEY_A).status_code == 200  # the finished job freed the slot
