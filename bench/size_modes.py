@@ -54,7 +54,7 @@ def main() -> None:
                 ref = pipe.run(img, p).final
                 pad = pipe.run(img, p.replace(size_mode="pad")).final
                 pad_vs_ref = psnr(pad, ref)
-            print(f"{name:>14} {scale:>5} {str(g.process):>13} {rt:>12.2f} {pad_vs_ref:>13.2f}")
+            print(f"{name:>14} {scale:>5} {g.process!s:>13} {rt:>12.2f} {pad_vs_ref:>13.2f}")
 
 
 if __name__ == "__main__":

@@ -204,7 +204,8 @@ class CCSRPipeline:
         # "mix": every tile decoded and colour-fixed on its own, then averaged in pixel space.
         f = self.descriptor.latent_factor
         acc = torch.zeros_like(cond)
-        count = torch.zeros(cond.shape, dtype=torch.long, device=cond.device)
+        # Overlap counts are small integers: one float32 plane divides exactly as the reference's int64 volume.
+        count = torch.zeros((1, 1, *cond.shape[2:]), dtype=torch.float32, device=cond.device)
         for win in tiling.windows:
             rows, cols = win.latent()
             prow, pcol = win.pixels(f)

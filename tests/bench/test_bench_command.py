@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from tests.conftest import FIXTURES
 
 from ccsr.cli import main
 
-FIXTURES = Path(os.environ.get("CCSR_TINY_FIXTURES", "/work/shared/fixtures/ccsr_v1_tiny"))
 CONFIG = FIXTURES / "model.yaml"
 WEIGHTS = FIXTURES / "model.safetensors"
-
-pytestmark = pytest.mark.skipif(not CONFIG.is_file(), reason=f"tiny fixtures not found at {FIXTURES}")
 
 
 def _bench(tmp_path: Path, *extra: str) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import numpy as np
@@ -117,20 +116,6 @@ def test_gaussian_window() -> None:
     g = gaussian_window(11, 1.5)
     assert g.sum() == pytest.approx(1.0)
     assert g.argmax() == 5 and g[0] == pytest.approx(g[-1])
-
-
-@pytest.mark.skipif(importlib.util.find_spec("skimage") is None, reason="scikit-image not installed")
-def test_ssim_psnr_match_skimage() -> None:
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
-
-    rng = np.random.default_rng(3)
-    a = smooth(40, 44)[..., 1] * 255
-    b = np.clip(a + rng.normal(0, 10, size=a.shape), 0, 255)
-    ref = structural_similarity(
-        a, b, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
-    )
-    assert ssim(a, b) == pytest.approx(ref, rel=1e-9)
-    assert psnr(a / 255, b / 255) == pytest.approx(peak_signal_noise_ratio(a / 255, b / 255, data_range=1))
 
 
 def test_g_std() -> None:

@@ -79,7 +79,7 @@ def test_keys_are_hashed_at_rest(make_client):
     c = make_client(api_keys=[KEY_A, KEY_B])
     settings = c.app.state.settings
     assert settings.api_keys == []
-    blob = repr(settings) + repr(vars(settings.keyring()))
+    blob = repr(vars(settings)) + repr(vars(settings.keyring()))
     assert KEY_A not in blob and KEY_B not in blob and hash_key(KEY_A) in blob
     for k in (KEY_A, KEY_B):  # several keys, each accepted
         assert c.post("/v1", json=[{"taskType": "ping"}], headers=_bearer(k)).status_code == 200
@@ -165,3 +165,32 @@ def test_per_key_queue_quota(make_client, runner, tmp_path, protocol):
     while quotas.count("alpha") and time.monotonic() < deadline:
         time.sleep(0.02)
     assert submit(KEY_A).status_code == 200  # the finished job freed the slot
+
+
+def test_serve_options_reach_settings(tmp_path):
+    import argparse
+
+    from ccsr.api.serve import add_arguments, settings_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(
+        [
+            *("--api-key", KEY_A, "--api-keys-file", str(tmp_path / "k"), "--rate-limit", "2.5"),
+            *("--key-max-queue", "3", "--max-tasks", "4", "--max-json-depth", "9", "--ws-idle-timeout", "7"),
+            *("--max-body-bytes", "12345", "--log-format", "json", "--webhook-attempts", "2", "--drain-timeout", "9"),
+        ]
+    )
+    s = settings_from_args(args)
+    assert (s.rate_limit, s.key_max_queue, s.max_tasks, s.max_json_depth) == (2.5, 3, 4, 9)
+    assert (s.ws_idle_timeout, s.body_limit(), s.frame_limit(), s.log_format) == (7, 12345, 12345, "json")
+    assert (s.webhook_attempts, s.drain_timeout) == (2, 9)
+    assert s.keys_required() and s.key_ok(KEY_A, "203.0.113.9") and s.api_keys == []
+
+
+def test_keys_file_parsing_ignores_bad_lines():
+    good = hash_key("x")
+    entries = auth.parse_keys_file(f"# comment\n\nnot-a-digest\n{good} ci rate=3 burst=5 quota=2\n{good} q rate=zz\n")
+    assert len(entries) == 1
+    e = entries[0]
+    assert (e.name, e.rate, e.burst, e.quota) == ("ci", 3.0, 5, 2)

@@ -61,13 +61,14 @@ def _wait(pred, timeout=20.0):
 
 
 @pytest.mark.parametrize(
-    "mode,attempts,ok",
-    [("slow", 1, True), ("fail", 3, False), ("hang", 2, False)],
+    "mode,timeout,attempts,ok",
+    [("slow", 3.0, 1, True), ("fail", 3.0, 3, False), ("hang", 0.5, 3, False)],
 )
-def test_webhook_sink_faults(make_client, mode, attempts, ok):
-    sink = FaultySink(mode, delay=1.0)
+def test_webhook_sink_faults(make_client, mode, timeout, attempts, ok):
+    """slow: delivered once, late; 500: retried, then given up; no answer: each attempt times out, given up."""
+    sink = FaultySink(mode, delay=1.0 if mode == "slow" else 0.0)
     try:
-        c = make_client(fetch_allow_hosts=[sink.host], webhook_timeout=2.0, webhook_attempts=3)
+        c = make_client(fetch_allow_hosts=[sink.host], webhook_timeout=timeout, webhook_attempts=3)
         delivery = c.app.state.engine.delivery
         delivery.base_delay = 0.05
         task = rw_upscale(data_uri(png_bytes()), webhookURL=f"http://{sink.host}/hook")

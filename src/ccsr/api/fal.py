@@ -26,6 +26,7 @@ import base64
 import binascii
 import datetime as _dt
 import logging
+import math
 import os
 import uuid
 from typing import Any
@@ -82,13 +83,25 @@ def _app_ids_from_env() -> tuple[str, ...]:
     return tuple(ids)
 
 
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity: an echoed input such as ``"scale": Infinity`` is shown as a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _json(
     body: Any, status: int = 200, request_id: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
-    h = {REQUEST_ID_HEADER: request_id or str(uuid.uuid4())}
+    echo = request_id if request_id and request_id.isascii() and request_id.isprintable() else None
+    h = {REQUEST_ID_HEADER: echo or str(uuid.uuid4())}  # a header cannot carry what a URL path can
     if headers:
         h.update(headers)
-    return JSONResponse(body, status_code=status, headers=h)
+    return JSONResponse(_finite(body) if status >= 400 else body, status_code=status, headers=h)
 
 
 def _input_error(e: FalInputError, request_id: str | None = None) -> JSONResponse:

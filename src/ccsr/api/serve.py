@@ -263,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
         ws_ping_interval=None,  # the Runware SDKs keep their own application-level pings
         ws_max_size=settings.frame_limit() + 1024,  # past our own limit: the handler answers in protocol shape
         timeout_graceful_shutdown=5,
+        **({"log_config": None} if settings.log_format == "json" else {}),  # uvicorn's loggers -> our JSON
         **kwargs,
     )
     return 0

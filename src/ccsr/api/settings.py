@@ -53,6 +53,10 @@ class Settings:
     log_level: str = "info"
     quantize: str | None = None
     extra: dict = field(default_factory=dict)  # room for other adapters' options (fal: tls files, …)
+    # runtime state of the key policy (built on first use; never compared or shown)
+    _keyring: KeyRing | None = field(default=None, repr=False, compare=False)
+    _limiter: RateLimiter = field(default_factory=RateLimiter, repr=False, compare=False)
+    _quotas: Quotas = field(default_factory=Quotas, repr=False, compare=False)
 
     def body_limit(self) -> int:
         return self.max_body_bytes or self.max_input_bytes * 4 // 3 + (1 << 20)
@@ -62,10 +66,9 @@ class Settings:
 
     def keyring(self) -> KeyRing:
         """The accepted keys as digests; the first call hashes ``api_keys`` and drops the plaintext."""
-        ring = self.extra.get("_keyring")
+        ring = self._keyring
         if ring is None:
-            ring = KeyRing([], self.api_keys_file)
-            self.extra.update(_keyring=ring, _limiter=RateLimiter(), _quotas=Quotas())
+            ring = self._keyring = KeyRing([], self.api_keys_file)
         if self.api_keys:
             ring.add(self.api_keys)
             self.api_keys = []
@@ -73,8 +76,7 @@ class Settings:
 
     @property
     def quotas(self) -> Quotas:
-        self.keyring()
-        return self.extra["_quotas"]
+        return self._quotas
 
     def keys_required(self) -> bool:
         return self.keyring().configured()
@@ -108,8 +110,7 @@ class Settings:
         return who
 
     def admit_principal(self, who: Principal) -> None:
-        self.keyring()
-        wait = self.extra["_limiter"].take(who)
+        wait = self._limiter.take(who)
         if wait > 0:
             raise Denied(429, f"rate limit of {who.rate:g} requests/s exceeded for {who.id}", retry_after=wait)
 
