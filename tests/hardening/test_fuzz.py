@@ -9,7 +9,7 @@ import string
 
 import pytest
 from hardening_helpers import data_uri, png_bytes
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ccsr import imaging
@@ -73,6 +73,7 @@ def _rw_shape_ok(r) -> None:
 
 @FUZZ
 @given(tasks=st.lists(rw_task | json_values, max_size=3))
+@example(tasks=[{"taskType": "upscale", "taskUUID": "t", "model": ["x"]}])  # found by the WS fuzzer: was a 500
 def test_runware_rest_never_5xx(client, tasks):
     for t in tasks:  # keep fuzzed jobs cheap and local: a small valid image where one is asked for
         if isinstance(t, dict) and isinstance(t.get("inputs"), dict) and "image" not in t["inputs"]:

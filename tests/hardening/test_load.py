@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import statistics
@@ -21,7 +22,8 @@ import websockets
 from hardening_helpers import RealServer, data_uri, keys_file, png_bytes, rw_upscale
 
 LONG = os.environ.get("CCSR_LOAD_LONG") == "1"
-DRAIN_STEPS = 6  # long enough to outlast the 5 s that uvicorn and the old engine.stop() allowed
+LEAVE_STEPS = 20  # a job the client gives up on after 0.1 s
+DRAIN_SECONDS = 15.0  # the drained job is sized to outlast the 5 s that uvicorn and the old engine.stop() allowed
 
 
 @pytest.fixture(scope="module")
@@ -187,12 +189,19 @@ def test_client_leaves_sighup_revokes_sigterm_drains(tmp_path):
     http = httpx.Client(base_url=srv.http, headers={"Authorization": f"Bearer {key_a}"})
     try:
         task = rw_upscale(data_uri(png_bytes((48, 40), color=(1, 2, 3))), deliveryMethod="sync")
-        with pytest.raises(httpx.TimeoutException):
-            http.post("/v1", json=[task], timeout=0.3)
+        task["settings"] = {"steps": LEAVE_STEPS}
+        t0 = time.monotonic()
+        try:
+            r = http.post("/v1", json=[task], timeout=0.1)
+            raise AssertionError(f"a {LEAVE_STEPS}-step job answered within 0.1 s: {r.status_code} {r.text[:300]}")
+        except httpx.TimeoutException:
+            pass  # the client gives up and goes away
         item = _poll_until_done(http, task["taskUUID"])
+        per_step = (time.monotonic() - t0) / LEAVE_STEPS  # an overestimate: fixed costs are included
         assert httpx.get(item["imageURL"]).status_code == 200
+        drain_steps = min(1000, math.ceil(DRAIN_SECONDS / per_step))
 
-        long_task = rw_upscale(data_uri(png_bytes((48, 40))), settings={"steps": DRAIN_STEPS})
+        long_task = rw_upscale(data_uri(png_bytes((48, 40))), settings={"steps": drain_steps})
         assert http.post("/v1", json=[long_task]).status_code == 200
         keys_file(keys, {key_a: "alpha"})
         srv.proc.send_signal(signal.SIGHUP)
@@ -220,4 +229,4 @@ def test_client_leaves_sighup_revokes_sigterm_drains(tmp_path):
 
     job = SQLiteJobStore(srv.data_dir / "jobs.db").get_by_key(f"runware:{long_task['taskUUID']}")
     assert job is not None and job.status == "success", job
-    print(f"\ndrained job: {job.result.inference_seconds:.1f}s of inference, SIGTERM at progress > 0")
+    print(f"\ndrained job: {drain_steps} steps, {job.result.inference_seconds:.1f}s of inference, SIGTERM mid-job")

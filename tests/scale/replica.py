@@ -1,7 +1,7 @@
-"""An API replica on the distributed backend, for the scale tests (until ``ccsr serve --broker`` exists).
+"""An API replica for the scale tests: ``ccsr serve --broker ... --store ...`` plus ``--claim-idle``.
 
-``python tests/scale/replica.py --broker redis://... --store s3://... <ccsr serve options>``: the same
-options as ``ccsr serve``; the app is built by ``create_app(settings, engine=build_distributed_engine(...))``.
+The chaos test needs a short takeover delay for announcements of a killed replica, which ``ccsr serve`` does not
+expose; everything else is the real serve code path (same options, same app factory, same engine builder).
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from ccsr.jobs.distributed import build_distributed_engine
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="replica")
     add_arguments(parser)
-    parser.add_argument("--broker", required=True)
-    parser.add_argument("--store", required=True)
     parser.add_argument("--claim-idle", type=float, default=60.0)
     args = parser.parse_args(argv)
     settings = settings_from_args(args)

@@ -35,6 +35,13 @@ def register_router_module(name: str) -> None:
 
 
 def build_engine(settings: Settings) -> JobEngine:
+    if settings.broker_url:
+        from ccsr.jobs.distributed import build_distributed_engine
+
+        return build_distributed_engine(
+            settings.broker_url, settings.store_url, max_queue=settings.max_queue,
+            image_ttl=settings.image_ttl, fetch_allow_hosts=settings.fetch_allow_hosts,
+        )
     from ccsr.jobs.runner import CCSRRunner
 
     runner = CCSRRunner(
@@ -75,6 +82,8 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
     )
     app.state.settings = settings
     app.state.engine = engine
+    if hasattr(engine, "shared_secret"):  # replicas must agree on the fal storage upload-token key
+        app.state.fal_storage_key = engine.shared_secret("fal_storage")
     settings.keyring()  # hash configured keys now; the plaintext is dropped
     if engine.delivery is not None and hasattr(engine.delivery, "attempts"):
         engine.delivery.timeout = settings.webhook_timeout

@@ -388,7 +388,7 @@ class UpscaleRequest:
 def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
     """Validate an upscale / imageUpscale task (no I/O); raises RWError on the first bad field."""
     model = task.get("model")
-    if model is not None and model not in CCSR_MODELS:
+    if model is not None and (not isinstance(model, str) or model not in CCSR_MODELS):
         raise RWError(
             "unsupportedModel",
             f"model {model!r} is not served here; use runware:501@1 (CCSR)",

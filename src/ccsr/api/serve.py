@@ -104,6 +104,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="json: one object per line with the task id [CCSR_LOG_FORMAT, text]",
     )
     g.add_argument(
+        "--broker",
+        default=_env("CCSR_BROKER_URL"),
+        help="Redis URL: run as one API replica of the distributed backend (jobs run on `ccsr worker`) "
+        "[CCSR_BROKER_URL]",
+    )
+    g.add_argument(
+        "--store",
+        default=_env("CCSR_STORE"),
+        help="with --broker: image store shared with the workers, s3://bucket/prefix or a shared directory "
+        "[CCSR_STORE]",
+    )
+    g.add_argument(
         "--public-url",
         default=_env("CCSR_PUBLIC_URL"),
         help="base URL of links to images (default: the request's scheme and Host) [CCSR_PUBLIC_URL]",
@@ -221,6 +233,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         size_mode=args.size_mode,
         max_output_side=args.max_output_side,
         quantize=args.quantize,
+        broker_url=args.broker,
+        store_url=args.store,
         extra={k: v for k, v in vars(args).items() if k.startswith("tls") or k.startswith("ssl")},
     )
 
@@ -237,6 +251,10 @@ def run(args: argparse.Namespace) -> int:
             f"ccsr serve: listening on {settings.host} without --api-key; only loopback clients will be served",
             file=sys.stderr,
         )
+    if settings.broker_url and not settings.store_url:
+        print("ccsr serve: error: --broker needs --store (s3://bucket/prefix or a directory shared with the workers)",
+              file=sys.stderr)
+        return 2
     from .app import create_app
 
     app = create_app(settings)

@@ -52,6 +52,8 @@ class Settings:
     size_mode: str = "reference"  # how the model reaches its size: reference (parity) or pad (faster)
     log_level: str = "info"
     quantize: str | None = None
+    broker_url: str | None = None  # redis://...: this server is one API replica; jobs run on `ccsr worker`s
+    store_url: str | None = None  # with broker_url: s3://bucket/prefix[?endpoint_url=...] or a shared directory
     extra: dict = field(default_factory=dict)  # room for other adapters' options (fal: tls files, …)
     # runtime state of the key policy (built on first use; never compared or shown)
     _keyring: KeyRing | None = field(default=None, repr=False, compare=False)
@@ -126,6 +128,8 @@ class Settings:
         s.config = env.get("CCSR_CONFIG") or s.config
         s.device = env.get("CCSR_DEVICE") or s.device
         s.dtype = env.get("CCSR_DTYPE") or s.dtype
+        s.broker_url = env.get("CCSR_BROKER_URL") or s.broker_url
+        s.store_url = env.get("CCSR_STORE") or s.store_url
         s.api_keys = _env_list("CCSR_API_KEYS") or _env_list("CCSR_API_KEY")
         s.public_url = env.get("CCSR_PUBLIC_URL") or None
         if env.get("CCSR_MAX_QUEUE"):
