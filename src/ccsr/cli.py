@@ -127,12 +127,22 @@ def cmd_upscale(a: argparse.Namespace) -> int:
     for s, d in jobs:
         if (s, d) not in todo:
             print(f"skip {s} ({d} exists; --overwrite to redo)", file=sys.stderr)
-    if not todo:
-        return 0
-    pipe = load_pipeline(a)
     limits = imaging.Limits(max_output_side=a.max_output_side) if a.max_output_side else imaging.Limits()
     failures = 0
-    for src, dst in todo:
+    readable = []
+    for src, dst in todo:  # a cheap look at the header first: no model load for a folder of non-images
+        with src.open("rb") as f:
+            fmt = imaging.sniff_format(f.read(64))
+        if fmt not in limits.formats:
+            print(f"ccsr: error: {src}: not a supported image (accepted: {', '.join(sorted(limits.formats))})",
+                  file=sys.stderr)
+            failures += 1
+        else:
+            readable.append((src, dst))
+    if not readable:
+        return 1 if failures else 0
+    pipe = load_pipeline(a)
+    for src, dst in readable:
         try:
             decoded = imaging.decode(src.read_bytes(), limits)
         except imaging.ImageError as exc:

@@ -323,10 +323,10 @@ def test_batch_of_40_mixed_jobs_exactly_once(cluster, embedded_outputs, fixtures
     events = terminal_events(cluster.store)
     jobs = {ref: job_of(cluster.store, ref) for ref in refs}
     workers = Counter(
-        line.message.rsplit(" on ", 1)[-1].split(":")[0]
+        line.message.removeprefix("ran on ")
         for j in jobs.values()
         for line in j.logs
-        if line.message.startswith("done in")
+        if line.message.startswith("ran on ")
     )
     print(
         f"\nbatch: {len(refs)} jobs, {sum(r[0] == 'success' for r in results.values())} succeeded,"

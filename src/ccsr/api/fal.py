@@ -415,6 +415,9 @@ async def _create_job(request: Request, app_id: str, *, webhook: str | None = No
         _check_output_size(rec, params.scale, settings.max_output_side)
     except FalInputError as e:
         return _input_error(e)
+    except OSError as e:  # the image store cannot take it (a full disk): the server's fault, retry later
+        msg = f"could not store the input image: {e.strerror or e}"
+        return _request_error(msg, 503, "internal_error", retryable=True)
     engine = get_engine(request)
     meta = {"app_id": app_id, "base": public_base(request), "image_url_shown": _shown(inp.image_url)}
     if webhook:

@@ -85,6 +85,53 @@ class Runner(Protocol):
     ) -> RunOutput: ...
 
 
+
+def execute(
+    job: Job,
+    images: ImageStore,
+    runner: Runner,
+    *,
+    progress: Callable[[float], None],
+    should_cancel: Callable[[], bool],
+    log: Callable[[str], None],
+) -> JobResult:
+    """Run one job with ``runner`` and store its output: the part every executor shares (in-process or Celery)."""
+    t0 = time.monotonic()
+    data = images.read(job.input_image_id)
+    if data is None:
+        raise JobFailed(ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted")
+    out = runner.run(job, data, progress=progress, should_cancel=should_cancel, log=log)
+    if should_cancel():
+        raise JobCancelled()
+    secs = time.monotonic() - t0
+    try:
+        rec = images.put(
+            out.data,
+            content_type=out.content_type,
+            extension=out.extension,
+            width=out.width,
+            height=out.height,
+            ttl=job.output.ttl,
+            image_id=job.output_image_id,
+            kind="output",
+        )
+    except OSError as e:  # e.g. a full disk: the server's fault, not the model's, and it must say so
+        raise JobFailed(ErrorCode.INTERNAL, f"could not store the output image: {e.strerror or e}") from e
+    log(f"done in {secs:.2f}s: {out.width}x{out.height} {out.content_type}")
+    return JobResult(
+        image_id=rec.id,
+        width=out.width,
+        height=out.height,
+        content_type=out.content_type,
+        extension=rec.extension,
+        size=rec.size,
+        seed=out.seed,
+        inference_seconds=round(secs, 4),
+        cost=round(secs * job.cost_per_second, 6),
+        input_width=out.input_width,
+        input_height=out.input_height,
+    )
+
 class Executor(abc.ABC):
     """Who runs queued jobs. Started by :meth:`JobEngine.start` with the engine as its context."""
 
@@ -375,39 +422,8 @@ class InProcessExecutor(Executor):
         def logline(msg: str) -> None:
             store.append_log(job.id, msg)
 
-        t0 = time.monotonic()
         try:
-            data = engine.images.read(job.input_image_id)
-            if data is None:
-                raise JobFailed(ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted")
-            out = runner.run(job, data, progress=progress, should_cancel=should_cancel, log=logline)
-            if should_cancel():
-                raise JobCancelled()
-            secs = time.monotonic() - t0
-            rec = engine.images.put(
-                out.data,
-                content_type=out.content_type,
-                extension=out.extension,
-                width=out.width,
-                height=out.height,
-                ttl=job.output.ttl,
-                image_id=job.output_image_id,
-                kind="output",
-            )
-            result = JobResult(
-                image_id=rec.id,
-                width=out.width,
-                height=out.height,
-                content_type=out.content_type,
-                extension=rec.extension,
-                size=rec.size,
-                seed=out.seed,
-                inference_seconds=round(secs, 4),
-                cost=round(secs * job.cost_per_second, 6),
-                input_width=out.input_width,
-                input_height=out.input_height,
-            )
-            store.append_log(job.id, f"done in {secs:.2f}s: {out.width}x{out.height} {out.content_type}")
+            result = execute(job, engine.images, runner, progress=progress, should_cancel=should_cancel, log=logline)
             engine._finish(job.id, SUCCESS, result=result)
         except JobCancelled:
             store.append_log(job.id, "cancelled", "WARNING")

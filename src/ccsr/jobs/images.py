@@ -128,8 +128,13 @@ class LocalImageStore(ImageStore):
         path = self._file(image_id, ext)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + f".{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:  # a full disk must not keep the partial file, nor grow fuller with each try
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         rec = StoredImage(image_id, content_type, ext, int(width), int(height), len(data), t, expires, kind)
         with self._lock:
             old = self._db.execute("SELECT ext FROM images WHERE id=?", (image_id,)).fetchone()

@@ -20,9 +20,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from ccsr.params import UpscaleParams
 
-from ..engine import JobCancelled, JobFailed, Runner
+from ..engine import JobCancelled, JobFailed, Runner, execute
 from ..images import ImageStore
-from ..types import CANCELLED, ERROR, PROCESSING, SUCCESS, ErrorCode, Job, JobError, JobResult, OutputOptions, now
+from ..types import CANCELLED, ERROR, PROCESSING, SUCCESS, ErrorCode, Job, JobError, OutputOptions, now
 from .engine import Maintenance
 from .redis_store import RedisJobStore
 
@@ -164,41 +164,12 @@ class WorkerRuntime:
             if store.finish_claimed(job.id, token, status, **kw) is None:
                 log.warning("job %s was taken from this worker; its result is dropped", job.id)
 
-        t0 = time.monotonic()
         try:
-            data = self.images.read(job.input_image_id)
-            if data is None:
-                raise JobFailed(ErrorCode.INPUT_MISSING, f"input image {job.input_image_id} expired or was deleted")
-            out = self.runner.run(
-                job, data, progress=progress, should_cancel=should_cancel, log=lambda m: store.append_log(job.id, m)
+            result = execute(
+                job, self.images, self.runner, progress=progress, should_cancel=should_cancel,
+                log=lambda m: store.append_log(job.id, m),
             )
-            if should_cancel():
-                raise JobCancelled()
-            secs = time.monotonic() - t0
-            rec = self.images.put(
-                out.data,
-                content_type=out.content_type,
-                extension=out.extension,
-                width=out.width,
-                height=out.height,
-                ttl=job.output.ttl,
-                image_id=job.output_image_id,
-                kind="output",
-            )
-            result = JobResult(
-                image_id=rec.id,
-                width=out.width,
-                height=out.height,
-                content_type=out.content_type,
-                extension=rec.extension,
-                size=rec.size,
-                seed=out.seed,
-                inference_seconds=round(secs, 4),
-                cost=round(secs * job.cost_per_second, 6),
-                input_width=out.input_width,
-                input_height=out.input_height,
-            )
-            store.append_log(job.id, f"done in {secs:.2f}s on {self.name}: {out.width}x{out.height}")
+            store.append_log(job.id, f"ran on {self.name}")
             finish(SUCCESS, result=result)
         except JobCancelled:
             if lost.is_set():
