@@ -85,20 +85,20 @@ def test_sigkill_with_jobs_in_every_state(tmp_path):
         _wait(lambda: fal.done(ok), 40, "first job")
         bad = fal.submit(_truncated_png(), seed=2)
         _wait(lambda: fal.done(bad), 20, "broken-input job")
-        running = fal.submit(image, seed=3, steps=40)
+        running = fal.submit(image, seed=3, steps=100)  # the slowest job the API takes: ~2 s here
         queued = [fal.submit(image, seed=4), fal.submit(image, seed=5)]
         cancelled = fal.submit(image, seed=6)
         assert fal.cancel(cancelled).status_code == 202
-        _wait(lambda: fal.status(running)["status"] == "IN_PROGRESS", 20, "running job")
 
         # what a client saw before the crash
         before = {rid: (fal.result(rid).status_code, fal.result(rid).json()) for rid in (ok, bad, cancelled)}
         assert before[ok][0] == 200, before[ok]
         assert before[bad][0] == 422 and before[bad][1]["detail"][0]["type"] == "image_load_error", before[bad]
         assert before[cancelled][0] == 499, before[cancelled]
-        assert [fal.status(q)["status"] for q in queued] == ["IN_QUEUE", "IN_QUEUE"]
         ok_url = before[ok][1]["image"]["url"]
         ok_png = fal.http.get(ok_url).content
+        _wait(lambda: fal.status(running)["status"] == "IN_PROGRESS", 20, "running job")
+        assert [fal.status(q)["status"] for q in queued] == ["IN_QUEUE", "IN_QUEUE"]
         assert fal.status(running)["status"] == "IN_PROGRESS"
         srv.proc.kill()
         srv.proc.wait(10)
@@ -138,9 +138,8 @@ class FullDisk:
     def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch):
         self.root, self.mp = root, monkeypatch
         root.mkdir(parents=True, exist_ok=True)
-        self.mounted = os.geteuid() == 0 and (
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(root)], capture_output=True)
-        ).returncode == 0
+        mount = ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(root)]
+        self.mounted = os.geteuid() == 0 and subprocess.run(mount, capture_output=True).returncode == 0
         self.filler = root / "filler"
 
     def fill(self) -> None:

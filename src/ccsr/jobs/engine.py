@@ -370,6 +370,10 @@ class InProcessExecutor(Executor):
         assert engine is not None
         try:
             runner.load()
+        except (ValueError, OSError) as e:  # weights/config problems: the message already says what to do
+            self._load_error = f"{type(e).__name__}: {e}"
+            log.error("model load failed: %s", e)
+            return
         except Exception as e:
             self._load_error = f"{type(e).__name__}: {e}"
             log.exception("model load failed")
