@@ -69,11 +69,11 @@ def test_upscale_end_to_end(browser, server, downloads):
     browser.find_element(By.ID, "file").send_keys(str(INPUT))
     wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
     assert "96 × 80" in browser.find_element(By.ID, "output-size").text
-    set_number(browser, "fal-steps", "20")  # 10 network evaluations: a few seconds, several progress events
+    set_number(browser, "fal-steps", "100")  # 35 network evaluations: long enough for several progress events
     set_number(browser, "fal-seed", "7")
     assert "fal queue API" in browser.find_element(By.ID, "route").text
     code = browser.find_element(By.ID, "code-text").text
-    assert "/queue/fal-ai/ccsr" in code and '"steps": 20' in code and '"seed": 7' in code
+    assert "/queue/fal-ai/ccsr" in code and '"steps": 100' in code and '"seed": 7' in code
 
     browser.find_element(By.ID, "upscale").click()
     seen: list[int] = []
