@@ -134,6 +134,12 @@ def test_per_key_rate_limit(make_client, tmp_path):
         ws.send_text(json.dumps([{"taskType": "getResponse", "taskUUID": "t"}]))
         err = json.loads(ws.receive_text())["errors"][0]
         assert err["code"] == "rateLimitExceeded" and err["taskUUID"] == "t"
+    # The playground's and the fal storage's own endpoints draw on the same per-key budget.
+    r = c.post(f"/playground/cancel/{uuid.uuid4()}", headers=_bearer(KEY_A))
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    r = c.post("/storage/upload/initiate", json={"content_type": "image/png", "file_name": "a.png"},
+               headers={"Authorization": f"Key {KEY_A}"})
+    assert r.status_code == 429 and r.headers["retry-after"]
 
 
 @pytest.mark.parametrize("protocol", ["runware", "fal"])

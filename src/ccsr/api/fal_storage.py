@@ -84,10 +84,11 @@ def _token_ok(request: Request, token: str) -> bool:
     return hmac.compare_digest(sig, _sign(request, "cdn", exp))
 
 
-def _key_ok(request: Request) -> bool:
-    from .fal import _authorized
+def _key_denied(request: Request) -> JSONResponse | None:
+    """The server's key policy and the key's rate limit, answered the fal way (401 / 429 + Retry-After)."""
+    from .fal import _denied
 
-    return _authorized(request)
+    return _denied(request)
 
 
 def _err(detail: str, status: int) -> JSONResponse:
@@ -129,8 +130,8 @@ def _ttl(request: Request) -> float | None:
 
 @router.post("/storage/auth/token", include_in_schema=False)
 async def auth_token(request: Request):
-    if not _key_ok(request):
-        return _err("Unauthorized", 401)
+    if (denied := _key_denied(request)) is not None:
+        return denied
     token, exp = _make_token(request)
     return {
         "token": token,
@@ -143,8 +144,10 @@ async def auth_token(request: Request):
 @router.post("/files/upload", include_in_schema=False)
 async def files_upload(request: Request):
     scheme, _, token = (request.headers.get("authorization") or "").partition(" ")
-    if not (scheme.lower() == "bearer" and _token_ok(request, token.strip())) and not _key_ok(request):
-        return _err("Unauthorized", 401)
+    if not (scheme.lower() == "bearer" and _token_ok(request, token.strip())) and (
+        denied := _key_denied(request)
+    ) is not None:
+        return denied
     got = await _read_image(request)
     if isinstance(got, JSONResponse):
         return got
@@ -162,8 +165,8 @@ async def files_upload(request: Request):
 
 @router.post("/storage/upload/initiate", include_in_schema=False)
 async def upload_initiate(request: Request):
-    if not _key_ok(request):
-        return _err("Unauthorized", 401)
+    if (denied := _key_denied(request)) is not None:
+        return denied
     try:
         body = json.loads(await request.body() or b"{}")
         ctype = str(body.get("content_type") or "application/octet-stream").split(";")[0].strip().lower()

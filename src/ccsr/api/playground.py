@@ -27,6 +27,7 @@ from ccsr.jobs import PROCESSING, QUEUED, SUCCESS, Job, JobEngine
 from ccsr.params import UpscaleParams
 
 from .app import client_host, get_engine, get_settings
+from .auth import Denied
 from .fal_schema import CCSRInput
 
 __all__ = ["router"]
@@ -42,14 +43,16 @@ KEEPALIVE_SECONDS = 15.0  # a comment line so proxies do not close an idle strea
 router = APIRouter(include_in_schema=False)
 
 
-def _authorized(request: Request) -> bool:
+def _denied(request: Request) -> JSONResponse | None:
+    """The server's key policy and the key's rate limit: None when admitted, else the 401/429 answer."""
     scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
     key = key.strip() if scheme.lower() in ("key", "bearer") else ""
-    return get_settings(request).key_ok(key or None, client_host(request))
-
-
-def _unauthorized() -> JSONResponse:
-    return JSONResponse({"detail": "invalid or missing API key (Authorization: Bearer <key>)"}, 401)
+    try:
+        get_settings(request).admit(key or None, client_host(request))
+    except Denied as e:
+        detail = "invalid or missing API key (Authorization: Bearer <key>)" if e.status == 401 else e.message
+        return JSONResponse({"detail": detail}, e.status, headers=e.headers())
+    return None
 
 
 def _find_job(engine: JobEngine, request_id: str) -> Job | None:
@@ -178,8 +181,8 @@ async def _events(request: Request, engine: JobEngine, job_id: str) -> AsyncIter
 @router.get("/playground/events/{request_id}")
 async def events(request: Request, request_id: str) -> Response:
     """``text/event-stream`` of ``progress`` events, then one ``done`` event (or ``gone``)."""
-    if not _authorized(request):
-        return _unauthorized()
+    if (denied := _denied(request)) is not None:
+        return denied
     engine = get_engine(request)
     job = await run_in_threadpool(_find_job, engine, request_id)
     if job is None:
@@ -193,8 +196,8 @@ async def events(request: Request, request_id: str) -> Response:
 
 @router.post("/playground/cancel/{request_id}")
 async def cancel(request: Request, request_id: str) -> JSONResponse:
-    if not _authorized(request):
-        return _unauthorized()
+    if (denied := _denied(request)) is not None:
+        return denied
     engine = get_engine(request)
     job = await run_in_threadpool(_find_job, engine, request_id)
     if job is None:
