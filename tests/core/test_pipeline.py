@@ -120,10 +120,12 @@ def test_float_input_for_high_bit_depth(tiny_pipeline, lq):
     assert np.abs(out.final - ref.final).mean() < 0.02
 
 
-def test_pad_mode_keeps_the_input_where_model_is_identity_free(tiny_pipeline, lq):
+def test_pad_mode_pads_to_the_size_multiple_and_crops_back(tiny_pipeline, lq):
     out = tiny_pipeline.run(lq, FAST)
     assert out.geometry.pad == (128 - 96, 128 - 80)
     assert out.processed.shape == (128, 128, 3)
+    assert np.array_equal(out.final, out.processed[:80, :96])  # cropped, never resampled
+    assert out.image.size == (96, 80)
 
 
 @pytest.mark.parametrize(

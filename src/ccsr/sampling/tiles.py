@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from math import exp, pi, sqrt
 
@@ -42,11 +43,13 @@ def sliding_windows(height: int, width: int, tile: int, stride: int) -> list[Win
     ]
 
 
+@functools.lru_cache(maxsize=16)
 def gaussian_weights(height: int, width: int) -> torch.Tensor:
     """Mixture-of-Diffusers tile weights, float64 ``[height, width]``.
 
     The x midpoint is ``(W-1)/2`` but the y midpoint is ``H/2``: an asymmetry inherited by the reference, kept so
-    that fused noise matches it.
+    that fused noise matches it. Cached: every window of every step asks for the same few shapes; callers
+    must not modify the returned tensor.
     """
     var = 0.01
 

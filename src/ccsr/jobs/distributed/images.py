@@ -43,6 +43,21 @@ def _expiry_name(expires_at: float, image_id: str) -> str:
     return f"{int(expires_at) + 1:012d}/{image_id}"  # zero-padded: lexical order is time order
 
 
+def _metadata(rec: StoredImage) -> dict[str, str]:
+    """String-only metadata (what S3 object metadata can hold); :func:`_record` reads it back."""
+    return {
+        "id": rec.id,
+        "content_type": rec.content_type,
+        "extension": rec.extension,
+        "width": str(rec.width),
+        "height": str(rec.height),
+        "size": str(rec.size),
+        "created_at": repr(rec.created_at),
+        "expires_at": repr(rec.expires_at) if rec.expires_at is not None else "none",
+        "kind": rec.kind,
+    }
+
+
 def _record(meta: dict) -> StoredImage:
     return StoredImage(
         meta["id"],
@@ -100,19 +115,8 @@ class S3ImageStore(ImageStore):
     ) -> StoredImage:
         image_id, ext, t, expires = _prepare(image_id, content_type, extension, ttl, self.default_ttl)
         rec = StoredImage(image_id, content_type, ext, int(width), int(height), len(data), t, expires, kind)
-        meta = {
-            "id": image_id,
-            "content_type": content_type,
-            "extension": ext,
-            "width": str(rec.width),
-            "height": str(rec.height),
-            "size": str(rec.size),
-            "created_at": repr(t),
-            "expires_at": repr(expires) if expires is not None else "none",
-            "kind": kind,
-        }
         self.s3.put_object(
-            Bucket=self.bucket, Key=self._key(image_id), Body=data, ContentType=content_type, Metadata=meta
+            Bucket=self.bucket, Key=self._key(image_id), Body=data, ContentType=content_type, Metadata=_metadata(rec)
         )
         if expires is not None:
             self.s3.put_object(
@@ -184,8 +188,12 @@ class SharedDirImageStore(ImageStore):
     def _write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk must not fill up further with half-written files
+            raise
 
     def put(
         self,
@@ -202,18 +210,7 @@ class SharedDirImageStore(ImageStore):
         image_id, ext, t, expires = _prepare(image_id, content_type, extension, ttl, self.default_ttl)
         rec = StoredImage(image_id, content_type, ext, int(width), int(height), len(data), t, expires, kind)
         self._write(self._data(image_id), data)
-        meta = {
-            "id": image_id,
-            "content_type": content_type,
-            "extension": ext,
-            "width": rec.width,
-            "height": rec.height,
-            "size": rec.size,
-            "created_at": t,
-            "expires_at": expires,
-            "kind": kind,
-        }
-        self._write(self._meta(image_id), json.dumps(meta).encode())  # the sidecar is the commit point
+        self._write(self._meta(image_id), json.dumps(_metadata(rec)).encode())  # the sidecar is the commit point
         if expires is not None:
             self._write(self.root / "_expiry" / _expiry_name(expires, image_id), b"")
         return rec
