@@ -28,10 +28,10 @@ def main() -> int:
     ap.add_argument("--outputs", default="512,1024", help="square output sides, comma-separated")
     ap.add_argument("--scale", type=float, default=4.0, help="upscale factor; input side = output / scale")
     ap.add_argument("--steps", type=int, default=3, help="S (3 = two evaluations per tile)")
-    ap.add_argument("--tile-size", type=int, default=512, help="diffusion tile, pixels")
-    ap.add_argument("--tile-stride", type=int, default=448, help="diffusion stride, pixels")
-    ap.add_argument("--tile-diffusion", default="mix", choices=["mix", "gaussian"])
-    ap.add_argument("--vae-tile", type=int, default=64, help="tiled VAE decoder tile, latent pixels")
+    ap.add_argument("--tile-size", type=int, help="diffusion tile, pixels (default: planned)")
+    ap.add_argument("--tile-stride", type=int, help="diffusion stride, pixels (default: planned)")
+    ap.add_argument("--tile-diffusion", default="auto", choices=["auto", "none", "mix", "gaussian"])
+    ap.add_argument("--vae-tile", type=int, help="tiled VAE decoder tile, latent pixels (default: planned)")
     ap.add_argument(
         "--size-mode",
         default="pad",
@@ -58,13 +58,9 @@ def main() -> int:
             "0",
             "--tile-diffusion",
             a.tile_diffusion,
-            "--tile-diffusion-size",
-            str(a.tile_size),
-            "--tile-diffusion-stride",
-            str(a.tile_stride),
-            "--tile-vae",
-            "--tile-vae-decoder-size",
-            str(a.vae_tile),
+            *(["--tile-diffusion-size", str(a.tile_size)] if a.tile_size else []),
+            *(["--tile-diffusion-stride", str(a.tile_stride)] if a.tile_stride else []),
+            *(["--tile-vae", "--tile-vae-decoder-size", str(a.vae_tile)] if a.vae_tile else []),
             "--size-mode",
             a.size_mode,
             "--device",
@@ -85,6 +81,7 @@ def main() -> int:
             {
                 "output": f"{ow}x{oh}",
                 "mp": ow * oh / 1e6,
+                "plan": r.get("plan"),
                 "tiles": s["tiles"],
                 "evaluations": s["evaluations"],
                 "wall_s": s["wall_s"],
@@ -121,6 +118,7 @@ def _print(rows: list[dict]) -> None:
         f"{'weights MB':>10} {'peak MB':>8} {'above MB':>8} {'ratio':>6}"
     )
     for r in rows:
+        print(f"{r['output']:>10} plan: {r['plan']}")
         print(
             f"{r['output']:>10} {r['tiles']:>5} {r['evaluations']:>5} {r['wall_s']:>8.1f} "
             f"{r['s_per_mp']:>8.1f} {r['eval_s']:>7.2f} {r['decode_s']:>8.1f} {r['weights_rss_mb']:>10.0f} "

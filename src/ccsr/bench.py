@@ -240,11 +240,10 @@ def run_bench(
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     image = _synthetic_input(*size, params.seed or 0)
     model = pipe.model
-    g = pipe.geometry(size, params)
-    total_evals = pipe.evaluations(size, params)
-    f = pipe.descriptor.latent_factor
-    tiling = pipe.tiling((g.process[1] // f, g.process[0] // f), params)
-    n_tiles = 1 if tiling is None else len(tiling.windows)
+    plan = pipe.plan(size, params)  # automatic tiling resolved once, so every run does the same work
+    params, g, total_evals, n_tiles = plan.params, plan.geometry, plan.evaluations, plan.windows
+    if log:
+        log(f"plan: {plan.describe()}")
 
     for i in range(warmup):
         if log:
@@ -310,8 +309,7 @@ def run_bench(
             "hint_encode_s": _mean(hint),
             "decode_s": out.timings.get("decode"),
             "output_mp_per_s": target[0] * target[1] / 1e6 / wall,
-            "finite": bool(np.isfinite(out.processed).all()),
-            "output_std": float(out.processed.std()),
+            **_output_stats(out.processed),
         }
         if cuda:
             run["peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -360,9 +358,24 @@ def run_bench(
         "output_size": list(g.target),
         "process_size": list(g.process),
         "planned_evaluations": total_evals,
+        "plan": plan.describe(),
+        "params": params.to_dict(),
         "runs": runs,
         "summary": summary,
     }
+
+
+def _output_stats(pixels: Any) -> dict[str, Any]:
+    """Finite check and standard deviation a block of rows at a time: no full-size temporaries in the peak."""
+    import numpy as np
+
+    n, total, squares, finite = 0, 0.0, 0.0, True
+    for r in range(0, pixels.shape[0], 256):
+        block = pixels[r : r + 256].astype(np.float64)
+        finite = finite and bool(np.isfinite(block).all())
+        n, total, squares = n + block.size, total + float(block.sum()), squares + float((block * block).sum())
+    mean = total / max(n, 1)
+    return {"finite": finite, "output_std": math.sqrt(max(squares / max(n, 1) - mean * mean, 0.0))}
 
 
 def gc_collect() -> None:
@@ -404,7 +417,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.channels_last:
         for m in model.networks().values():
             m.to(memory_format=torch.channels_last)
-    pipe = CCSRPipeline(model, device=device, dtype=dtype)
+    pipe = CCSRPipeline(model, device=device, dtype=dtype, compile=a.compile)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     build_s = time.perf_counter() - t0
@@ -416,6 +429,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         weights=model.source,
         parameters=model.descriptor.parameters,
         channels_last=bool(a.channels_last),
+        compile=bool(a.compile),
     )
     log(
         f"built {header['parameters'] / 1e6:.1f} M random parameters in {build_s:.1f} s; "
@@ -438,7 +452,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
         )
     report = {
         "header": header,
-        "params": params.to_dict(),
+        "requested": params.to_dict(),
         "build_s": build_s,
         "memory": memory,
         **result,
@@ -544,6 +558,8 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--repeat", type=int, default=1, help="timed runs (default 1)")
     b.add_argument("--warmup", type=int, default=0, help="untimed runs first (default 0; use 1 on CUDA)")
     b.add_argument("--channels-last", action="store_true", help="convert the networks to channels_last")
+    b.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet and ControlNet (use --warmup 1: the first run compiles)")
     b.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (default 0)")
     b.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")

@@ -36,6 +36,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="network precision (default: float32 on CPU, float16 on CUDA)")
     g.add_argument("--tokenizer", help="CLIP tokenizer folder for prompts (vocab.json + merges.txt)")
+    g.add_argument("--max-memory", help="working memory automatic tiling may plan for, e.g. 6G "
+                                        "(default: $CCSR_MAX_MEMORY, else 80%% of what the device has free)")
 
 
 def add_upscale_params(p: argparse.ArgumentParser) -> None:
@@ -48,11 +50,16 @@ def add_upscale_params(p: argparse.ArgumentParser) -> None:
     g.add_argument("--t-min", type=float, default=d.t_min, help=f"truncation end (default {d.t_min})")
     g.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     g.add_argument("--color-fix", choices=COLOR_FIXES, default=d.color_fix)
-    g.add_argument("--tile-diffusion", choices=TILE_DIFFUSIONS, default=d.tile_diffusion)
-    g.add_argument("--tile-diffusion-size", type=int, default=d.tile_diffusion_size, help="tile size in pixels")
-    g.add_argument("--tile-diffusion-stride", type=int, default=d.tile_diffusion_stride, help="stride in pixels")
-    g.add_argument("--tile-vae", action="store_true", help="decode with the tiled VAE (bounded memory)")
-    g.add_argument("--tile-vae-decoder-size", type=int, default=d.tile_vae_decoder_size, help="in latent pixels")
+    g.add_argument("--tile-diffusion", choices=TILE_DIFFUSIONS, default=d.tile_diffusion,
+                   help="auto (default): untiled when it fits in free memory, else mix tiles")
+    g.add_argument("--tile-diffusion-size", type=int, default=d.tile_diffusion_size,
+                   help="tile size in pixels (default: the model's native 512, smaller if memory is short)")
+    g.add_argument("--tile-diffusion-stride", type=int, default=d.tile_diffusion_stride,
+                   help="stride in pixels (default: 3/4 of the tile)")
+    g.add_argument("--tile-vae", action=argparse.BooleanOptionalAction, default=d.tile_vae,
+                   help="decode with the tiled VAE (default: only when a whole decode would not fit)")
+    g.add_argument("--tile-vae-decoder-size", type=int, default=d.tile_vae_decoder_size,
+                   help="in latent pixels (default: chosen from free memory)")
     g.add_argument("--tile-vae-encoder-size", type=int, default=d.tile_vae_encoder_size, help="in image pixels")
     g.add_argument("--prompt", default=d.prompt)
     g.add_argument("--negative-prompt", default=d.negative_prompt)
@@ -79,11 +86,23 @@ def load_pipeline(a: argparse.Namespace):  # type: ignore[no-untyped-def]
 
     if getattr(a, "tokenizer", None):
         os.environ["CCSR_TOKENIZER"] = a.tokenizer
+    from ccsr.pipeline import parse_bytes
+
+    try:
+        max_memory = parse_bytes(a.max_memory) if getattr(a, "max_memory", None) else None
+    except ValueError as e:
+        raise CLIError(f"--max-memory: {e}") from None
     return CCSRPipeline.from_single_file(a.weights, config=a.config, device=a.device,
-                                         dtype=None if a.dtype == "auto" else a.dtype)
+                                         dtype=None if a.dtype == "auto" else a.dtype, max_memory=max_memory)
 
 
 # -- upscale ---------------------------------------------------------------------------------------------------
+
+
+def _advance(bar, done: int, total: int) -> None:  # type: ignore[no-untyped-def]
+    if bar.total != total:  # an out-of-memory retry re-planned with more tiles
+        bar.reset(total)
+    bar.update(done - bar.n)
 
 
 def _collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
@@ -155,7 +174,8 @@ def cmd_upscale(a: argparse.Namespace) -> int:
         captured = {}
 
         def model(rgb, bar=bar, captured=captured):  # type: ignore[no-untyped-def]
-            out = pipe.run(rgb, params, progress=lambda done, _t: bar.update(done - bar.n))
+            out = pipe.run(rgb, params, progress=lambda done, t: _advance(bar, done, t),
+                           log=None if a.quiet else bar.write)
             captured["out"] = out
             return out
 

@@ -87,19 +87,40 @@ def plan_geometry(
     return Geometry(target, target, auto, proc)  # type: ignore[arg-type]
 
 
-def prepare(img: Picture, g: Geometry) -> np.ndarray:
-    """Input picture -> HWC float32 condition image at the processing size."""
+def prepare_compact(img: Picture, g: Geometry) -> np.ndarray:
+    """Input picture -> HWC condition image at the processing size, uint8 for 8-bit input (a quarter of the
+    memory; :func:`unit` gives the float values the reference uses) or float32 in [0, 1] for high-depth input."""
     if g.upscaled != size_of(img):
         img = resize(img, g.upscaled, Image.Resampling.BICUBIC)
     if g.pad != (0, 0):
-        arr = to_float(img)
+        arr = np.asarray(img.convert("RGB")) if isinstance(img, Image.Image) else to_float(img)
         mode = "reflect" if g.pad[0] < arr.shape[1] and g.pad[1] < arr.shape[0] else "symmetric"
         return np.pad(arr, ((0, g.pad[1]), (0, g.pad[0]), (0, 0)), mode=mode)
     if g.auto_resized != g.upscaled:
         img = resize(img, g.auto_resized, Image.Resampling.BICUBIC)
     if g.process != g.auto_resized:
         img = resize(img, g.process, Image.Resampling.LANCZOS)
-    return to_float(img)
+    return np.asarray(img.convert("RGB")) if isinstance(img, Image.Image) else to_float(img)
+
+
+def unit(pixels: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [0, 1] exactly as the reference (float64 division, then rounding); float unchanged."""
+    return (pixels / 255.0).astype(np.float32) if pixels.dtype == np.uint8 else pixels
+
+
+def prepare(img: Picture, g: Geometry) -> np.ndarray:
+    """Input picture -> HWC float32 condition image in [0, 1] at the processing size."""
+    return unit(prepare_compact(img, g))
+
+
+def quantise(pixels: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint8 truncated as the reference (``(x * 255).clip(0, 255).astype(uint8)``), a block of
+    rows at a time so that no full-size float temporary is made."""
+    out = np.empty(pixels.shape, np.uint8)
+    rows = max(1, (1 << 20) // max(1, pixels[0].size))
+    for r in range(0, pixels.shape[0], rows):
+        out[r : r + rows] = (pixels[r : r + rows] * np.float32(255)).clip(0, 255)  # unsafe cast truncates
+    return out
 
 
 def finish(processed: np.ndarray, g: Geometry) -> tuple[Image.Image, np.ndarray]:
@@ -109,8 +130,8 @@ def finish(processed: np.ndarray, g: Geometry) -> tuple[Image.Image, np.ndarray]
     """
     if g.pad != (0, 0):
         crop = processed[: g.target[1], : g.target[0]]
-        return Image.fromarray((crop * np.float32(255)).clip(0, 255).astype(np.uint8)), np.ascontiguousarray(crop)
-    as_uint8 = Image.fromarray((processed * np.float32(255)).clip(0, 255).astype(np.uint8))
+        return Image.fromarray(quantise(crop)), crop
+    as_uint8 = Image.fromarray(quantise(processed))
     if g.process == g.target:
         return as_uint8, processed
     final = np.clip(resize(processed, g.target, Image.Resampling.LANCZOS), 0.0, 1.0)

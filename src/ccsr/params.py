@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 ColorFix = Literal["adain", "wavelet", "none"]
-TileDiffusion = Literal["none", "mix", "gaussian"]
+TileDiffusion = Literal["auto", "none", "mix", "gaussian"]
 SizeMode = Literal["reference", "pad"]
 
 COLOR_FIXES: tuple[str, ...] = ("adain", "wavelet", "none")
-TILE_DIFFUSIONS: tuple[str, ...] = ("none", "mix", "gaussian")
+TILE_DIFFUSIONS: tuple[str, ...] = ("auto", "none", "mix", "gaussian")
 SIZE_MODES: tuple[str, ...] = ("reference", "pad")
 
 
@@ -30,7 +30,11 @@ class ParamError(ValueError):
 
 @dataclass(frozen=True)
 class UpscaleParams:
-    """Everything that decides an upscale's pixels (plus the seed, which is drawn if None)."""
+    """Everything that decides an upscale's pixels (plus the seed, which is drawn if None).
+
+    Tiling left as ``"auto"`` / ``None`` is chosen by :mod:`ccsr.planning` from the memory the device has free:
+    no tiles (the reference's exact path) whenever the image fits, otherwise the smallest change that does.
+    """
 
     scale: float = 2.0
     steps: int = 45
@@ -38,11 +42,11 @@ class UpscaleParams:
     t_min: float = 0.3333
     seed: int | None = None
     color_fix: ColorFix = "adain"
-    tile_diffusion: TileDiffusion = "none"
-    tile_diffusion_size: int = 1024
-    tile_diffusion_stride: int = 512
-    tile_vae: bool = False
-    tile_vae_decoder_size: int = 226
+    tile_diffusion: TileDiffusion = "auto"
+    tile_diffusion_size: int | None = None  # pixels; None: chosen with the tiling
+    tile_diffusion_stride: int | None = None  # pixels; None: chosen with the tiling
+    tile_vae: bool | None = None  # None: tiled only when the whole decode would not fit
+    tile_vae_decoder_size: int | None = None  # latent pixels; None: chosen from free memory
     tile_vae_encoder_size: int = 1024
     prompt: str = ""
     negative_prompt: str = ""
@@ -68,11 +72,13 @@ class UpscaleParams:
             raise ParamError("tile_diffusion", f"must be one of {', '.join(TILE_DIFFUSIONS)}")
         if self.size_mode not in SIZE_MODES:
             raise ParamError("size_mode", f"must be one of {', '.join(SIZE_MODES)}")
-        if self.tile_diffusion_size < 64 or self.tile_diffusion_size % 8:
+        if self.tile_diffusion_size is not None and (self.tile_diffusion_size < 64 or self.tile_diffusion_size % 8):
             raise ParamError("tile_diffusion_size", "must be a multiple of 8 and at least 64")
-        if self.tile_diffusion_stride < 8 or self.tile_diffusion_stride % 8:
+        if self.tile_diffusion_stride is not None and (
+            self.tile_diffusion_stride < 8 or self.tile_diffusion_stride % 8
+        ):
             raise ParamError("tile_diffusion_stride", "must be a multiple of 8 and at least 8")
-        if self.tile_vae_decoder_size < 8:
+        if self.tile_vae_decoder_size is not None and self.tile_vae_decoder_size < 8:
             raise ParamError("tile_vae_decoder_size", "must be at least 8 (latent pixels)")
         if self.tile_vae_encoder_size < 64:
             raise ParamError("tile_vae_encoder_size", "must be at least 64 (image pixels)")

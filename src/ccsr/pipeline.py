@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import random
 import time
 from collections.abc import Callable
@@ -13,13 +15,14 @@ import torch
 from PIL import Image
 
 from ccsr.colorfix import color_fix
-from ccsr.geometry import Geometry, Picture, finish, plan_geometry, prepare, size_of
+from ccsr.geometry import Geometry, Picture, finish, prepare_compact, size_of
 from ccsr.model import CCSRModel, ModelDescriptor, load_model
 from ccsr.params import UpscaleParams
+from ccsr.planning import Plan, Planner, is_out_of_memory, retry_plan
 from ccsr.sampling.ccsr_v1 import StepRecord, Tiling, sample_ccsr_v1
 from ccsr.sampling.denoiser import CCSRDenoiser
 from ccsr.sampling.schedule import SpacedSchedule, truncated_plan
-from ccsr.sampling.tiles import sliding_windows
+from ccsr.sampling.tiles import Window, sliding_windows
 
 Tensor = torch.Tensor
 Progress = Callable[[int, int], None]
@@ -38,6 +41,7 @@ class UpscaleOutput:
     geometry: Geometry
     timings: dict[str, float] = field(default_factory=dict)
     evaluations: int = 0
+    plan: Plan | None = None  # the tiling that ran (automatic choices resolved)
 
 
 def default_device() -> torch.device:
@@ -66,23 +70,43 @@ def parse_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.
     return DTYPES[dtype]
 
 
+def parse_bytes(text: str) -> int:
+    """``"6G"``, ``"512M"``, ``"1.5GiB"`` or a plain number of bytes."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    try:
+        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(float(t))
+    except ValueError:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 6G, 512M)") from None
+
+
 class CCSRPipeline:
     """CCSR-v1 upscaling. ``run`` is the full interface; calling the pipeline returns just the image."""
 
     def __init__(self, model: CCSRModel, device: str | torch.device | None = None,
-                 dtype: str | torch.dtype | None = None):
+                 dtype: str | torch.dtype | None = None, max_memory: int | None = None, compile: bool = False):
+        """``max_memory``: bytes of working memory (beyond the weights) automatic tiling may plan for; default
+        ``$CCSR_MAX_MEMORY`` or, unset, 80 % of what the device has free at each upscale. ``compile``: run the
+        UNet and ControlNet through ``torch.compile`` (off by default: on the CPU the first call compiles for
+        minutes, and again for every new latent shape; worth it only for a long-running worker)."""
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_dtype(dtype, self.device)
         # The SD VAE overflows in fp16 at large sizes; bf16 has fp32's range and is safe.
         self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
         self.model = model.to(self.device, self.dtype, self.vae_dtype)
+        if max_memory is None and os.environ.get("CCSR_MAX_MEMORY"):
+            max_memory = parse_bytes(os.environ["CCSR_MAX_MEMORY"])
+        if compile:
+            self.model.unet = torch.compile(self.model.unet)  # type: ignore[assignment]
+            self.model.controlnet = torch.compile(self.model.controlnet)  # type: ignore[assignment]
+        self.planner = Planner(model.descriptor, self.device, self.dtype, self.vae_dtype, max_memory)
 
     @classmethod
     def from_single_file(cls, path: str | Path | None = None, config: str | Path | None = None,
-                         device: str | torch.device | None = None,
-                         dtype: str | torch.dtype | None = None) -> CCSRPipeline:
+                         device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                         max_memory: int | None = None, compile: bool = False) -> CCSRPipeline:
         """Load an original CCSR checkpoint (.ckpt / .safetensors, local or ``hf://``) or a converted folder."""
-        return cls(load_model(path, config), device=device, dtype=dtype)
+        return cls(load_model(path, config), device=device, dtype=dtype, max_memory=max_memory, compile=compile)
 
     from_pretrained = from_single_file
 
@@ -95,31 +119,22 @@ class CCSRPipeline:
 
     # -- the upscale ------------------------------------------------------------------------------------------
 
-    def geometry(self, size: tuple[int, int], p: UpscaleParams) -> Geometry:
-        tiled = p.tile_diffusion != "none"
-        return plan_geometry(
-            size, p.scale, mode=p.size_mode,
-            min_side=p.tile_diffusion_size if tiled else 512,
-            add_block=p.tile_diffusion == "gaussian" or p.tile_vae,
-            multiple=self.descriptor.size_multiple,
-            min_pad_size=self.descriptor.min_tile_latent * self.descriptor.latent_factor,
-        )
-
-    def tiling(self, latent_hw: tuple[int, int], p: UpscaleParams) -> Tiling | None:
-        if p.tile_diffusion == "none":
-            return None
-        f = self.descriptor.latent_factor
-        tile = max(p.tile_diffusion_size // f, 1)
-        stride = max(p.tile_diffusion_stride // f, 1)
-        return Tiling(sliding_windows(*latent_hw, tile, stride), p.tile_diffusion)  # type: ignore[arg-type]
+    def plan(self, size: tuple[int, int], params: UpscaleParams | None = None) -> Plan:
+        """Resolve automatic tiling for an input of ``size`` (w, h) against the memory free now."""
+        return self.planner.plan(size, params or UpscaleParams())
 
     def evaluations(self, size: tuple[int, int], p: UpscaleParams) -> int:
         """Network evaluations (tiles x steps) an upscale of ``size`` will make: the progress total."""
-        g = self.geometry(size, p)
-        f = self.descriptor.latent_factor
-        tiling = self.tiling((g.process[1] // f, g.process[0] // f), p)
-        plan = truncated_plan(SpacedSchedule.make(p.steps), p.t_max, p.t_min)
-        return plan.evaluations * (1 if tiling is None else len(tiling.windows))
+        return self.plan(size, p).evaluations
+
+    def tiling(self, plan: Plan) -> Tiling | None:
+        p, f = plan.params, self.descriptor.latent_factor
+        if p.tile_diffusion == "none":
+            return None
+        w, h = plan.geometry.process
+        windows = sliding_windows(h // f, w // f, max(p.tile_diffusion_size // f, 1),
+                                  max(p.tile_diffusion_stride // f, 1))
+        return Tiling(windows, p.tile_diffusion)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def run(
@@ -130,25 +145,46 @@ class CCSRPipeline:
         progress: Progress | None = None,
         should_cancel: Callable[[], bool] | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
+        log: Callable[[str], None] | None = None,
     ) -> UpscaleOutput:
+        """Upscale ``image``. Tiling left automatic is planned from free memory; if the device still runs out
+        of memory, the run starts again with a smaller plan (same seed, so the same noise)."""
         p = (params or UpscaleParams()).validate()
-        seed = p.seed if p.seed is not None else random.randrange(2**32)
+        if p.seed is None:
+            p = p.replace(seed=random.randrange(2**32))
+        size = size_of(image)
+        plan = self.planner.plan(size, p)
+        while True:
+            if log is not None:
+                log(f"plan: {plan.describe()}")
+            try:
+                return self._run(image, plan, progress, should_cancel, on_step)
+            except (RuntimeError, MemoryError) as e:
+                smaller = retry_plan(self.planner, size, plan) if is_out_of_memory(e) else None
+                if smaller is None:
+                    raise
+            # outside the handler, so the failed attempt's frames and tensors are already released
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if log is not None:
+                log("out of memory: planning again with smaller tiles")
+            plan = smaller
+
+    def _run(self, image: Picture, plan: Plan, progress: Progress | None,
+             should_cancel: Callable[[], bool] | None, on_step: Callable[[StepRecord], None] | None) -> UpscaleOutput:
+        p, g = plan.params, plan.geometry
+        seed = int(p.seed or 0)  # run() always sets it
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         cfg = self.model.config
-        g = self.geometry(size_of(image), p)
-        cond_np = prepare(image, g)
-        cond = torch.from_numpy(cond_np).permute(2, 0, 1)[None].contiguous().to(self.device)
+        # The condition image stays on the host (uint8 for 8-bit input); windows go to the device as needed.
+        cond = Condition(prepare_compact(image, g), self.device, self.descriptor.latent_factor)
         f = self.descriptor.latent_factor
         latent_shape = (1, cfg.latent_channels, g.process[1] // f, g.process[0] // f)
         timings["preprocess"] = time.perf_counter() - t0
 
-        # Every random draw comes from one CPU generator in the reference's order, with the full latent's shape,
-        # so a seed gives the same image on every device (up to kernel differences).
-        gen = torch.Generator("cpu").manual_seed(seed)
-
-        def noise() -> Tensor:
-            return torch.randn(latent_shape, generator=gen, dtype=torch.float32).to(self.device)
+        noise = PreDrawnNoise(seed, latent_shape, self.device)
 
         t1 = time.perf_counter()
         text = self.model.text
@@ -157,11 +193,12 @@ class CCSRPipeline:
         timings["text"] = time.perf_counter() - t1
 
         schedule = SpacedSchedule.make(p.steps, cfg.linear_start, cfg.linear_end, cfg.num_timesteps)
-        plan = truncated_plan(schedule, p.t_max, p.t_min)
-        tiling = self.tiling(latent_shape[2:], p)
+        sampling_plan = truncated_plan(schedule, p.t_max, p.t_min)
+        tiling = self.tiling(plan)
+        noise.draw(1 + (1 if tiling is None else 0) + 1 + len(sampling_plan.loop))  # x_T, [dropped], jump, loop
         denoiser = CCSRDenoiser(
-            self.model.unet, self.model.controlnet, self.model.cond_encoder, cond, context,
-            uncond_context=uncond, cfg_scale=p.cfg_scale, control_scale=p.controlnet_weight, latent_factor=f,
+            self.model.unet, self.model.controlnet, self.model.cond_encoder, cond.window, context,
+            uncond_context=uncond, cfg_scale=p.cfg_scale, control_scale=p.controlnet_weight,
         )
 
         def tick(done: int, total: int) -> None:
@@ -174,42 +211,82 @@ class CCSRPipeline:
             raise Cancelled("cancelled")
         t2 = time.perf_counter()
         x_T = noise()
-        z0 = sample_ccsr_v1(denoiser, x_T, schedule, plan, noise, tiling=tiling, progress=tick, on_step=on_step)
+        z0 = sample_ccsr_v1(denoiser, x_T, schedule, sampling_plan, noise, tiling=tiling, progress=tick,
+                            on_step=on_step)
         denoiser.drop_hints()
         timings["sample"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        pixels = self._decode(z0, cond, p, tiling)
-        processed = pixels.clamp(0, 1)[0].permute(1, 2, 0).float().cpu().numpy()
+        pixels = self._decode(z0, cond, plan, tiling)  # float32 [1, 3, H, W] on the host
+        processed = pixels.clamp_(0, 1)[0].permute(1, 2, 0).numpy()  # a view: no full-size copy
         timings["decode"] = time.perf_counter() - t3
         img8, final = finish(processed, g)
         timings["total"] = time.perf_counter() - t0
-        n_eval = plan.evaluations * (1 if tiling is None else len(tiling.windows))
-        return UpscaleOutput(img8, final, processed, seed, g, timings, n_eval)
+        n_eval = sampling_plan.evaluations * (1 if tiling is None else len(tiling.windows))
+        return UpscaleOutput(img8, final, processed, seed, g, timings, n_eval, plan)
 
-    def _decode_latent(self, z: Tensor, p: UpscaleParams) -> Tensor:
-        vae = self.model.vae
+    def _decode_latent(self, z: Tensor, plan: Plan) -> Tensor:
+        vae, p = self.model.vae, plan.params
         z = (z * (1.0 / self.model.config.scale_factor)).to(self.vae_dtype)
-        if p.tile_vae:
+        if plan.decode == "whole":
+            out = vae.decode(z).sample
+        else:
             from ccsr.vae import tiled_decode
 
-            out = tiled_decode(vae, z, p.tile_vae_decoder_size)
-        else:
-            out = vae.decode(z).sample
+            stats = "sync" if plan.decode == "tiled" else "estimate"
+            out = tiled_decode(vae, z, p.tile_vae_decoder_size, stats=stats)
         return (out.float() + 1) / 2
 
-    def _decode(self, z0: Tensor, cond: Tensor, p: UpscaleParams, tiling: Tiling | None) -> Tensor:
+    def _decode(self, z0: Tensor, cond: Condition, plan: Plan, tiling: Tiling | None) -> Tensor:
+        fix = plan.params.color_fix
         if tiling is None or tiling.blend == "gaussian":
-            return color_fix(self._decode_latent(z0, p), cond, p.color_fix)
-        # "mix": every tile decoded and colour-fixed on its own, then averaged in pixel space.
+            return color_fix(self._decode_latent(z0, plan), cond.window(None), fix).cpu()
+        # "mix": every tile decoded and colour-fixed on its own, then averaged in pixel space (on the host).
         f = self.descriptor.latent_factor
-        acc = torch.zeros_like(cond)
-        # Overlap counts are small integers: one float32 plane divides exactly as the reference's int64 volume.
-        count = torch.zeros((1, 1, *cond.shape[2:]), dtype=torch.float32, device=cond.device)
+        acc = torch.zeros((1, 3, *cond.shape), dtype=torch.float32)
+        # Overlap counts are small integers: a uint8 plane divides exactly as the reference's int64 volume.
+        count = torch.zeros((1, 1, *cond.shape), dtype=torch.uint8)
         for win in tiling.windows:
             rows, cols = win.latent()
             prow, pcol = win.pixels(f)
-            tile = self._decode_latent(z0[:, :, rows, cols], p)
-            acc[:, :, prow, pcol] += color_fix(tile, cond[:, :, prow, pcol], p.color_fix)
+            tile = self._decode_latent(z0[:, :, rows, cols], plan)
+            acc[:, :, prow, pcol] += color_fix(tile, cond.window(win), fix).cpu()
             count[:, :, prow, pcol] += 1
         return acc.div_(count)
+
+
+class PreDrawnNoise:
+    """The sampler's noise source. Every draw comes from one CPU generator in the reference's order with the full
+    latent's shape, so a seed gives the same image on every device (up to kernel differences). They are drawn
+    up front and sent to the device in one copy, so the step loop never waits on a host-to-device transfer."""
+
+    def __init__(self, seed: int, shape: tuple[int, ...], device: torch.device):
+        self.gen = torch.Generator("cpu").manual_seed(seed)
+        self.shape, self.device = shape, device
+        self.ready: list[Tensor] = []
+
+    def draw(self, n: int) -> None:
+        batch = torch.stack([torch.randn(self.shape, generator=self.gen, dtype=torch.float32) for _ in range(n)])
+        self.ready.extend(batch.to(self.device).unbind(0))
+
+    def __call__(self) -> Tensor:
+        if not self.ready:
+            self.draw(1)
+        return self.ready.pop(0)
+
+
+class Condition:
+    """The condition image at the processing size, kept on the host in its compact form (uint8 for 8-bit
+    input); ``window`` gives a crop as float32 [1, 3, h, w] in [0, 1] on the device, converted as the reference
+    converts the whole image, so tiled and untiled runs see the same values."""
+
+    def __init__(self, pixels: np.ndarray, device: torch.device, latent_factor: int):
+        self.pixels = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))  # HWC
+        self.device, self.factor = device, latent_factor
+        self.shape = tuple(pixels.shape[:2])
+
+    def window(self, win: Window | None) -> Tensor:
+        crop = self.pixels if win is None else self.pixels[win.pixels(self.factor)]
+        if crop.dtype == torch.uint8:
+            crop = crop.double().div_(255.0).float()  # numpy's (x / 255.0).astype(float32), bit for bit
+        return crop.permute(2, 0, 1)[None].contiguous().to(self.device)

@@ -129,7 +129,7 @@ def test_control_image_and_hint_latents(case, tiny_pipeline):
     tiles_file = case_dir / "c_latent_tiles.npy"
     if tiles_file.exists():
         ref = np.load(tiles_file)
-        tiling = tiny_pipeline.tiling((cond.shape[0] // f, cond.shape[1] // f), case_params(meta["args"]))
+        tiling = tiny_pipeline.tiling(out.plan)
         assert tiling is not None and len(tiling.windows) == ref.shape[0]
         boxes = meta.get("latent_tiles_hi_hiend_wi_wiend")
         if boxes:

@@ -104,7 +104,7 @@ def test_cfg_is_uncond_plus_scaled_difference(tiny_pipeline, lq):
     cond_img = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     c, u = m.text.encode("a photo of a cat"), m.text.encode("")
-    args = (m.unet, m.controlnet, m.cond_encoder, cond_img)
+    args = (m.unet, m.controlnet, m.cond_encoder, lambda window: cond_img)
     guided = CCSRDenoiser(*args, c, uncond_context=u, cfg_scale=3.0)(x, 500, None)
     eps_c = CCSRDenoiser(*args, c)(x, 500, None)
     eps_u = CCSRDenoiser(*args, u)(x, 500, None)
@@ -143,3 +143,16 @@ def test_descriptor(tiny_pipeline):
     d = tiny_pipeline.descriptor
     assert (d.latent_factor, d.size_multiple, d.latent_channels) == (8, 64, 4)
     assert d.supports_tiling and "float32" in d.dtypes
+
+
+def test_compiled_networks_give_the_same_image(fixtures, lq):
+    """``compile=True`` (torch.compile of the UNet and ControlNet) changes speed, not the result."""
+    from ccsr.pipeline import CCSRPipeline
+
+    p = FAST.replace(steps=3)
+    weights, config = fixtures / "model.safetensors", fixtures / "model.yaml"
+    eager = CCSRPipeline.from_single_file(weights, config=config, device="cpu")
+    compiled = CCSRPipeline.from_single_file(weights, config=config, device="cpu", compile=True)
+    assert type(compiled.model.unet).__name__ == "OptimizedModule"
+    a, b = eager.run(lq, p), compiled.run(lq, p)
+    assert np.abs(a.processed - b.processed).max() < 1e-4

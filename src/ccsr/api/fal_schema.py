@@ -36,7 +36,9 @@ class CCSRInput(BaseModel):
     image_url: str = Field(description="The URL or data URI of the image to upscale.")
     scale: float = Field(2, ge=1, le=4, description="The scale of the output image.")
     tile_diffusion: Literal["none", "mix", "gaussian"] = Field(
-        "none", description="If specified, a patch-based sampling strategy will be used for sampling."
+        "none",
+        description="If specified, a patch-based sampling strategy will be used for sampling. (ccsr: when no "
+        "tiling field is given, tiling is chosen from free memory: none whenever the image fits.)",
     )
     tile_diffusion_size: int = Field(1024, ge=256, le=2048, description="Size of patch.")
     tile_diffusion_stride: int = Field(512, ge=128, le=1024, description="Stride of sliding patch.")
@@ -141,6 +143,19 @@ def draw_seed() -> int:
     return secrets.randbelow(SEED_RANGE)
 
 
+def _tiling(inp: CCSRInput) -> dict[str, object]:
+    """Tiling the request chose keeps fal's meaning (and fal's defaults for the sizes it left out); tiling it
+    left out entirely is planned from free memory, which is fal's default ("none") whenever that fits."""
+    given = inp.model_fields_set
+    out: dict[str, object] = {}
+    if "tile_diffusion" in given or "tile_diffusion_size" in given or "tile_diffusion_stride" in given:
+        out.update(tile_diffusion=inp.tile_diffusion, tile_diffusion_size=inp.tile_diffusion_size // 8 * 8,
+                   tile_diffusion_stride=inp.tile_diffusion_stride // 8 * 8)
+    if "tile_vae" in given or "tile_vae_decoder_size" in given:
+        out.update(tile_vae=inp.tile_vae, tile_vae_decoder_size=inp.tile_vae_decoder_size)
+    return out
+
+
 def to_params(
     inp: CCSRInput, *, size_mode: str = "reference", default_steps: int | None = None
 ) -> UpscaleParams:
@@ -161,12 +176,8 @@ def to_params(
         t_min=inp.t_min,
         seed=seed,
         color_fix=inp.color_fix_type,
-        tile_diffusion=inp.tile_diffusion,
-        tile_diffusion_size=inp.tile_diffusion_size // 8 * 8,
-        tile_diffusion_stride=inp.tile_diffusion_stride // 8 * 8,
-        tile_vae=inp.tile_vae,
-        tile_vae_decoder_size=inp.tile_vae_decoder_size,
         tile_vae_encoder_size=inp.tile_vae_encoder_size,
+        **_tiling(inp),
     )
     try:
         return params.validate()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ccsr.params import ParamError
+
 from .engine import JobCancelled, JobFailed, RunOutput
 from .types import ErrorCode, Job
 
@@ -87,7 +89,11 @@ class CCSRRunner:
             f"upscaling {decoded.size[0]}x{decoded.size[1]} -> {expected[0]}x{expected[1]}"
             f" ({params.steps} steps, seed {params.seed})"
         )
-        log(f"sampling: {self.pipeline.evaluations(decoded.size, params)} network evaluations (tiles x steps)")
+        try:
+            plan = self.pipeline.plan(decoded.size, params)
+        except ParamError as e:  # e.g. explicit tiling that cannot fit in free memory
+            raise JobFailed(ErrorCode.INVALID_INPUT, str(e)) from e
+        log(f"sampling: {plan.evaluations} network evaluations (tiles x steps); {plan.describe()}")
         seeds: list[int] = []
 
         def model(rgb):
@@ -96,6 +102,7 @@ class CCSRRunner:
                 params,
                 progress=lambda done, total: progress(done / max(total, 1)),
                 should_cancel=should_cancel,
+                log=log,
             )
             seeds.append(out.seed)
             log("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items()))
@@ -108,6 +115,8 @@ class CCSRRunner:
             enc = imaging.encode(up, enc_opts)
         except Cancelled as e:
             raise JobCancelled() from e
+        except ParamError as e:  # e.g. explicit tiling that cannot fit in free memory
+            raise JobFailed(ErrorCode.INVALID_INPUT, str(e)) from e
         except imaging.ImageError as e:
             code = ErrorCode.INFERENCE_FAILED if e.code == "model_output" else ErrorCode.INVALID_INPUT
             raise JobFailed(code, e.message) from e

@@ -33,6 +33,7 @@ __all__ = [
     "CCSRModel",
     "CheckpointKeyError",
     "ConfigError",
+    "MemoryProfile",
     "ModelDescriptor",
     "WeightsError",
     "load_config",
@@ -40,6 +41,24 @@ __all__ = [
 ]
 
 NETWORKS = ("unet", "controlnet", "vae", "cond_encoder")
+
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """Working memory of each network, in bytes per pixel, beyond the weights (fp32; halve for 16-bit).
+
+    Measured on the CPU for the SD-2.1-size CCSR-v1 networks with random weights (peak RSS above the weights at
+    several sizes; see bench/README.md) and scaled by the first block's width for other configs.
+    """
+
+    eval_per_latent_px: float  # UNet + ControlNet, one batch item, per latent pixel
+    hint_per_px: float  # condition encoder (a VAE encoder) per image pixel
+    decode_per_px: float  # untiled VAE decoder per output pixel
+
+    @classmethod
+    def for_widths(cls, unet_width: int, vae_width: int) -> MemoryProfile:
+        return cls(eval_per_latent_px=150.0 * unet_width, hint_per_px=20.0 * vae_width,
+                   decode_per_px=31.0 * vae_width)
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,8 @@ class ModelDescriptor:
     latent_factor: int  # image pixels per latent pixel
     size_multiple: int  # processing sizes are multiples of this (three UNet downsamplings of the latent)
     min_tile_latent: int  # smallest diffusion tile whose deepest level GroupNorm can normalise
+    native_size: int = 512  # the image size it was trained at: the preferred diffusion tile
+    memory: MemoryProfile = field(default_factory=lambda: MemoryProfile.for_widths(320, 128))
     scale_range: tuple[float, float] = (1.0, 4.0)
     supports_tiling: bool = True
     supports_prompts: bool = True
@@ -81,6 +102,8 @@ class CCSRModel:
             latent_factor=self.config.vae_downscale,
             size_multiple=self.config.vae_downscale * 2 ** (levels - 1),
             min_tile_latent=2 ** (levels - 1) * 2,
+            memory=MemoryProfile.for_widths(self.config.unet["block_out_channels"][0],
+                                            self.config.vae["block_out_channels"][0]),
         )
 
     def networks(self) -> dict[str, nn.Module]:

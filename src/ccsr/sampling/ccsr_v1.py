@@ -7,6 +7,7 @@ float32 first, as the reference does, so that a seeded CPU fp32 run reproduces i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -32,8 +33,14 @@ class Tiling:
     blend: Literal["mix", "gaussian"]
 
     def weights(self, window: Window, device: torch.device) -> Tensor:
-        w = gaussian_weights(window.bottom - window.top, window.right - window.left)
-        return w.to(device, torch.float32 if device.type == "mps" else torch.float64)  # MPS has no float64
+        return _weights_on(window.bottom - window.top, window.right - window.left, device)
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_on(height: int, width: int, device: torch.device) -> Tensor:
+    """Gaussian tile weights already on ``device`` (copied once, not once per window and step)."""
+    w = gaussian_weights(height, width)
+    return w.to(device, torch.float32 if device.type == "mps" else torch.float64)  # MPS has no float64
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -13,7 +15,9 @@ Tensor = torch.Tensor
 class CCSRDenoiser:
     """Callable ``(x, t, window) -> eps`` for :func:`ccsr.sampling.ccsr_v1.sample_ccsr_v1`.
 
-    The hint latent of a window is the condition encoder run on that window's pixels (not a crop of the full-image
+    ``condition(window)`` returns the condition image's pixels for a window (or the whole image for None) on the
+    device, in [0, 1]; the full image itself can stay on the host. The hint latent of a window is the condition
+    encoder run on that window's pixels (not a crop of the full-image
     latent: the reference re-encodes per tile and border effects differ). It is deterministic, so it is computed
     once per window and reused at every step. Classifier-free guidance runs cond and uncond as one batch.
     """
@@ -23,31 +27,25 @@ class CCSRDenoiser:
         unet: nn.Module,
         controlnet: nn.Module,
         cond_encoder: nn.Module,
-        cond_image: Tensor,
+        condition: Callable[[Window | None], Tensor],
         context: Tensor,
         *,
         uncond_context: Tensor | None = None,
         cfg_scale: float = 1.0,
         control_scale: float = 1.0,
-        latent_factor: int = 8,
     ):
         self.unet, self.controlnet, self.cond_encoder = unet, controlnet, cond_encoder
-        self.cond_image = cond_image
+        self.condition = condition
         self.cfg = uncond_context is not None and cfg_scale != 1.0
         self.cfg_scale = cfg_scale
         self.context = torch.cat([uncond_context, context]) if self.cfg else context
         self.control_scale = control_scale
-        self.factor = latent_factor
         self._hints: dict[Window | None, Tensor] = {}
         self.dtype = next(unet.parameters()).dtype
 
     def hint(self, window: Window | None) -> Tensor:
         if window not in self._hints:
-            img = self.cond_image
-            if window is not None:
-                rows, cols = window.pixels(self.factor)
-                img = img[:, :, rows, cols]
-            self._hints[window] = self.cond_encoder(img.to(self.dtype))
+            self._hints[window] = self.cond_encoder(self.condition(window).to(self.dtype))
         return self._hints[window]
 
     def __call__(self, x: Tensor, t: int, window: Window | None) -> Tensor:

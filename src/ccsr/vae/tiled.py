@@ -14,6 +14,12 @@ next and finds the tile's activation normalised when it resumes. The driver (``_
 tiles to the next GroupNorm, combines their statistics and resumes them, visiting tiles in zig-zag order.
 Only per-tile activations exist; with ``offload`` (default on accelerators) every tile but the current one,
 and the stashed residuals, are parked on the CPU, so device memory is bounded by about one tile.
+
+Synchronising keeps every tile's activation alive at once, so host memory grows with the output area (about
+1-2 KiB per output pixel for the SD VAE). The decoder's ``stats="estimate"`` mode bounds it by about one tile
+instead: like the reference tilevae's fast mode, it estimates the GroupNorm statistics from a synchronised pass
+over an area-downscaled latent (recording them, GroupNorm by GroupNorm), then runs the full-size tiles one at a
+time, each applying the recorded statistics. The result differs slightly from the synchronised one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from torch import Tensor, nn
 
 Box = tuple[int, int, int, int]  # x1, x2, y1, y2 (the manifest's order)
 TileProgram = Generator[nn.GroupNorm, None, None]
+NormStats = list[tuple[nn.GroupNorm, Tensor, Tensor]]  # (layer, var, mean) per GroupNorm, in program order
+STATS_MODES = ("sync", "estimate")
 
 
 # ----------------------------------------------------------------------------------------------- tile layout
@@ -190,71 +198,139 @@ def _run_tiles(
     out_hw: tuple[int, int],
     decoder: bool,
     offload: bool,
+    *,
+    record: NormStats | None = None,
+    replay: NormStats | None = None,
 ) -> Tensor:
+    """Run the tiles and paste their valid regions into the output.
+
+    Without ``replay`` all tiles advance in lockstep and each GroupNorm applies the statistics combined over all
+    tiles (appended to ``record`` when given). With ``replay`` the tiles run one at a time, start to finish, and
+    the k-th GroupNorm applies ``replay[k]``, so only one tile's activations are alive; nothing is parked then.
+    """
     device = x.device
-    store = torch.device("cpu") if offload else device
-    tiles = [_Tile(x[:, :, y1:y2, x1:x2], store) for x1, x2, y1, y2 in in_boxes]
-    programs = [program(t) for t in tiles]
+    store = torch.device("cpu") if offload and replay is None else device
     out: Tensor | None = None
-    pending = None  # (norm, var, mean) that every tile applies when it is next visited
-    order = list(range(len(tiles)))
-    while True:
-        stats, layer = [], None
-        for i in order:
-            t = tiles[i]
-            t.h = t.h.to(device)
-            if pending is not None:
-                t.h = _apply_norm(t.h, *pending)
-            step = next(programs[i], None)
-            if step is None:  # finished: paste the valid region (all tiles finish in the same round)
-                if out is None:
-                    out = t.h.new_zeros((x.shape[0], t.h.shape[1], *out_hw))
-                ox1, ox2, oy1, oy2 = out_boxes[i]
-                ix1, ix2, iy1, iy2 = (v * 8 if decoder else v // 8 for v in in_boxes[i])
-                # offsets from the tile's start and end, as the reference crops them
-                out[:, :, oy1:oy2, ox1:ox2] = t.h[
-                    :, :, oy1 - iy1 : t.h.shape[2] + oy2 - iy2, ox1 - ix1 : t.h.shape[3] + ox2 - ix2
-                ]
-                t.h = None
-                continue
-            assert layer is None or step is layer, "tiles disagree on the next GroupNorm"
-            layer = step
-            stats.append((*_group_stats(t.h, step.num_groups), t.h.shape[2] * t.h.shape[3]))
-            if i != order[-1]:  # the last tile of this round is the first of the next one: keep it
-                t.h = t.h.to(store)
-        if layer is None:
-            assert out is not None
-            return out
-        pending = (layer, *_combine(stats))
-        order.reverse()
+    everything = list(range(len(in_boxes)))
+    for batch in [everything] if replay is None else [[i] for i in everything]:
+        tiles = {}
+        for i in batch:
+            x1, x2, y1, y2 = in_boxes[i]
+            tiles[i] = _Tile(x[:, :, y1:y2, x1:x2], store)
+        programs = {i: program(t) for i, t in tiles.items()}
+        pending = None  # (norm, var, mean) that every tile applies when it is next visited
+        order, k = batch, 0
+        while True:
+            stats, layer = [], None
+            for i in order:
+                t = tiles[i]
+                t.h = t.h.to(device)
+                if pending is not None:
+                    t.h = _apply_norm(t.h, *pending)
+                step = next(programs[i], None)
+                if step is None:  # finished: paste the valid region (all tiles of a batch finish in the same round)
+                    if out is None:
+                        out = t.h.new_zeros((x.shape[0], t.h.shape[1], *out_hw))
+                    ox1, ox2, oy1, oy2 = out_boxes[i]
+                    ix1, ix2, iy1, iy2 = (v * 8 if decoder else v // 8 for v in in_boxes[i])
+                    # offsets from the tile's start and end, as the reference crops them
+                    out[:, :, oy1:oy2, ox1:ox2] = t.h[
+                        :, :, oy1 - iy1 : t.h.shape[2] + oy2 - iy2, ox1 - ix1 : t.h.shape[3] + ox2 - ix2
+                    ]
+                    t.h = None
+                    continue
+                assert layer is None or step is layer, "tiles disagree on the next GroupNorm"
+                layer = step
+                if replay is None:
+                    stats.append((*_group_stats(t.h, step.num_groups), t.h.shape[2] * t.h.shape[3]))
+                if i != order[-1]:  # the last tile of this round is the first of the next one: keep it
+                    t.h = t.h.to(store)
+            if layer is None:
+                break
+            if replay is None:
+                pending = (layer, *_combine(stats))
+                if record is not None:
+                    record.append(pending)
+            else:
+                assert k < len(replay) and replay[k][0] is layer, "recorded GroupNorms do not match the program"
+                pending = replay[k]
+            k += 1
+            order = order[::-1]
+        if replay is not None:
+            assert k == len(replay), "the program used fewer GroupNorms than recorded"
+    assert out is not None
+    return out
 
 
-def _tiled(net: nn.Module, program, x: Tensor, tile_size: int, pad: int, decoder: bool, offload: bool | None):
+def _tiled(
+    net: nn.Module,
+    program,
+    x: Tensor,
+    tile_size: int,
+    pad: int,
+    decoder: bool,
+    offload: bool | None,
+    *,
+    record: NormStats | None = None,
+    replay: NormStats | None = None,
+) -> Tensor:
     _check_supported(net)
     height, width = x.shape[2:]
     in_boxes, out_boxes = split_tiles(height, width, tile_size, pad, decoder)
     out_hw = (height * 8, width * 8) if decoder else (height // 8, width // 8)
     if offload is None:
         offload = x.device.type != "cpu"
-    return _run_tiles(lambda t: program(net, t), x, in_boxes, out_boxes, out_hw, decoder, offload)
+    return _run_tiles(
+        lambda t: program(net, t), x, in_boxes, out_boxes, out_hw, decoder, offload, record=record, replay=replay
+    )
+
+
+def _downscale(z: Tensor, size: int) -> Tensor:
+    """Area-average ``z`` so that its longer side is at most ``size`` (unchanged when it already is)."""
+    height, width = z.shape[2:]
+    if max(height, width) <= size:
+        return z
+    f = size / max(height, width)
+    return F.interpolate(z, size=(max(1, round(height * f)), max(1, round(width * f))), mode="area")
 
 
 # ------------------------------------------------------------------------------------------------------- API
 @torch.no_grad()
 def tiled_decode(
-    vae: AutoencoderKL, z: Tensor, tile_size: int, pad: int = 11, *, offload: bool | None = None
+    vae: AutoencoderKL,
+    z: Tensor,
+    tile_size: int,
+    pad: int = 11,
+    *,
+    offload: bool | None = None,
+    stats: str = "sync",
+    estimate_size: int = 64,
 ) -> Tensor:
     """``vae.decode(z).sample`` computed tile by tile (CCSR-v1 tiled VAE decoder).
 
     ``z`` is the unscaled latent (already divided by the scaling factor); ``tile_size`` and ``pad`` are in
     latent pixels. Runs the plain decoder when ``max(H, W) <= 2 * pad + tile_size``. ``offload`` parks
     inactive tiles on the CPU (default: when ``z`` is not on the CPU).
+
+    ``stats`` picks the GroupNorm statistics: ``"sync"`` (the reference's non-fast mode) synchronises all tiles,
+    which keeps every tile alive at once, so memory grows with the output area. ``"estimate"`` bounds memory by
+    about one tile: the statistics come from a synchronised pass over the latent area-downscaled to at most
+    ``estimate_size`` latent pixels on its longer side (as the reference's fast mode estimates them), then the
+    full-size tiles run one after another with those statistics; the result differs slightly from ``"sync"``.
     """
+    if stats not in STATS_MODES:
+        raise ValueError(f"stats must be one of {STATS_MODES}, not {stats!r}")
+    if estimate_size < 1:
+        raise ValueError(f"estimate_size must be >= 1, not {estimate_size}")
     if vae.post_quant_conv is not None:
         z = vae.post_quant_conv(z)
     if max(z.shape[2:]) <= 2 * pad + tile_size:
         return vae.decoder(z)
-    return _tiled(vae.decoder, _decoder, z, tile_size, pad, True, offload)
+    if stats == "sync":
+        return _tiled(vae.decoder, _decoder, z, tile_size, pad, True, offload)
+    recorded: NormStats = []
+    _tiled(vae.decoder, _decoder, _downscale(z, estimate_size), tile_size, pad, True, offload, record=recorded)
+    return _tiled(vae.decoder, _decoder, z, tile_size, pad, True, offload, replay=recorded)
 
 
 @torch.no_grad()

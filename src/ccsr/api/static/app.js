@@ -188,7 +188,8 @@
     const fal = {};
     for (const i of falInputs()) {
       const v = value(i);
-      if (v !== undefined) fal[i.name] = v;
+      // untouched tiling fields are left out, so the server plans tiling from its free memory
+      if (v !== undefined && !(i.name.startsWith("tile_") && isDefault(i))) fal[i.name] = v;
     }
     const settings = {};
     for (const key of ["steps", "seed"]) if (fal[key] !== undefined) settings[key] = fal[key];

@@ -1,0 +1,246 @@
+"""Tile planning: diffusion tiles and the VAE decode, chosen from the memory the device has free.
+
+Explicit settings are kept; ``"auto"`` / ``None`` ones are resolved here, before the geometry, because the
+reference's geometry depends on them. The rule, in order of preference:
+
+* diffusion: the reference's exact untiled path when it fits and the latent is at most twice the model's native
+  size (beyond that one window costs more than tiles: attention is quadratic); otherwise ``mix`` tiles of the
+  native size with a quarter overlap, shrunk until one window fits;
+* VAE decode (of the whole latent, or of each ``mix`` window): whole when it fits, else tiled with GroupNorm
+  statistics synchronised over all tiles (the reference) when every tile's activations fit, else tiled with
+  statistics estimated from a downscaled pass, which holds one tile at a time (bounded for any size).
+
+Estimates come from the model's :class:`~ccsr.model.MemoryProfile`. An out-of-memory error during a run is
+answered by planning again with half the budget (:meth:`Plan.retry`), until nothing is left to shrink.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ccsr.geometry import Geometry, plan_geometry
+from ccsr.model import ModelDescriptor
+from ccsr.params import ParamError, UpscaleParams
+from ccsr.sampling.schedule import SpacedSchedule, truncated_plan
+from ccsr.sampling.tiles import sliding_windows
+
+Decode = Literal["whole", "tiled", "estimate"]
+
+SAFETY = 0.8  # share of the free memory one upscale may plan to use (allocator slack, other tenants)
+BUFFER_PER_PX = 20  # full-size host buffers per output pixel: uint8 condition, float32 result, uint8 copy
+VAE_TILE_PAD = 11  # latent pixels of context around each decoder tile (the reference's)
+VAE_TILES = (128, 96, 64, 48, 32, 24, 16)  # decoder tile sizes tried, in latent pixels
+MIN_TILE = 256  # smallest diffusion tile the planner picks (pixels)
+COVERAGE = 1.25  # how many times planned diffusion windows cover each axis (the overlap that is blended)
+
+
+class MemoryBudgetError(ParamError):
+    """The request, as given, cannot fit in the memory the device has free."""
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this process can still allocate on ``device`` (free + what its own allocator holds unused)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    return _host_available()
+
+
+def _host_available() -> int:
+    """MemAvailable, capped by a cgroup-v2 limit when the process runs in one (containers)."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if available is None:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(int(available), 0)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA/MPS out-of-memory, or a host allocation the CPU allocator (or numpy) could not make."""
+    if isinstance(error, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text.lower() or "can't allocate memory" in text)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request resolved for one input size: concrete params, the geometry and how the VAE decodes."""
+
+    params: UpscaleParams  # no "auto"/None left in the tiling fields
+    geometry: Geometry
+    windows: int  # diffusion windows (1 when untiled)
+    decode: Decode
+    estimate: int  # bytes of working memory above the weights
+    budget: int  # what it was planned against
+    requested: UpscaleParams  # as asked, so a retry can re-plan the automatic parts
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations (windows x steps): the progress total."""
+        p = self.params
+        return truncated_plan(SpacedSchedule.make(p.steps), p.t_max, p.t_min).evaluations * self.windows
+
+    def describe(self) -> str:
+        p = self.params
+        tiles = "untiled" if p.tile_diffusion == "none" else (
+            f"{p.tile_diffusion} tiles {p.tile_diffusion_size}/{p.tile_diffusion_stride} px x {self.windows}")
+        vae = {"whole": "whole", "tiled": f"tiled {p.tile_vae_decoder_size}",
+               "estimate": f"tiled {p.tile_vae_decoder_size}, estimated statistics"}[self.decode]
+        return f"{tiles}; VAE decode {vae}; ~{self.estimate / 2**30:.2f} of {self.budget / 2**30:.2f} GiB"
+
+
+def balanced_windows(length: int, native: int, cap: int, floor: int) -> tuple[int, int]:
+    """(tile, stride) for windows along an axis of ``length`` (all in latent pixels) that cover it about
+    :data:`COVERAGE` times at every size, so the cost per output pixel does not depend on the image size (a fixed
+    stride would cost 25-50 % more per pixel at 1 MP than at 16 MP, from rounding the window count up). Tiles
+    stay near the model's ``native`` size, within ``[floor, cap]``, and overlap by at least an eighth."""
+    n = max(2, round(COVERAGE * length / native))
+    tile = max(floor, min(cap, math.ceil(COVERAGE * length / n)))
+    if tile >= length:
+        return length, length
+    n = max(n, math.ceil((length - tile) / (tile - tile // 8)) + 1)
+    return tile, math.ceil((length - tile) / (n - 1))
+
+
+class Planner:
+    """Resolves :class:`UpscaleParams` for a model, a device and a memory budget."""
+
+    def __init__(self, descriptor: ModelDescriptor, device: torch.device, dtype: torch.dtype,
+                 vae_dtype: torch.dtype, max_memory: int | None = None):
+        self.d, self.device, self.max_memory = descriptor, device, max_memory
+        self.net_bytes = torch.finfo(dtype).bits / 32
+        self.vae_bytes = torch.finfo(vae_dtype).bits / 32
+
+    def budget(self) -> int:
+        free = int(free_memory(self.device) * SAFETY)
+        return free if self.max_memory is None else min(free, self.max_memory)
+
+    # -- estimates (bytes) -------------------------------------------------------------------------------------
+    def _eval(self, latent_px: int, p: UpscaleParams) -> float:
+        batch = 2 if p.cfg_scale != 1.0 else 1
+        return self.d.memory.eval_per_latent_px * latent_px * batch * self.net_bytes
+
+    def _hint(self, px: int) -> float:
+        return self.d.memory.hint_per_px * px * self.vae_bytes
+
+    def _decode(self, px: int, decode: Decode, vae_tile: int) -> float:
+        if decode == "estimate":
+            side = (vae_tile + 2 * VAE_TILE_PAD) * self.d.latent_factor
+            px = min(px, side * side)
+        return self.d.memory.decode_per_px * px * self.vae_bytes
+
+    def _buffers(self, px: int) -> float:
+        return BUFFER_PER_PX * px if self.device.type == "cpu" else 0.0
+
+    # -- the plan ------------------------------------------------------------------------------------------------
+    def plan(self, size: tuple[int, int], requested: UpscaleParams, budget: int | None = None) -> Plan:
+        """Resolve ``requested`` for an input of ``size``. Without ``budget`` (the free memory now), a plan that
+        cannot fit at all raises :class:`MemoryBudgetError`; with one, the best effort is returned."""
+        p = requested.validate()
+        check = budget is None
+        budget = self.budget() if budget is None else budget
+        native = self.d.native_size
+        if p.tile_diffusion == "auto":
+            untiled = self._resolve(size, p.replace(tile_diffusion="none"), budget)
+            lw, lh = (s // self.d.latent_factor for s in untiled.geometry.process)
+            small = max(lw, lh) * self.d.latent_factor <= 2 * native
+            if small and untiled.estimate <= budget:
+                return self._checked(untiled, requested, check)
+            p = p.replace(tile_diffusion="mix")
+        if p.tile_diffusion != "none" and p.tile_diffusion_size is None:
+            f = self.d.latent_factor
+            floor = max(MIN_TILE, self.d.min_tile_latent * f)
+            cap = native * 5 // 4 // 64 * 64
+            while cap > floor and self._resolve(size, p.replace(tile_diffusion_size=cap), budget).estimate > budget:
+                cap -= 64
+            cap = max(cap, floor)
+            w, h = self._geometry(size, p.replace(tile_diffusion_size=cap), tiled_vae=bool(p.tile_vae)).process
+            tile, stride = balanced_windows(max(w, h) // f, native // f, cap // f, floor // f)
+            p = p.replace(tile_diffusion_size=tile * f, tile_diffusion_stride=p.tile_diffusion_stride or stride * f)
+        return self._checked(self._resolve(size, p, budget), requested, check)
+
+    def _checked(self, plan: Plan, requested: UpscaleParams, check: bool) -> Plan:
+        """Refuse what cannot fit even in all the free memory (automatic choices shrink to fit first)."""
+        free = plan.budget / SAFETY if self.max_memory is None else plan.budget
+        if check and plan.estimate > free:
+            raise MemoryBudgetError(
+                "tile_vae" if plan.decode == "whole" and requested.tile_vae is False else "tile_diffusion",
+                f"this upscale needs about {plan.estimate / 2**30:.1f} GiB of working memory and "
+                f"{free / 2**30:.1f} GiB is available; leave tile_diffusion and tile_vae unset to have them chosen, "
+                "or use smaller tiles",
+            )
+        return dataclasses.replace(plan, requested=requested)
+
+    def _resolve(self, size: tuple[int, int], p: UpscaleParams, budget: int) -> Plan:
+        """Fill the stride and the VAE choice for a fixed diffusion tiling; estimate the peak."""
+        if p.tile_diffusion != "none" and p.tile_diffusion_stride is None:
+            stride = p.tile_diffusion_size - p.tile_diffusion_size // 4
+            p = p.replace(tile_diffusion_stride=max(stride // 8 * 8, 8))
+        f = self.d.latent_factor
+        g = self._geometry(size, p, tiled_vae=bool(p.tile_vae))
+        w, h = g.process
+        if p.tile_diffusion == "none":
+            win_px, windows = w * h, 1
+        else:
+            tile = p.tile_diffusion_size
+            win_px = min(tile, w) * min(tile, h)
+            windows = len(sliding_windows(h // f, w // f, max(tile // f, 1), max(p.tile_diffusion_stride // f, 1)))
+        sampling = max(self._eval(win_px // (f * f), p), self._hint(win_px))
+        # mix decodes window by window; none/gaussian decode the whole latent
+        decode_px = win_px if p.tile_diffusion == "mix" else w * h
+        room = budget - self._buffers(w * h)
+        vae_tile = p.tile_vae_decoder_size
+        if p.tile_vae is False or (p.tile_vae is None and self._decode(decode_px, "whole", 0) <= room):
+            decode: Decode = "whole"
+        else:
+            if vae_tile is None:
+                vae_tile = next((t for t in VAE_TILES if self._decode(decode_px, "estimate", t) <= room), VAE_TILES[-1])
+            # the synchronised (reference) decoder keeps every tile's activations: about a whole decode
+            decode = "tiled" if self._decode(decode_px, "whole", 0) <= room else "estimate"
+            if p.tile_vae is None:
+                g = self._geometry(size, p, tiled_vae=True)  # the reference's tiled-VAE size rule
+        p = p.replace(tile_vae=decode != "whole", tile_vae_decoder_size=vae_tile or 226)
+        estimate = int(max(sampling, self._decode(decode_px, decode, p.tile_vae_decoder_size)) + self._buffers(w * h))
+        return Plan(p, g, windows, decode, estimate, budget, requested=p)
+
+    def _geometry(self, size: tuple[int, int], p: UpscaleParams, tiled_vae: bool) -> Geometry:
+        tiled = p.tile_diffusion != "none"
+        return plan_geometry(
+            size, p.scale, mode=p.size_mode,
+            min_side=p.tile_diffusion_size if tiled else 512,
+            add_block=p.tile_diffusion == "gaussian" or tiled_vae,
+            multiple=self.d.size_multiple,
+            min_pad_size=self.d.min_tile_latent * self.d.latent_factor,
+        )
+
+
+def retry_plan(planner: Planner, size: tuple[int, int], failed: Plan) -> Plan | None:
+    """After an out-of-memory error: the same request planned against half the budget, if that changes it."""
+    try:
+        smaller = planner.plan(size, failed.requested, budget=max(failed.estimate // 2, 1))
+    except MemoryBudgetError:
+        return None
+    changed = (smaller.params, smaller.decode) != (failed.params, failed.decode)
+    return smaller if changed and smaller.estimate < failed.estimate else None
