@@ -6,7 +6,8 @@ time per network evaluation (ControlNet + UNet), per hint encode, per decode and
     python bench/speed.py                                  # 256->512, S=3 (2 evaluations), fp32, 2 threads
     python bench/speed.py --variants base,channels_last --steps 6 --json bench/results/speed.json
 
-Variants: ``base`` (as shipped), ``channels_last`` (networks converted to channels_last memory format).
+Variants: ``base`` (as shipped), ``channels_last`` (networks converted to channels_last memory format),
+``compile`` (``torch.compile`` of the UNet and ControlNet; one warm-up run compiles, the timed run follows).
 Extra `ccsr bench` flags for all variants go in ``--extra``.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runner import run_bench
 
-VARIANTS = {"base": [], "channels_last": ["--channels-last"]}
+VARIANTS = {"base": [], "channels_last": ["--channels-last"], "compile": ["--compile", "--warmup", "1"]}
 
 
 def main() -> int:

@@ -245,10 +245,14 @@ def run_bench(
     if log:
         log(f"plan: {plan.describe()}")
 
+    warmup_s = []
     for i in range(warmup):
         if log:
             log(f"warm-up {i + 1}/{warmup}")
+        t = time.perf_counter()
         pipe.run(image, params)
+        sync()
+        warmup_s.append(time.perf_counter() - t)  # with --compile: includes the compilation
 
     runs = []
     for r in range(repeat):
@@ -359,6 +363,7 @@ def run_bench(
         "process_size": list(g.process),
         "planned_evaluations": total_evals,
         "plan": plan.describe(),
+        "warmup_s": warmup_s,
         "params": params.to_dict(),
         "runs": runs,
         "summary": summary,

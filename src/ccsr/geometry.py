@@ -113,14 +113,28 @@ def prepare(img: Picture, g: Geometry) -> np.ndarray:
     return unit(prepare_compact(img, g))
 
 
-def quantise(pixels: np.ndarray) -> np.ndarray:
-    """float [0, 1] -> uint8 truncated as the reference (``(x * 255).clip(0, 255).astype(uint8)``), a block of
-    rows at a time so that no full-size float temporary is made."""
-    out = np.empty(pixels.shape, np.uint8)
+def _row_blocks(pixels: np.ndarray):  # type: ignore[no-untyped-def]
+    """(first row, uint8 block) pairs truncated as the reference (``(x * 255).clip(0, 255).astype(uint8)``)."""
     rows = max(1, (1 << 20) // max(1, pixels[0].size))
     for r in range(0, pixels.shape[0], rows):
-        out[r : r + rows] = (pixels[r : r + rows] * np.float32(255)).clip(0, 255)  # unsafe cast truncates
+        yield r, (pixels[r : r + rows] * np.float32(255)).clip(0, 255).astype(np.uint8)
+
+
+def quantise(pixels: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint8 as the reference, a block of rows at a time: no full-size float temporary."""
+    out = np.empty(pixels.shape, np.uint8)
+    for r, block in _row_blocks(pixels):
+        out[r : r + len(block)] = block
     return out
+
+
+def quantise_image(pixels: np.ndarray) -> Image.Image:
+    """Like ``Image.fromarray(quantise(pixels))`` but pasted block by block: no full-size uint8 array beside
+    the image (PIL keeps RGB at 4 bytes per pixel, so that copy would be most of the output's memory)."""
+    img = Image.new("RGB", (pixels.shape[1], pixels.shape[0]))
+    for r, block in _row_blocks(pixels):
+        img.paste(Image.fromarray(block), (0, r))
+    return img
 
 
 def finish(processed: np.ndarray, g: Geometry) -> tuple[Image.Image, np.ndarray]:
@@ -130,8 +144,8 @@ def finish(processed: np.ndarray, g: Geometry) -> tuple[Image.Image, np.ndarray]
     """
     if g.pad != (0, 0):
         crop = processed[: g.target[1], : g.target[0]]
-        return Image.fromarray(quantise(crop)), crop
-    as_uint8 = Image.fromarray(quantise(processed))
+        return quantise_image(crop), crop
+    as_uint8 = quantise_image(processed)
     if g.process == g.target:
         return as_uint8, processed
     final = np.clip(resize(processed, g.target, Image.Resampling.LANCZOS), 0.0, 1.0)

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ccsr import hostmemory
 from ccsr.colorfix import color_fix
 from ccsr.geometry import Geometry, Picture, finish, prepare_compact, size_of
 from ccsr.model import CCSRModel, ModelDescriptor, load_model
 from ccsr.params import UpscaleParams
-from ccsr.planning import Plan, Planner, is_out_of_memory, retry_plan
+from ccsr.planning import VAE_TILE_PAD, Plan, Planner, is_out_of_memory, retry_plan
 from ccsr.sampling.ccsr_v1 import StepRecord, Tiling, sample_ccsr_v1
 from ccsr.sampling.denoiser import CCSRDenoiser
 from ccsr.sampling.schedule import SpacedSchedule, truncated_plan
@@ -202,6 +203,8 @@ class CCSRPipeline:
         )
 
         def tick(done: int, total: int) -> None:
+            if tiling is not None:
+                hostmemory.trim()  # else every window's transients stay in a fragmented heap (RSS grows with area)
             if progress is not None:
                 progress(done, total)
             if should_cancel is not None and should_cancel():
@@ -213,12 +216,15 @@ class CCSRPipeline:
         x_T = noise()
         z0 = sample_ccsr_v1(denoiser, x_T, schedule, sampling_plan, noise, tiling=tiling, progress=tick,
                             on_step=on_step)
-        denoiser.drop_hints()
+        del denoiser, noise
+        hostmemory.trim()
         timings["sample"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
         pixels = self._decode(z0, cond, plan, tiling)  # float32 [1, 3, H, W] on the host
+        del cond, z0
         processed = pixels.clamp_(0, 1)[0].permute(1, 2, 0).numpy()  # a view: no full-size copy
+        hostmemory.trim()
         timings["decode"] = time.perf_counter() - t3
         img8, final = finish(processed, g)
         timings["total"] = time.perf_counter() - t0
@@ -233,8 +239,11 @@ class CCSRPipeline:
         else:
             from ccsr.vae import tiled_decode
 
-            stats = "sync" if plan.decode == "tiled" else "estimate"
-            out = tiled_decode(vae, z, p.tile_vae_decoder_size, stats=stats)
+            tile = p.tile_vae_decoder_size
+            if plan.decode == "tiled":
+                out = tiled_decode(vae, z, tile, VAE_TILE_PAD)
+            else:  # the estimating pass decodes a preview no larger than one padded tile: memory stays one tile
+                out = tiled_decode(vae, z, tile, VAE_TILE_PAD, stats="estimate", estimate_size=tile + 2 * VAE_TILE_PAD)
         return (out.float() + 1) / 2
 
     def _decode(self, z0: Tensor, cond: Condition, plan: Plan, tiling: Tiling | None) -> Tensor:
@@ -252,6 +261,8 @@ class CCSRPipeline:
             tile = self._decode_latent(z0[:, :, rows, cols], plan)
             acc[:, :, prow, pcol] += color_fix(tile, cond.window(win), fix).cpu()
             count[:, :, prow, pcol] += 1
+            del tile
+            hostmemory.trim()  # each window's decoder temporaries, before the next window allocates its own
         return acc.div_(count)
 
 

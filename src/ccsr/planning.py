@@ -116,10 +116,10 @@ def balanced_windows(length: int, native: int, cap: int, floor: int) -> tuple[in
     :data:`COVERAGE` times at every size, so the cost per output pixel does not depend on the image size (a fixed
     stride would cost 25-50 % more per pixel at 1 MP than at 16 MP, from rounding the window count up). Tiles
     stay near the model's ``native`` size, within ``[floor, cap]``, and overlap by at least an eighth."""
+    if length <= cap:
+        return length, length  # one window fits
     n = max(2, round(COVERAGE * length / native))
     tile = max(floor, min(cap, math.ceil(COVERAGE * length / n)))
-    if tile >= length:
-        return length, length
     n = max(n, math.ceil((length - tile) / (tile - tile // 8)) + 1)
     return tile, math.ceil((length - tile) / (n - 1))
 

@@ -568,3 +568,18 @@ def test_oversized_body_and_input(tmp_path):
         big_png = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         r = c.post(f"/{APP}", json={"image_url": big_png}, headers=AUTH)
         assert r.status_code == 422 and r.json()["detail"][0]["type"] == "file_too_large"
+
+
+def test_tiling_that_cannot_fit_is_422_with_the_estimate(tmp_path, tiny_pipeline):
+    """A real pipeline on a machine with (pretend) 1 KiB to spare: explicit tiling is refused before sampling,
+    in fal's error shape, with the estimate; nothing crashes."""
+    from ccsr.jobs.runner import CCSRRunner
+    from ccsr.pipeline import CCSRPipeline
+
+    pipe = CCSRPipeline(tiny_pipeline.model, device="cpu", max_memory=1024)
+    c, _ = make_client(tmp_path, CCSRRunner(pipeline=pipe))
+    with c:
+        body = {"image_url": png_data_uri(48, 40), "tile_diffusion": "none", "steps": 10}
+        r = c.post(f"/{APP}", json=body, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert "GiB of working memory" in r.text and "tile_diffusion" in r.text

@@ -67,6 +67,3 @@ class CCSRDenoiser:
             uncond, cond = eps.chunk(2)
             eps = uncond + self.cfg_scale * (cond - uncond)
         return eps
-
-    def drop_hints(self) -> None:
-        self._hints.clear()
