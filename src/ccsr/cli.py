@@ -53,9 +53,9 @@ def add_upscale_params(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tile-diffusion", choices=TILE_DIFFUSIONS, default=d.tile_diffusion,
                    help="auto (default): untiled when it fits in free memory, else mix tiles")
     g.add_argument("--tile-diffusion-size", type=int, default=d.tile_diffusion_size,
-                   help="tile size in pixels (default: the model's native 512, smaller if memory is short)")
+                   help="tile size in pixels (default: windows near the native 512 px covering each axis 1.25x)")
     g.add_argument("--tile-diffusion-stride", type=int, default=d.tile_diffusion_stride,
-                   help="stride in pixels (default: 3/4 of the tile)")
+                   help="stride in pixels (default: planned with the tile; 3/4 of a tile given alone)")
     g.add_argument("--tile-vae", action=argparse.BooleanOptionalAction, default=d.tile_vae,
                    help="decode with the tiled VAE (default: only when a whole decode would not fit)")
     g.add_argument("--tile-vae-decoder-size", type=int, default=d.tile_vae_decoder_size,
@@ -100,7 +100,7 @@ def load_pipeline(a: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _advance(bar, done: int, total: int) -> None:  # type: ignore[no-untyped-def]
-    if bar.total != total:  # an out-of-memory retry re-planned with more tiles
+    if bar.total != total:  # the first call, or an out-of-memory retry that re-planned with more tiles
         bar.reset(total)
     bar.update(done - bar.n)
 
@@ -168,9 +168,7 @@ def cmd_upscale(a: argparse.Namespace) -> int:
             print(f"ccsr: error: {src}: {exc.message}", file=sys.stderr)
             failures += 1
             continue
-        w, h = decoded.size
-        total = pipe.evaluations((w, h), params)
-        bar = tqdm(total=total, desc=src.name, unit="eval", leave=True, disable=a.quiet)
+        bar = tqdm(total=None, desc=src.name, unit="eval", leave=True, disable=a.quiet)  # total: at the first call
         captured = {}
 
         def model(rgb, bar=bar, captured=captured):  # type: ignore[no-untyped-def]

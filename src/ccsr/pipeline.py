@@ -20,10 +20,10 @@ from ccsr.geometry import Geometry, Picture, finish, prepare_compact, size_of
 from ccsr.model import CCSRModel, ModelDescriptor, load_model
 from ccsr.params import UpscaleParams
 from ccsr.planning import VAE_TILE_PAD, Plan, Planner, is_out_of_memory, retry_plan
-from ccsr.sampling.ccsr_v1 import StepRecord, Tiling, sample_ccsr_v1
+from ccsr.sampling.ccsr_v1 import StepRecord, Tiling, noise_draws, sample_ccsr_v1
 from ccsr.sampling.denoiser import CCSRDenoiser
 from ccsr.sampling.schedule import SpacedSchedule, truncated_plan
-from ccsr.sampling.tiles import Window, sliding_windows
+from ccsr.sampling.tiles import Window
 
 Tensor = torch.Tensor
 Progress = Callable[[int, int], None]
@@ -124,18 +124,11 @@ class CCSRPipeline:
         """Resolve automatic tiling for an input of ``size`` (w, h) against the memory free now."""
         return self.planner.plan(size, params or UpscaleParams())
 
-    def evaluations(self, size: tuple[int, int], p: UpscaleParams) -> int:
-        """Network evaluations (tiles x steps) an upscale of ``size`` will make: the progress total."""
-        return self.plan(size, p).evaluations
-
-    def tiling(self, plan: Plan) -> Tiling | None:
-        p, f = plan.params, self.descriptor.latent_factor
-        if p.tile_diffusion == "none":
+    @staticmethod
+    def tiling(plan: Plan) -> Tiling | None:
+        if not plan.tiles:
             return None
-        w, h = plan.geometry.process
-        windows = sliding_windows(h // f, w // f, max(p.tile_diffusion_size // f, 1),
-                                  max(p.tile_diffusion_stride // f, 1))
-        return Tiling(windows, p.tile_diffusion)  # type: ignore[arg-type]
+        return Tiling(list(plan.tiles), plan.params.tile_diffusion)  # type: ignore[arg-type]
 
     @torch.no_grad()
     def run(
@@ -157,7 +150,7 @@ class CCSRPipeline:
         plan = self.planner.plan(size, p)
         while True:
             if log is not None:
-                log(f"plan: {plan.describe()}")
+                log(f"plan: {plan.evaluations} network evaluations (tiles x steps); {plan.describe()}")
             try:
                 return self._run(image, plan, progress, should_cancel, on_step)
             except (RuntimeError, MemoryError) as e:
@@ -196,7 +189,7 @@ class CCSRPipeline:
         schedule = SpacedSchedule.make(p.steps, cfg.linear_start, cfg.linear_end, cfg.num_timesteps)
         sampling_plan = truncated_plan(schedule, p.t_max, p.t_min)
         tiling = self.tiling(plan)
-        noise.draw(1 + (1 if tiling is None else 0) + 1 + len(sampling_plan.loop))  # x_T, [dropped], jump, loop
+        noise.draw(1 + noise_draws(sampling_plan, tiled=tiling is not None))  # x_T, then the sampler's draws
         denoiser = CCSRDenoiser(
             self.model.unet, self.model.controlnet, self.model.cond_encoder, cond.window, context,
             uncond_context=uncond, cfg_scale=p.cfg_scale, control_scale=p.controlnet_weight,
@@ -228,7 +221,7 @@ class CCSRPipeline:
         timings["decode"] = time.perf_counter() - t3
         img8, final = finish(processed, g)
         timings["total"] = time.perf_counter() - t0
-        n_eval = sampling_plan.evaluations * (1 if tiling is None else len(tiling.windows))
+        n_eval = sampling_plan.evaluations * plan.windows
         return UpscaleOutput(img8, final, processed, seed, g, timings, n_eval, plan)
 
     def _decode_latent(self, z: Tensor, plan: Plan) -> Tensor:

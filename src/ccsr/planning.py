@@ -3,15 +3,16 @@
 Explicit settings are kept; ``"auto"`` / ``None`` ones are resolved here, before the geometry, because the
 reference's geometry depends on them. The rule, in order of preference:
 
-* diffusion: the reference's exact untiled path when it fits and the latent is at most twice the model's native
-  size (beyond that one window costs more than tiles: attention is quadratic); otherwise ``mix`` tiles of the
-  native size with a quarter overlap, shrunk until one window fits;
+* diffusion: the reference's exact untiled path when it fits and the image is at most twice the model's native
+  size (beyond that one window costs more than tiles: attention is quadratic); otherwise ``mix`` windows near the
+  native size that cover each axis :data:`COVERAGE` times at every size (:func:`balanced_windows`), smaller when a
+  window would not fit;
 * VAE decode (of the whole latent, or of each ``mix`` window): whole when it fits, else tiled with GroupNorm
   statistics synchronised over all tiles (the reference) when every tile's activations fit, else tiled with
   statistics estimated from a downscaled pass, which holds one tile at a time (bounded for any size).
 
 Estimates come from the model's :class:`~ccsr.model.MemoryProfile`. An out-of-memory error during a run is
-answered by planning again with half the budget (:meth:`Plan.retry`), until nothing is left to shrink.
+answered by planning again with half the budget (:func:`retry_plan`), until nothing is left to shrink.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ccsr.geometry import Geometry, plan_geometry
 from ccsr.model import ModelDescriptor
 from ccsr.params import ParamError, UpscaleParams
 from ccsr.sampling.schedule import SpacedSchedule, truncated_plan
-from ccsr.sampling.tiles import sliding_windows
+from ccsr.sampling.tiles import Window, sliding_windows
 
 Decode = Literal["whole", "tiled", "estimate"]
 
@@ -90,11 +91,16 @@ class Plan:
 
     params: UpscaleParams  # no "auto"/None left in the tiling fields
     geometry: Geometry
-    windows: int  # diffusion windows (1 when untiled)
+    tiles: tuple[Window, ...]  # the diffusion windows, latent pixels (empty when untiled)
     decode: Decode
     estimate: int  # bytes of working memory above the weights
     budget: int  # what it was planned against
     requested: UpscaleParams  # as asked, so a retry can re-plan the automatic parts
+
+    @property
+    def windows(self) -> int:
+        """Network evaluations per step."""
+        return max(1, len(self.tiles))
 
     @property
     def evaluations(self) -> int:
@@ -164,9 +170,7 @@ class Planner:
         native = self.d.native_size
         if p.tile_diffusion == "auto":
             untiled = self._resolve(size, p.replace(tile_diffusion="none"), budget)
-            lw, lh = (s // self.d.latent_factor for s in untiled.geometry.process)
-            small = max(lw, lh) * self.d.latent_factor <= 2 * native
-            if small and untiled.estimate <= budget:
+            if max(untiled.geometry.process) <= 2 * native and untiled.estimate <= budget:
                 return self._checked(untiled, requested, check)
             p = p.replace(tile_diffusion="mix")
         if p.tile_diffusion != "none" and p.tile_diffusion_size is None:
@@ -202,11 +206,11 @@ class Planner:
         g = self._geometry(size, p, tiled_vae=bool(p.tile_vae))
         w, h = g.process
         if p.tile_diffusion == "none":
-            win_px, windows = w * h, 1
+            win_px, tiles = w * h, ()
         else:
             tile = p.tile_diffusion_size
             win_px = min(tile, w) * min(tile, h)
-            windows = len(sliding_windows(h // f, w // f, max(tile // f, 1), max(p.tile_diffusion_stride // f, 1)))
+            tiles = tuple(sliding_windows(h // f, w // f, max(tile // f, 1), max(p.tile_diffusion_stride // f, 1)))
         sampling = max(self._eval(win_px // (f * f), p), self._hint(win_px))
         # mix decodes window by window; none/gaussian decode the whole latent
         decode_px = win_px if p.tile_diffusion == "mix" else w * h
@@ -223,7 +227,7 @@ class Planner:
                 g = self._geometry(size, p, tiled_vae=True)  # the reference's tiled-VAE size rule
         p = p.replace(tile_vae=decode != "whole", tile_vae_decoder_size=vae_tile or 226)
         estimate = int(max(sampling, self._decode(decode_px, decode, p.tile_vae_decoder_size)) + self._buffers(w * h))
-        return Plan(p, g, windows, decode, estimate, budget, requested=p)
+        return Plan(p, g, tiles, decode, estimate, budget, requested=p)
 
     def _geometry(self, size: tuple[int, int], p: UpscaleParams, tiled_vae: bool) -> Geometry:
         tiled = p.tile_diffusion != "none"

@@ -57,7 +57,7 @@ def test_progress_counts_tiles_times_steps(tiny_pipeline, lq):
     seen = []
     p = FAST.replace(scale=4, tile_diffusion="gaussian", tile_diffusion_size=128, tile_diffusion_stride=64)
     out = tiny_pipeline.run(lq, p, progress=lambda d, t: seen.append((d, t)))
-    total = tiny_pipeline.evaluations(lq.size, p)
+    total = tiny_pipeline.plan(lq.size, p).evaluations
     assert total == out.evaluations > 3
     assert seen == [(i, total) for i in range(1, total + 1)]
 

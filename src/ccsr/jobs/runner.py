@@ -89,11 +89,6 @@ class CCSRRunner:
             f"upscaling {decoded.size[0]}x{decoded.size[1]} -> {expected[0]}x{expected[1]}"
             f" ({params.steps} steps, seed {params.seed})"
         )
-        try:
-            plan = self.pipeline.plan(decoded.size, params)
-        except ParamError as e:  # e.g. explicit tiling that cannot fit in free memory
-            raise JobFailed(ErrorCode.INVALID_INPUT, str(e)) from e
-        log(f"sampling: {plan.evaluations} network evaluations (tiles x steps); {plan.describe()}")
         seeds: list[int] = []
 
         def model(rgb):

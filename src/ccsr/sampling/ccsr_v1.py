@@ -101,6 +101,12 @@ def posterior_std(s: SpacedSchedule, i: int) -> float:
     return float(np.sqrt(np.float32(s.posterior_variance[i])))
 
 
+def noise_draws(plan: TruncatedPlan, tiled: bool) -> int:
+    """How many times :func:`sample_ccsr_v1` calls its noise source after ``x_T``: the jump to t_max, one per loop
+    step, and (untiled) the draw the reference drops."""
+    return 1 + len(plan.loop) + (0 if tiled else 1)
+
+
 def sample_ccsr_v1(
     model: EpsModel,
     x_T: Tensor,
