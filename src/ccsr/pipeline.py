@@ -24,6 +24,7 @@ from ccsr.sampling.ccsr_v1 import StepRecord, Tiling, noise_draws, sample_ccsr_v
 from ccsr.sampling.denoiser import CCSRDenoiser
 from ccsr.sampling.schedule import SpacedSchedule, truncated_plan
 from ccsr.sampling.tiles import Window
+from ccsr.vae import lean
 
 Tensor = torch.Tensor
 Progress = Callable[[int, int], None]
@@ -89,11 +90,13 @@ class CCSRPipeline:
         """``max_memory``: bytes of working memory (beyond the weights) automatic tiling may plan for; default
         ``$CCSR_MAX_MEMORY`` or, unset, 80 % of what the device has free at each upscale. ``compile``: run the
         UNet and ControlNet through ``torch.compile`` (off by default: on the CPU the first call compiles for
-        minutes, and again for every new latent shape; worth it only for a long-running worker)."""
+        minutes, and again for every new latent shape; worth it only for a long-running worker).
+        The model is moved to the device and dtype, and its VAE encoder (never run here) is freed."""
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = parse_dtype(dtype, self.device)
         # The SD VAE overflows in fp16 at large sizes; bf16 has fp32's range and is safe.
         self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        model.release_unused()
         self.model = model.to(self.device, self.dtype, self.vae_dtype)
         if max_memory is None and os.environ.get("CCSR_MAX_MEMORY"):
             max_memory = parse_bytes(os.environ["CCSR_MAX_MEMORY"])
@@ -207,8 +210,9 @@ class CCSRPipeline:
             raise Cancelled("cancelled")
         t2 = time.perf_counter()
         x_T = noise()
-        z0 = sample_ccsr_v1(denoiser, x_T, schedule, sampling_plan, noise, tiling=tiling, progress=tick,
-                            on_step=on_step)
+        with hostmemory.reuse_freed():  # the evaluations re-allocate the same buffers: no page faults for them
+            z0 = sample_ccsr_v1(denoiser, x_T, schedule, sampling_plan, noise, tiling=tiling, progress=tick,
+                                on_step=on_step)
         del denoiser, noise
         hostmemory.trim()
         timings["sample"] = time.perf_counter() - t2
@@ -228,7 +232,7 @@ class CCSRPipeline:
         vae, p = self.model.vae, plan.params
         z = (z * (1.0 / self.model.config.scale_factor)).to(self.vae_dtype)
         if plan.decode == "whole":
-            out = vae.decode(z).sample
+            out = lean.vae_decode(vae, z)
         else:
             from ccsr.vae import tiled_decode
 

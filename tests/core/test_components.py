@@ -80,12 +80,27 @@ def test_condition_encoder(model, fixtures):
 
 
 @torch.no_grad()
-def test_vae(model, fixtures):
+def test_vae(fixtures):
+    from tests.conftest import TINY_CONFIG, TINY_WEIGHTS
+
+    from ccsr.model import load_model
+
+    vae = load_model(TINY_WEIGHTS, TINY_CONFIG).vae  # whole: a pipeline frees the encoder it never runs
     x = _vae_input(fixtures)
-    moments = model.vae.quant_conv(model.vae.encoder(x * 2 - 1))
+    moments = vae.quant_conv(vae.encoder(x * 2 - 1))
     assert rel_err(moments, load(fixtures, "vae_encoder_moments.npy")) < REL
     z = load(fixtures, "vae_decoder_in_z_scaled.npy")
-    out = model.vae.decode(z * (1.0 / 0.18215)).sample
+    out = vae.decode(z * (1.0 / 0.18215)).sample
+    assert rel_err(out, load(fixtures, "vae_decoder_out.npy")) < REL
+
+
+@torch.no_grad()
+def test_pipeline_decodes_with_the_lean_pass_and_without_the_vae_encoder(model, fixtures):
+    from ccsr.vae import lean
+
+    assert model.vae.encoder is None and model.vae.quant_conv is None
+    z = load(fixtures, "vae_decoder_in_z_scaled.npy")
+    out = lean.vae_decode(model.vae, z * (1.0 / 0.18215))
     assert rel_err(out, load(fixtures, "vae_decoder_out.npy")) < REL
 
 

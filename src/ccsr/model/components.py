@@ -16,6 +16,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ccsr.model.config import CCSRConfig
+from ccsr.vae import lean
 
 
 class CCSRControlNet(ControlNetModel):
@@ -53,7 +54,7 @@ class ConditionEncoder(nn.Module):
         self.scale_factor = cfg.scale_factor
 
     def forward(self, image01: torch.Tensor) -> torch.Tensor:
-        moments = self.quant_conv(self.encoder(image01 * 2 - 1))
+        moments = self.quant_conv(lean.encode(self.encoder, image01 * 2 - 1))
         return moments[:, : self.latent_channels] * self.scale_factor
 
 
