@@ -57,7 +57,9 @@ def trim() -> bool:
 def reuse_freed() -> Iterator[bool]:
     """While active (in any thread), large allocations come from the heap and freed memory stays there for reuse;
     on leaving the last one, glibc's usual policy comes back and the free pages go back to the OS. Yields whether the
-    policy applies (glibc)."""
+    policy applies (glibc). The policy is process-wide: what other threads free meanwhile (a server's request
+    buffers) is kept too, until then. Threads other than the main one allocate from arenas of at most 64 MiB, so
+    their larger blocks are still mapped per allocation."""
     global _active
     libc = _libc()
     if libc is None:
