@@ -40,7 +40,7 @@ from diffusers.models.upsampling import Upsample2D
 from torch import Tensor, nn
 
 BANDS = 8  # row bands per banded conv: its temporaries are ~1/8 of the full input
-BAND_MIN = 1 << 22  # elements (16 MiB in fp32): smaller convs run whole
+BAND_MIN = 1 << 22  # elements (16 MiB in fp32) of a conv's input (upsampled): smaller convs run whole
 NORM_CHUNKS = 8  # GroupNorm in place goes 1/8 of the groups at a time
 
 
@@ -122,7 +122,8 @@ class _Pass:
     def upsample(self, up: nn.Module) -> None:
         x = self.take()
         if not (isinstance(up, Upsample2D) and up.use_conv and up.interpolate and not up.use_conv_transpose
-                and up.norm is None and up.name == "conv" and _conv3x3(up.conv, stride=1)):
+                and up.norm is None and up.name == "conv" and _conv3x3(up.conv, stride=1)
+                and 4 * x.numel() >= BAND_MIN):
             self.h = up(x)
             return
         conv = up.conv
@@ -139,7 +140,7 @@ class _Pass:
     def downsample(self, down: nn.Module) -> None:
         x = self.take()
         if not (isinstance(down, Downsample2D) and down.use_conv and down.padding == 0 and down.norm is None
-                and _conv3x3(down.conv, stride=2, padding=0)):
+                and _conv3x3(down.conv, stride=2, padding=0) and x.numel() >= BAND_MIN):
             self.h = down(x)
             return
         conv = down.conv
