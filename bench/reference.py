@@ -14,8 +14,8 @@ condition-encoder pass and per VAE decode come from wrapping those modules' ``fo
 
 Packages the reference imports only for training or logging are replaced by minimal stand-ins when missing
 (pytorch_lightning, torchvision, cv2), and the OpenCLIP text encoder by one that returns a zero context:
-the reference encodes "" twice per image (about 0.3 s each on a 2-core CPU, not counted here, which favours the
-reference slightly) and its 354 M text parameters are not built (so its RSS is not comparable; only times are).
+the reference encodes "" twice per image (not timed here, which favours the reference slightly) and its 354 M
+text parameters are not built (so its RSS is not comparable; only times are).
 The training loss built with the model (LPIPS + discriminator) is replaced by an empty module.
 """
 
@@ -103,19 +103,6 @@ def _install_stand_ins() -> None:
     sys.modules["ccsr_reference_stub"] = stub
 
 
-class _Timer:
-    def __init__(self, module: nn.Module, name: str = "forward"):
-        self.module, self.name, self.calls = module, name, []
-        self.inner = getattr(module, name)
-        setattr(module, name, self)
-
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        t = time.perf_counter()
-        out = self.inner(*args, **kwargs)
-        self.calls.append(time.perf_counter() - t)
-        return out
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repo", required=True, help="a checkout of github.com/csslc/CCSR")
@@ -126,7 +113,7 @@ def main() -> int:
     ap.add_argument("--json")
     a = ap.parse_args()
 
-    from ccsr.bench import machine_info, peak_rss_mb, reset_peak_rss, rss_mb
+    from ccsr.bench import CallTimer, machine_info, peak_rss_mb, reset_peak_rss, rss_mb
 
     torch.set_num_threads(a.threads)
     header = machine_info(torch.device("cpu"), torch.float32)  # before the stand-ins (it reads package versions)
@@ -153,8 +140,9 @@ def main() -> int:
     out_side = a.size * a.scale
     cond = torch.rand(1, 3, out_side, out_side, generator=torch.Generator().manual_seed(0))
     x_t = torch.randn(1, 4, out_side // 8, out_side // 8, generator=torch.Generator().manual_seed(1))
-    timers = {"controlnet": _Timer(model.control_model), "unet": _Timer(model.model.diffusion_model),
-              "hint": _Timer(model, "apply_condition_encoder"), "decode": _Timer(model, "decode_first_stage")}
+    timers = {"controlnet": CallTimer(model.control_model), "unet": CallTimer(model.model.diffusion_model),
+              "hint": CallTimer(model, method="apply_condition_encoder"),
+              "decode": CallTimer(model, method="decode_first_stage")}
     sampler = SpacedSampler(model, var_type="fixed_small")
     weights_rss = rss_mb()
     reset_peak_rss()

@@ -167,15 +167,16 @@ def random_model(config: str | Path | None = None, *, seed: int = 0, std: float 
 # -- instrumentation -----------------------------------------------------------------------------------------
 
 
-class _Timer:
-    """Wraps a module's ``forward`` on the instance and records the wall time of every call."""
+class CallTimer:
+    """Wraps a method of an object (a module's ``forward`` by default) on the instance and records the wall time
+    of every call."""
 
-    def __init__(self, module: Any, sync: Callable[[], None]):
+    def __init__(self, obj: Any, sync: Callable[[], None] = lambda: None, method: str = "forward"):
         self.calls: list[float] = []
         self.cpu: list[float] = []  # process CPU seconds (all threads) per call
-        self._orig = module.forward
-        self._module = module
-        orig, calls, cpu = self._orig, self.calls, self.cpu
+        self._obj, self._method = obj, method
+        self._orig = orig = getattr(obj, method)
+        calls, cpu = self.calls, self.cpu
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             sync()
@@ -186,10 +187,10 @@ class _Timer:
             cpu.append(time.process_time() - c)
             return out
 
-        module.forward = timed
+        setattr(obj, method, timed)
 
     def restore(self) -> None:
-        self._module.forward = self._orig
+        setattr(self._obj, self._method, self._orig)
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -256,7 +257,7 @@ def run_bench(
 
     runs = []
     for r in range(repeat):
-        timers = {name: _Timer(getattr(model, name), sync) for name in ("unet", "controlnet", "cond_encoder")}
+        timers = {name: CallTimer(getattr(model, name), sync) for name in ("unet", "controlnet", "cond_encoder")}
         stamps: list[float] = []
         phase_peak: dict[str, float] = {}
         gc_collect()

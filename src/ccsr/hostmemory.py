@@ -1,13 +1,13 @@
 """Host heap policy for a long upscale: reuse freed pages inside a phase, give them back between phases.
 
 glibc serves allocations above 32 MiB (and, by its dynamic threshold, many smaller ones) with a fresh ``mmap`` and
-unmaps them on free, so a network evaluation that frees and re-allocates the same large buffers (oneDNN's
-reordered weights and activations) page-faults and zeroes them again every time: on a 2-core CPU that kernel work
-cost ~16 % of each UNet + ControlNet evaluation. :func:`reuse_freed` keeps freed memory in the heap while it is
-active, so the next allocation of that size reuses it. Between phases, :func:`trim` returns the free pages to
-the OS: glibc keeps freed heap blocks, and small long-lived allocations made between large transient ones (a hint
-latent cached after a window's encoder ran, say) pin the heap, so the RSS would otherwise carry every window's
-temporaries forward and grow with the number of windows.
+unmaps them on free, so a network evaluation that frees and re-allocates the same large buffers (oneDNN's reordered
+weights and activations) page-faults and zeroes them again every time: on a 2-core CPU that kernel work cost 14-16 %
+of each UNet + ControlNet evaluation (bench/README.md). :func:`reuse_freed` keeps freed memory in the heap while it
+is active, so the next allocation of that size reuses it. Between phases, :func:`trim` returns the free pages to the
+OS: glibc keeps freed heap blocks, and small long-lived allocations made between large transient ones (a hint latent
+cached after a window's encoder ran, say) pin the heap, so the RSS would otherwise carry every window's temporaries
+forward and grow with the number of windows.
 """
 
 from __future__ import annotations

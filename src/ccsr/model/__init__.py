@@ -57,7 +57,8 @@ class MemoryProfile:
 
     @classmethod
     def for_widths(cls, unet_width: int, vae_width: int) -> MemoryProfile:
-        # hint and decode: the lean passes of ccsr.vae.lean (314 and 535 MiB at 512x512, width 128), ~12 % margin
+        # hint, decode: ccsr.vae.lean's passes, +313 and +482 MiB at 512x512 for width 128 (bench/results/
+        # vae_passes_512.json), with 12 % and 19 % margin
         return cls(eval_per_latent_px=150.0 * unet_width, hint_per_px=11.0 * vae_width,
                    decode_per_px=18.0 * vae_width)
 
