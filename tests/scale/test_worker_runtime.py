@@ -8,7 +8,8 @@ import time
 import pytest
 
 from ccsr.jobs import ErrorCode, JobSpec, RunOutput
-from ccsr.jobs.distributed import Maintenance, OnceDelivery, RedisJobStore, SharedDirImageStore, make_celery
+from ccsr.jobs.delivery import OnceDelivery
+from ccsr.jobs.distributed import Maintenance, RedisJobStore, RedisMarkers, SharedDirImageStore, make_celery
 from ccsr.jobs.distributed.worker_runtime import WorkerRuntime
 from ccsr.params import UpscaleParams
 
@@ -159,7 +160,7 @@ def test_celery_settings_for_long_gpu_jobs():
 
 
 def test_delivery_marker_prevents_a_second_send(rclient, prefix, sink):
-    d = OnceDelivery(rclient, prefix=prefix, allow_hosts=[f"127.0.0.1:{sink.port}"], attempts=1)
+    d = OnceDelivery(RedisMarkers(rclient, prefix=prefix), allow_hosts=[f"127.0.0.1:{sink.port}"], attempts=1)
     url = f"{sink.base}/once-{prefix}"
     try:
         for _ in range(2):  # the second time: a replica that took over an unacknowledged announcement

@@ -71,11 +71,17 @@ class Sink:
     port: int
     requests: list[dict] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)  # what GET serves, by path
+    refusing: set[str] = field(default_factory=set)  # path prefixes answered 503 (a receiver that is down)
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def hits(self, path: str, status: int | None = None) -> int:
+        """How many requests reached ``path`` (answered ``status``, when given)."""
+        with self.cond:
+            return sum(1 for r in self.requests if r["path"] == path and status in (None, r["status"]))
 
     def wait_for(self, pred, timeout: float = 60.0) -> dict:
         end = time.monotonic() + timeout
@@ -92,7 +98,8 @@ class Sink:
 
 @pytest.fixture(scope="session")
 def sink():
-    """A loopback HTTP peer: records POSTs (webhooks) and PUTs (uploadEndpoint), serves ``files`` on GET."""
+    """A loopback HTTP peer: records POSTs (webhooks) and PUTs (uploadEndpoint), answering 200 (503 under a
+    ``refusing`` prefix), and serves ``files`` on GET."""
     state = Sink(port=0)
 
     class Handler(BaseHTTPRequestHandler):
@@ -100,16 +107,18 @@ def sink():
             n = int(self.headers.get("content-length") or 0)
             body = self.rfile.read(n) if n else b""
             with state.cond:
+                status = 503 if any(self.path.startswith(p) for p in state.refusing) else 200
                 state.requests.append(
                     {
                         "method": self.command,
                         "path": self.path,
                         "body": body,
                         "headers": {k.lower(): v for k, v in self.headers.items()},
+                        "status": status,
                     }
                 )
                 state.cond.notify_all()
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("content-length", "2")
             self.end_headers()
             self.wfile.write(b"ok")

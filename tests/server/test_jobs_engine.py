@@ -216,3 +216,97 @@ def test_delivery_retries_with_backoff_and_stops_on_refusal():
     finally:
         d.close()
         srv.shutdown()
+
+
+def durable_engine(tmp_path, sink, *, attempts=100, base_delay=0.05):
+    """The embedded engine's pieces, with a listener that posts to /<dir>-ok/<job> and /<dir>-hook/<job>."""
+    from ccsr.jobs import OnceDelivery
+
+    store = SQLiteJobStore(tmp_path / "jobs.db")
+    host = f"127.0.0.1:{sink.port}"
+    delivery = OnceDelivery(store, allow_hosts=[host], attempts=attempts, base_delay=base_delay, max_delay=0.05)
+    eng = JobEngine(store, LocalImageStore(tmp_path / "images"), InProcessExecutor(FakeRunner(), idle_poll=0.02),
+                    delivery=delivery)
+    for kind in ("ok", "hook"):
+        url = f"{sink.base}/{tmp_path.name}-{kind}/"
+        eng.add_listener(lambda job, url=url: eng.delivery.post_json(url + job.id, {}))
+    return eng
+
+
+def test_deliveries_cut_off_by_a_stop_are_sent_after_the_restart(tmp_path, sink):
+    hook = f"/{tmp_path.name}-hook/"
+    sink.refusing.add(hook)  # the receiver is down
+    eng = durable_engine(tmp_path, sink)
+    eng.start()
+    job, _ = eng.submit(spec(eng))
+    ok, hook = f"/{tmp_path.name}-ok/{job.id}", hook + job.id
+    assert wait_until(lambda: sink.hits(hook) >= 2)  # being retried
+    assert eng.store.announcements() == [job.id]
+    eng.stop()  # the retrying delivery is cut off: still owed
+    time.sleep(0.2)  # (the delivery thread notices the stop within its backoff)
+    assert eng.delivery.history[-1]["ok"] is True  # /ok, the one delivery that ended
+    assert SQLiteJobStore(tmp_path / "jobs.db").announcements() == [job.id]
+    assert (sink.hits(ok, 200), sink.hits(hook, 200)) == (1, 0)
+
+    sink.refusing.clear()
+    again = durable_engine(tmp_path, sink)
+    again.start()  # recovery runs the finished job's listeners again
+    try:
+        assert wait_until(lambda: sink.hits(hook, 200) == 1)
+        assert wait_until(lambda: again.store.announcements() == [])
+        assert sink.hits(ok) == 1  # confirmed before the stop: not sent a second time
+    finally:
+        again.stop()
+
+    third = durable_engine(tmp_path, sink)
+    third.start()  # nothing is owed any more: nothing is sent
+    try:
+        time.sleep(0.3)
+        assert (sink.hits(ok), sink.hits(hook, 200)) == (1, 1)
+    finally:
+        third.stop()
+
+
+def test_a_delivery_that_gives_up_is_not_owed(tmp_path, sink):
+    hook = f"/{tmp_path.name}-hook/"
+    sink.refusing.add(hook)
+    try:
+        eng = durable_engine(tmp_path, sink, attempts=2, base_delay=0.01)
+        eng.start()
+        try:
+            job, _ = eng.submit(spec(eng))
+            hook += job.id
+            assert wait_until(lambda: sink.hits(hook) == 2)
+            assert wait_until(lambda: eng.store.announcements() == [])  # ended: given up after its retries
+        finally:
+            eng.stop()
+    finally:
+        sink.refusing.clear()
+    again = durable_engine(tmp_path, sink)
+    again.start()
+    try:
+        time.sleep(0.3)
+        assert sink.hits(hook) == 2
+    finally:
+        again.stop()
+
+
+def test_cancel_announces_once(tmp_path):
+    eng, runner = make_engine(tmp_path)
+    runner.gate.clear()
+    seen = []
+    eng.add_listener(seen.append)
+    eng.start()
+    try:
+        a, _ = eng.submit(spec(eng))
+        assert wait_until(lambda: eng.get(a.id).status == PROCESSING)
+        b, _ = eng.submit(spec(eng))
+        assert eng.cancel(b.id).status == CANCELLED
+        assert eng.cancel(b.id).status == CANCELLED  # cancelling again changes nothing and announces nothing
+        assert [j.id for j in seen] == [b.id]
+        runner.gate.set()
+        assert asyncio.run(eng.wait(a.id, 10)).status == SUCCESS
+        assert wait_until(lambda: [j.id for j in seen] == [b.id, a.id])
+        assert wait_until(lambda: eng.store.announcements() == [])  # no deliveries: forgotten at once
+    finally:
+        eng.stop()

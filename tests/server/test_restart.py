@@ -88,3 +88,49 @@ def test_sigkill_with_running_and_queued_jobs(server_factory, input_png):
     logs = db.execute("SELECT logs FROM jobs WHERE json_extract(meta, '$.taskUUID') = ?", (tids[0],)).fetchone()
     db.close()
     assert attempts[tids[0]] == 2 and "restart" in logs[0]
+
+
+def test_sigkill_while_a_webhook_is_retried(server_factory, input_png, sink):
+    """A finished job's webhook owed when the server dies is sent once it is back (and only once)."""
+    import base64
+    import json
+
+    args = ("--api-key", "restart-key", "--allow-fetch-host", f"127.0.0.1:{sink.port}")
+    srv = server_factory(*args)
+    srv.api_key = "restart-key"
+    srv.start()
+    tid = str(uuid.uuid4())
+    hook = f"/restart-hook/{tid}"
+    sink.refusing.add(hook)  # the receiver is down: the webhook is retried with backoff
+    try:
+        task = {
+            "taskType": "upscale",
+            "taskUUID": tid,
+            "inputs": {"image": "data:image/png;base64," + base64.b64encode(input_png).decode()},
+            "upscaleFactor": 2,
+            "outputFormat": "PNG",
+            "deliveryMethod": "async",
+            "webhookURL": sink.base + hook,
+            "settings": {"steps": 2, "seed": 1},
+        }
+        assert post(srv, [task]).status_code == 200
+        end = time.monotonic() + 120
+        while sink.hits(hook) < 1 and time.monotonic() < end:
+            time.sleep(0.02)
+        assert sink.hits(hook, 503) >= 1, "the webhook was never tried"
+        srv.kill()
+    finally:
+        sink.refusing.discard(hook)
+    db = sqlite3.connect(srv.data_dir / "jobs.db")
+    owed = db.execute("SELECT json_extract(meta, '$.taskUUID') FROM jobs JOIN announcements ON id = job_id").fetchall()
+    db.close()
+    assert owed == [(tid,)]
+
+    again = server_factory(*args, port=srv.port, data_dir=srv.data_dir)
+    again.start()
+    body = json.loads(sink.wait_for(lambda r: r["path"] == hook and r["status"] == 200, timeout=60)["body"])
+    item = body["data"][0]
+    assert (item["taskUUID"], item["status"]) == (tid, "success")
+    assert Image.open(io.BytesIO(httpx.get(item["imageURL"], timeout=30).content)).size == (96, 80)
+    time.sleep(1.0)
+    assert sink.hits(hook, 200) == 1

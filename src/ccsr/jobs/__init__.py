@@ -44,7 +44,10 @@ input_height``), ``error`` (:class:`JobError`: neutral ``code`` from :class:`Err
 :class:`LogLine`: ``timestamp, message, level``), and ``done`` / ``active``.
 
 Durability: the SQLite store is the queue. On start, queued jobs run; jobs that were processing when the
-process died are queued once more and fail with ``ErrorCode.INTERRUPTED`` if cut off again.
+process died are queued once more and fail with ``ErrorCode.INTERRUPTED`` if cut off again. Every terminal
+status is written with an announcement that stays until the job's webhooks and uploads have ended (delivered,
+or given up after their retries); on start, the listeners of announced jobs run again, and deliveries already
+confirmed are skipped (:class:`OnceDelivery` with the store as its markers).
 
 Swapping backends: implement :class:`JobStore` (e.g. Redis), :class:`ImageStore` (e.g. S3) and
 :class:`Executor` (e.g. Celery workers calling the same :class:`Runner`), and build ``JobEngine(store,
@@ -55,7 +58,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .delivery import Delivery
+from .delivery import Delivery, OnceDelivery
 from .engine import (
     Executor,
     InProcessExecutor,
@@ -102,13 +105,14 @@ def build_embedded_engine(
     """The no-services default: ``<data_dir>/jobs.db`` + ``<data_dir>/images/`` + one in-process worker."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    store = SQLiteJobStore(data_dir / "jobs.db")
     return JobEngine(
-        SQLiteJobStore(data_dir / "jobs.db"),
+        store,
         LocalImageStore(data_dir / "images", default_ttl=image_ttl),
         InProcessExecutor(runner),
         max_queue=max_queue,
         sweep_interval=sweep_interval,
-        delivery=Delivery(allow_hosts=fetch_allow_hosts),
+        delivery=OnceDelivery(store, allow_hosts=fetch_allow_hosts),
     )
 
 
@@ -148,6 +152,7 @@ __all__ = [
     "JobsError",
     "LocalImageStore",
     "LogLine",
+    "OnceDelivery",
     "OutputOptions",
     "QueueFull",
     "RunOutput",

@@ -21,12 +21,14 @@ from typing import Protocol
 
 from ccsr.logs import task_id
 
+from .delivery import OnceDelivery, owed
 from .images import ImageStore
 from .store import JobStore
 from .types import (
     CANCELLED,
     ERROR,
     PROCESSING,
+    QUEUED,
     SUCCESS,
     ErrorCode,
     Job,
@@ -215,7 +217,6 @@ class JobEngine:
                 if done is not None:
                     self.store.append_log(job.id, "interrupted again by a restart; failed", "ERROR")
                     changed.append(done)
-                    self._emit(done)
             else:
                 self.store.requeue(job.id)
                 self.store.append_log(
@@ -224,6 +225,11 @@ class JobEngine:
                     "WARNING",
                 )
                 changed.append(self.store.get(job.id))
+        for job_id in self.store.announcements():  # finished, but their deliveries never ended (incl. the above)
+            if (job := self.store.get(job_id)) is not None:
+                self._announced(job)
+            else:
+                self.store.acknowledge(job_id)
         return changed
 
     def _sweep_loop(self) -> None:
@@ -263,11 +269,12 @@ class JobEngine:
 
     def cancel(self, job_id: str) -> Job:
         """Queued: cancelled at once. Processing: flagged, the runner stops between steps. Terminal: as is."""
+        before = self.store.get(job_id)
         job = self.store.request_cancel(job_id)
-        if job is None:
+        if job is None or before is None:
             raise JobNotFound(job_id)
-        if job.status == CANCELLED:
-            self._emit(job)
+        if before.status == QUEUED and job.status == CANCELLED:  # it ended here, not earlier
+            self._announced(job)
         return job
 
     def add_listener(self, fn: Listener) -> None:
@@ -276,6 +283,35 @@ class JobEngine:
         Filter on ``job.protocol``; never block for long (hand slow work to :attr:`delivery`).
         """
         self._listeners.append(fn)
+
+    def _announce(self, job: Job, settle: Callable[[bool], None]) -> None:
+        """Run a finished job's listeners, then ``settle(forget)`` once every delivery they started has ended:
+        ``forget`` is False when one was cut off by shutdown, so the announcement stays owed and the listeners
+        run again after a restart (the delivery markers skip what was already confirmed)."""
+        if isinstance(self.delivery, OnceDelivery):
+            with self.delivery.scope(job.id) as futures:
+                self._emit(job)
+        else:
+            self._emit(job)
+            futures = []
+        if not futures:
+            settle(True)
+            return
+        lock, left = threading.Lock(), [len(futures)]
+
+        def one_ended(_f: object) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                settle(not owed(futures))
+
+        for f in futures:
+            f.add_done_callback(one_ended)
+
+    def _announced(self, job: Job) -> None:
+        """The embedded path: the store keeps the announcement (written with the terminal status) until then."""
+        self._announce(job, lambda forget: forget and self.store.acknowledge(job.id))
 
     def _emit(self, job: Job) -> None:
         for fn in list(self._listeners):
@@ -324,7 +360,7 @@ class JobEngine:
     def _finish(self, job_id: str, status: str, *, result=None, error=None) -> Job | None:
         job = self.store.finish(job_id, status, result=result, error=error)
         if job is not None:
-            self._emit(job)
+            self._announced(job)
         return job
 
 

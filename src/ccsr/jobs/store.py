@@ -8,10 +8,12 @@ implements the same interface.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import sqlite3
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from ccsr.params import UpscaleParams
@@ -89,6 +91,14 @@ class JobStore(abc.ABC):
     def queue_position(self, job_id: str) -> int | None:
         """0 for the next queued job, None when the job is not queued."""
 
+    def announcements(self) -> list[str]:
+        """Ids of finished jobs whose listeners' deliveries have not all ended: run them again on start. A store
+        that announces terminal jobs another way (the Redis stream) keeps none here."""
+        return []
+
+    def acknowledge(self, job_id: str) -> None:  # noqa: B027 - optional hook
+        """Every delivery of the finished job ``job_id`` has ended: forget its announcement."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (nothing by default)."""
 
@@ -121,11 +131,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     logs TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
+-- written with every terminal status, deleted once the job's webhooks / uploads have ended
+CREATE TABLE IF NOT EXISTS announcements (job_id TEXT PRIMARY KEY, created_at REAL NOT NULL);
+-- confirmed deliveries of announced jobs (OnceDelivery markers), deleted with the announcement
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (job_id, key)
+);
 """
 
 
 class SQLiteJobStore(JobStore):
-    """One SQLite file (WAL), one connection guarded by a lock: simple and safe across threads."""
+    """One SQLite file (WAL), one connection guarded by a lock: simple and safe across threads. It also keeps
+    the announcements of finished jobs and their confirmed deliveries (:class:`~ccsr.jobs.delivery.DeliveryMarkers`)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -168,6 +189,20 @@ class SQLiteJobStore(JobStore):
             updated_at=row["updated_at"],
             logs=tuple(LogLine(**d) for d in json.loads(row["logs"])),
         )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (the connection autocommits otherwise); call with the lock held."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _announce(self, job_id: str, t: float) -> None:
+        self._db.execute("INSERT OR REPLACE INTO announcements (job_id, created_at) VALUES (?, ?)", (job_id, t))
 
     def _one(self, sql: str, args: tuple = ()) -> Job | None:
         row = self._db.execute(sql, args).fetchone()
@@ -267,7 +302,7 @@ class SQLiteJobStore(JobStore):
     ) -> Job | None:
         assert status in TERMINAL
         t = now()
-        with self._lock:
+        with self._lock, self._transaction():
             cur = self._db.execute(
                 "UPDATE jobs SET status=?, result=?, error_code=?, error_message=?, finished_at=?,"
                 " updated_at=?, progress=CASE WHEN ?='success' THEN 100 ELSE progress END"
@@ -287,15 +322,17 @@ class SQLiteJobStore(JobStore):
             )
             if cur.rowcount == 0:
                 return None
+            self._announce(job_id, t)
             return self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
 
     def request_cancel(self, job_id: str) -> Job | None:
         t = now()
-        with self._lock:
+        with self._lock, self._transaction():
             job = self._one("SELECT * FROM jobs WHERE id=?", (job_id,))
             if job is None:
                 return None
             if job.status == QUEUED:
+                self._announce(job_id, t)
                 self._db.execute(
                     "UPDATE jobs SET status=?, error_code=?, error_message=?, finished_at=?, updated_at=?,"
                     " cancel_requested=1 WHERE id=?",
@@ -331,6 +368,27 @@ class SQLiteJobStore(JobStore):
             return self._db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE status=? AND seq<?", (QUEUED, row["seq"])
             ).fetchone()[0]
+
+    def announcements(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._db.execute("SELECT job_id FROM announcements ORDER BY created_at")]
+
+    def acknowledge(self, job_id: str) -> None:
+        with self._lock, self._transaction():
+            self._db.execute("DELETE FROM announcements WHERE job_id=?", (job_id,))
+            self._db.execute("DELETE FROM deliveries WHERE job_id=?", (job_id,))
+
+    def delivered(self, job_id: str, key: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM deliveries WHERE job_id=? AND key=?", (job_id, key)).fetchone()
+            return row is not None
+
+    def mark_delivered(self, job_id: str, key: str, detail: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO deliveries (job_id, key, detail, created_at) VALUES (?,?,?,?)",
+                (job_id, key, detail, now()),
+            )
 
     def close(self) -> None:
         with self._lock:

@@ -10,7 +10,8 @@ Same interfaces as the embedded engine (``ccsr.jobs``), so nothing under ``ccsr.
 
 Pieces: :class:`RedisJobStore` (state, queue positions, idempotency, TTL, leases, events),
 :class:`DistributedEngine` + :class:`CeleryExecutor` (replica side), :class:`WorkerRuntime` (worker side),
-:class:`S3ImageStore` / :class:`SharedDirImageStore` (``image_store_from_url``), :class:`OnceDelivery`.
+:class:`S3ImageStore` / :class:`SharedDirImageStore` (``image_store_from_url``), :class:`RedisMarkers`
+(confirmed webhook / upload deliveries, for :class:`~ccsr.jobs.delivery.OnceDelivery`).
 Needs the ``scale`` extra (celery[redis], redis, boto3 for S3).
 """
 
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import redis
 
+from ..delivery import OnceDelivery
 from .celery_app import DEFAULT_QUEUE, TASK_NAME, make_celery, send_job
-from .delivery import OnceDelivery
+from .delivery import RedisMarkers
 from .engine import CeleryExecutor, DistributedEngine, Maintenance
 from .images import S3ImageStore, SharedDirImageStore, image_store_from_url
 from .redis_store import RedisJobStore
@@ -60,7 +62,7 @@ def build_distributed_engine(
         max_queue=max_queue,
         max_attempts=max_attempts,
         sweep_interval=sweep_interval,
-        delivery=OnceDelivery(client, prefix=prefix, allow_hosts=fetch_allow_hosts),
+        delivery=OnceDelivery(RedisMarkers(client, prefix=prefix), allow_hosts=fetch_allow_hosts),
     )
 
 
@@ -69,8 +71,8 @@ __all__ = [
     "CeleryExecutor",
     "DistributedEngine",
     "Maintenance",
-    "OnceDelivery",
     "RedisJobStore",
+    "RedisMarkers",
     "S3ImageStore",
     "SharedDirImageStore",
     "build_distributed_engine",

@@ -22,13 +22,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
 
 import redis
 
 from ..engine import Executor, JobEngine
 from ..types import Job, JobNotFound, JobSpec, now
-from .delivery import OnceDelivery
 from .redis_store import RedisJobStore
 
 log = logging.getLogger("ccsr.jobs.distributed")
@@ -89,7 +87,7 @@ class CeleryExecutor(Executor):
         self.engine: JobEngine | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._inflight: dict[str, list[Future]] = {}
+        self._inflight: set[str] = set()  # stream entries whose deliveries are still running here
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ Executor
@@ -158,35 +156,23 @@ class CeleryExecutor(Executor):
                     self._handle(entry_id.decode(), fields[b"job"].decode())
 
     def _handle(self, entry_id: str, job_id: str) -> None:
-        """Run the listeners of one finished job here; acknowledge once its deliveries have ended."""
+        """Run the listeners of one finished job here; acknowledge once its deliveries have ended (an entry
+        whose deliveries were cut off by shutdown stays pending, and another replica claims it)."""
         engine = self.engine
         job = self.store.get(job_id)
         if engine is None or job is None:
             self._ack(entry_id)
             return
-        delivery = engine.delivery
-        if isinstance(delivery, OnceDelivery):
-            with delivery.scope(job.id) as futures:
-                engine._emit(job)
-        else:
-            engine._emit(job)
-            futures = []
-        pending = [f for f in futures if not f.done()]
-        if not pending:
-            self._ack(entry_id)
-            return
         with self._lock:
-            self._inflight[entry_id] = pending
-        for f in pending:
-            f.add_done_callback(lambda _f, e=entry_id: self._maybe_ack(e))
+            self._inflight.add(entry_id)
 
-    def _maybe_ack(self, entry_id: str) -> None:
-        with self._lock:
-            futures = self._inflight.get(entry_id)
-            if futures is None or not all(f.done() for f in futures):
-                return
-            del self._inflight[entry_id]
-        self._ack(entry_id)
+        def settle(forget: bool) -> None:
+            with self._lock:
+                self._inflight.discard(entry_id)
+            if forget:
+                self._ack(entry_id)
+
+        engine._announce(job, settle)
 
     def _ack(self, entry_id: str) -> None:
         self.store.redis.xack(self.store.terminal_stream, GROUP, entry_id)
