@@ -78,7 +78,9 @@ class Delivery:
         last = ""
         made = 0
         for attempt in range(self.attempts):
-            if self._closed.is_set():
+            backoff = min(self.max_delay, self.base_delay * 2 ** (attempt - 1)) if attempt else 0.0
+            if self._closed.wait(backoff):  # shutting down: leave the delivery owed
+                log.info("%s %s stopped after %d attempt(s); it is sent again after a restart", method, url, made)
                 raise DeliveryStopped(f"{method} {url}: stopped after {made} attempt(s)")
             made = attempt + 1
             try:
@@ -99,8 +101,6 @@ class Delivery:
                 last = str(e)
                 if e.code in _PERMANENT or (e.code == "http_error" and _refused(e.status)):
                     break
-            if attempt + 1 < self.attempts and self._closed.wait(min(self.max_delay, self.base_delay * (2**attempt))):
-                raise DeliveryStopped(f"{method} {url}: stopped after {made} attempt(s)")
         log.warning("%s %s failed after %d attempt(s): %s", method, url, made, last)
         self._record(method, url, False, last, made)
         if on_done:
