@@ -311,7 +311,12 @@ class JobEngine:
 
     def _announced(self, job: Job) -> None:
         """The embedded path: the store keeps the announcement (written with the terminal status) until then."""
-        self._announce(job, lambda forget: forget and self.store.acknowledge(job.id))
+
+        def settle(forget: bool) -> None:
+            if forget:
+                self.store.acknowledge(job.id)
+
+        self._announce(job, settle)
 
     def _emit(self, job: Job) -> None:
         for fn in list(self._listeners):
