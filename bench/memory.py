@@ -38,6 +38,8 @@ def main() -> int:
         choices=["pad", "reference"],
         help="pad (default): process exactly the target rounded up to 64",
     )
+    ap.add_argument("--output-type", default="np", choices=["np", "pil"],
+                    help="np: float result as the server uses it; pil: only the 8-bit image")
     ap.add_argument("--config", help="architecture yaml (default: the built-in real-size CCSR-v1)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--extra", default="", help="more `ccsr bench` flags, space-separated")
@@ -67,6 +69,8 @@ def main() -> int:
             "cpu",
             "--dtype",
             "float32",
+            "--output-type",
+            a.output_type,
         ]
         if a.config:
             args += ["--config", a.config]

@@ -230,6 +230,7 @@ def run_bench(
     *,
     repeat: int = 1,
     warmup: int = 0,
+    output_type: str = "np",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Time ``repeat`` upscales of a synthetic ``size`` picture; returns per-run figures and a summary."""
@@ -251,7 +252,7 @@ def run_bench(
         if log:
             log(f"warm-up {i + 1}/{warmup}")
         t = time.perf_counter()
-        pipe.run(image, params)
+        pipe.run(image, params, output_type=output_type)
         sync()
         warmup_s.append(time.perf_counter() - t)  # with --compile: includes the compilation
 
@@ -278,7 +279,7 @@ def run_bench(
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            out = pipe.run(image, params, progress=progress)
+            out = pipe.run(image, params, progress=progress, output_type=output_type)
             sync()
         finally:
             for t in timers.values():
@@ -314,7 +315,7 @@ def run_bench(
             "hint_encode_s": _mean(hint),
             "decode_s": out.timings.get("decode"),
             "output_mp_per_s": target[0] * target[1] / 1e6 / wall,
-            **_output_stats(out.processed),
+            **_output_stats(out.image if out.processed is None else out.processed),
         }
         if cuda:
             run["peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -372,12 +373,17 @@ def run_bench(
 
 
 def _output_stats(pixels: Any) -> dict[str, Any]:
-    """Finite check and standard deviation a block of rows at a time: no full-size temporaries in the peak."""
+    """Finite check and standard deviation (in [0, 1]) of a float array or an 8-bit image, a block of rows at a
+    time: no full-size temporaries."""
     import numpy as np
 
     n, total, squares, finite = 0, 0.0, 0.0, True
-    for r in range(0, pixels.shape[0], 256):
-        block = pixels[r : r + 256].astype(np.float64)
+    width, height = (pixels.shape[1], pixels.shape[0]) if isinstance(pixels, np.ndarray) else pixels.size
+    for r in range(0, height, 256):
+        if isinstance(pixels, np.ndarray):
+            block = pixels[r : r + 256].astype(np.float64)
+        else:
+            block = np.asarray(pixels.crop((0, r, width, min(r + 256, height))), dtype=np.float64) / 255.0
         finite = finite and bool(np.isfinite(block).all())
         n, total, squares = n + block.size, total + float(block.sum()), squares + float((block * block).sum())
     mean = total / max(n, 1)
@@ -437,13 +443,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
         weights=model.source,
         parameters=model.descriptor.parameters,
         channels_last=bool(a.channels_last),
+        output_type=a.output_type,
         compile=bool(a.compile),
     )
     log(
         f"built {header['parameters'] / 1e6:.1f} M random parameters in {build_s:.1f} s; "
         f"RSS {weights_rss:.0f} MB; running {a.size[0]}x{a.size[1]} x{params.scale}, {params.steps} steps"
     )
-    result = run_bench(pipe, a.size, params, repeat=a.repeat, warmup=a.warmup, log=log)
+    result = run_bench(pipe, a.size, params, repeat=a.repeat, warmup=a.warmup, output_type=a.output_type, log=log)
     s = result["summary"]
     memory = {
         "rss_before_build_mb": rss0,
@@ -490,7 +497,8 @@ def _header_text(h: dict[str, Any]) -> str:
         f"machine: {h['cpu']}, {h['cores']} cores ({h['cores_usable']} usable), {h['memory_gb']} GB RAM, "
         f"load {h['load_avg']}{gpu}\n"
         f"torch {h['torch']}, diffusers {h['diffusers']}, python {h['python']}; device {h['device']}, "
-        f"dtype {h['dtype']}, threads {h['threads']}, channels_last {h['channels_last']}\n"
+        f"dtype {h['dtype']}, threads {h['threads']}, channels_last {h['channels_last']}, "
+        f"output {h.get('output_type', 'np')}\n"
         f"model: {h['config']}, {h['parameters'] / 1e6:.1f} M parameters, {h['weights']}"
     )
 
@@ -568,6 +576,9 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--channels-last", action="store_true", help="convert the networks to channels_last")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNet (use --warmup 1: the first run compiles)")
+    b.add_argument("--output-type", choices=["np", "pil"], default="np",
+                   help="np (default): the float result as the server uses it; pil: only the 8-bit image "
+                   "(no full-size float buffer)")
     b.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (default 0)")
     b.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")

@@ -128,13 +128,35 @@ def quantise(pixels: np.ndarray) -> np.ndarray:
     return out
 
 
+def paste_quantised(img: Image.Image, pixels: np.ndarray, top: int = 0) -> None:
+    """Quantise float rows as the reference and paste them into ``img`` from row ``top``, block by block."""
+    for r, block in _row_blocks(pixels):
+        img.paste(Image.fromarray(block), (0, top + r))
+
+
 def quantise_image(pixels: np.ndarray) -> Image.Image:
     """Like ``Image.fromarray(quantise(pixels))`` but pasted block by block: no full-size uint8 array beside
     the image (PIL keeps RGB at 4 bytes per pixel, so that copy would be most of the output's memory)."""
     img = Image.new("RGB", (pixels.shape[1], pixels.shape[0]))
-    for r, block in _row_blocks(pixels):
-        img.paste(Image.fromarray(block), (0, r))
+    paste_quantised(img, pixels)
     return img
+
+
+def finish_image(processed8: Image.Image, g: Geometry) -> Image.Image:
+    """8-bit model output at the processing size -> the 8-bit image at the target, as the reference: cropped
+    in pad mode, else Lanczos-resized in 8 bits."""
+    if g.pad != (0, 0):
+        return processed8.crop((0, 0, *g.target))
+    return processed8 if g.process == g.target else processed8.resize(g.target, Image.Resampling.LANCZOS)
+
+
+def finish_float(processed: np.ndarray, g: Geometry) -> np.ndarray:
+    """Float model output at the processing size -> float image at the target (a view when no resize)."""
+    if g.pad != (0, 0):
+        return processed[: g.target[1], : g.target[0]]
+    if g.process == g.target:
+        return processed
+    return np.clip(resize(processed, g.target, Image.Resampling.LANCZOS), 0.0, 1.0)
 
 
 def finish(processed: np.ndarray, g: Geometry) -> tuple[Image.Image, np.ndarray]:
@@ -142,11 +164,7 @@ def finish(processed: np.ndarray, g: Geometry) -> tuple[Image.Image, np.ndarray]
 
     The reference truncates to uint8 at the processing size, then Lanczos-resizes the 8-bit image.
     """
+    final = finish_float(processed, g)
     if g.pad != (0, 0):
-        crop = processed[: g.target[1], : g.target[0]]
-        return quantise_image(crop), crop
-    as_uint8 = quantise_image(processed)
-    if g.process == g.target:
-        return as_uint8, processed
-    final = np.clip(resize(processed, g.target, Image.Resampling.LANCZOS), 0.0, 1.0)
-    return as_uint8.resize(g.target, Image.Resampling.LANCZOS), final
+        return quantise_image(final), final  # only the crop is quantised
+    return finish_image(quantise_image(processed), g), final

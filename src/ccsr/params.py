@@ -78,6 +78,9 @@ class UpscaleParams:
             self.tile_diffusion_stride < 8 or self.tile_diffusion_stride % 8
         ):
             raise ParamError("tile_diffusion_stride", "must be a multiple of 8 and at least 8")
+        if self.tile_diffusion != "none" and (self.tile_diffusion_stride or 0) > (self.tile_diffusion_size or 2**31):
+            raise ParamError("tile_diffusion_stride", "must not exceed tile_diffusion_size (the tiles would leave "
+                             "pixels between them uncovered)")
         if self.tile_vae_decoder_size is not None and self.tile_vae_decoder_size < 8:
             raise ParamError("tile_vae_decoder_size", "must be at least 8 (latent pixels)")
         if self.tile_vae_encoder_size < 64:

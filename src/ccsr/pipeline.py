@@ -6,7 +6,7 @@ import gc
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +16,11 @@ from PIL import Image
 
 from ccsr import hostmemory
 from ccsr.colorfix import color_fix
-from ccsr.geometry import Geometry, Picture, finish, prepare_compact, size_of
+from ccsr.geometry import Geometry, Picture, prepare_compact, size_of
 from ccsr.model import CCSRModel, ModelDescriptor, load_model
 from ccsr.params import UpscaleParams
 from ccsr.planning import VAE_TILE_PAD, Plan, Planner, is_out_of_memory, retry_plan
+from ccsr.result import OutputType, Result, result_type
 from ccsr.sampling.ccsr_v1 import StepRecord, Tiling, noise_draws, sample_ccsr_v1
 from ccsr.sampling.denoiser import CCSRDenoiser
 from ccsr.sampling.schedule import SpacedSchedule, truncated_plan
@@ -37,8 +38,8 @@ class Cancelled(RuntimeError):
 @dataclass
 class UpscaleOutput:
     image: Image.Image  # 8-bit RGB at the target size, quantised exactly as the reference
-    final: np.ndarray  # float32 HxWx3 in [0, 1] at the target size
-    processed: np.ndarray  # float32 HxWx3 in [0, 1] at the processing size (the fixtures' output_float)
+    final: np.ndarray | None  # float32 HxWx3 in [0, 1] at the target size (None with output_type="pil")
+    processed: np.ndarray | None  # float32 HxWx3 in [0, 1] at the processing size (the fixtures' output_float)
     seed: int
     geometry: Geometry
     timings: dict[str, float] = field(default_factory=dict)
@@ -119,7 +120,7 @@ class CCSRPipeline:
         return self.model.descriptor
 
     def __call__(self, image: Picture, progress: Progress | None = None, **params: object) -> Image.Image:
-        return self.run(image, UpscaleParams(**params), progress=progress).image  # type: ignore[arg-type]
+        return self.run(image, UpscaleParams(**params), progress=progress, output_type="pil").image  # type: ignore[arg-type]
 
     # -- the upscale ------------------------------------------------------------------------------------------
 
@@ -143,10 +144,13 @@ class CCSRPipeline:
         should_cancel: Callable[[], bool] | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
         log: Callable[[str], None] | None = None,
+        output_type: OutputType = "np",
     ) -> UpscaleOutput:
         """Upscale ``image``. Tiling left automatic is planned from free memory; if the device still runs out
-        of memory, the run starts again with a smaller plan (same seed, so the same noise)."""
+        of memory, the run starts again with a smaller plan (same seed, so the same noise). ``output_type``
+        ``"pil"`` returns only the 8-bit image and never holds the whole float result (``ccsr.result``)."""
         p = (params or UpscaleParams()).validate()
+        result = result_type(output_type)
         if p.seed is None:
             p = p.replace(seed=random.randrange(2**32))
         size = size_of(image)
@@ -155,7 +159,7 @@ class CCSRPipeline:
             if log is not None:
                 log(f"plan: {plan.evaluations} network evaluations (tiles x steps); {plan.describe()}")
             try:
-                return self._run(image, plan, progress, should_cancel, on_step)
+                return self._run(image, plan, progress, should_cancel, on_step, result)
             except (RuntimeError, MemoryError) as e:
                 smaller = retry_plan(self.planner, size, plan) if is_out_of_memory(e) else None
                 if smaller is None:
@@ -169,7 +173,8 @@ class CCSRPipeline:
             plan = smaller
 
     def _run(self, image: Picture, plan: Plan, progress: Progress | None,
-             should_cancel: Callable[[], bool] | None, on_step: Callable[[StepRecord], None] | None) -> UpscaleOutput:
+             should_cancel: Callable[[], bool] | None, on_step: Callable[[StepRecord], None] | None,
+             result_type: type[Result]) -> UpscaleOutput:
         p, g = plan.params, plan.geometry
         seed = int(p.seed or 0)  # run() always sets it
         timings: dict[str, float] = {}
@@ -192,7 +197,8 @@ class CCSRPipeline:
         schedule = SpacedSchedule.make(p.steps, cfg.linear_start, cfg.linear_end, cfg.num_timesteps)
         sampling_plan = truncated_plan(schedule, p.t_max, p.t_min)
         tiling = self.tiling(plan)
-        noise.draw(1 + noise_draws(sampling_plan, tiled=tiling is not None))  # x_T, then the sampler's draws
+        if self.device.type != "cpu":  # x_T, then the sampler's draws, in one copy to the device
+            noise.draw(1 + noise_draws(sampling_plan, tiled=tiling is not None))
         denoiser = CCSRDenoiser(
             self.model.unet, self.model.controlnet, self.model.cond_encoder, cond.window, context,
             uncond_context=uncond, cfg_scale=p.cfg_scale, control_scale=p.controlnet_weight,
@@ -217,12 +223,14 @@ class CCSRPipeline:
         timings["sample"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        pixels = self._decode(z0, cond, plan, tiling)  # float32 [1, 3, H, W] on the host
+        result = result_type(g)
+        for top, rows in self._decoded_rows(z0, cond, plan, tiling):
+            result.write(top, rows[0].permute(1, 2, 0).numpy())  # HWC views of the host tensor
+            del rows  # before the next window is decoded: a band may be freed as soon as it is written
         del cond, z0
-        processed = pixels.clamp_(0, 1)[0].permute(1, 2, 0).numpy()  # a view: no full-size copy
         hostmemory.trim()
         timings["decode"] = time.perf_counter() - t3
-        img8, final = finish(processed, g)
+        img8, final, processed = result.finish()
         timings["total"] = time.perf_counter() - t0
         n_eval = sampling_plan.evaluations * plan.windows
         return UpscaleOutput(img8, final, processed, seed, g, timings, n_eval, plan)
@@ -242,30 +250,52 @@ class CCSRPipeline:
                 out = tiled_decode(vae, z, tile, VAE_TILE_PAD, stats="estimate", estimate_size=tile + 2 * VAE_TILE_PAD)
         return (out.float() + 1) / 2
 
-    def _decode(self, z0: Tensor, cond: Condition, plan: Plan, tiling: Tiling | None) -> Tensor:
+    def _decoded_rows(self, z0: Tensor, cond: Condition, plan: Plan, tiling: Tiling | None
+                      ) -> Iterator[tuple[int, Tensor]]:
+        """The decoded, colour-fixed image in [0, 1] on the host, as (first row, float32 [1, 3, rows, W])
+        blocks from top to bottom; a block is valid until the next one is asked for."""
         fix = plan.params.color_fix
         if tiling is None or tiling.blend == "gaussian":
-            return color_fix(self._decode_latent(z0, plan), cond.window(None), fix).cpu()
+            yield 0, color_fix(self._decode_latent(z0, plan), cond.window(None), fix).cpu().clamp_(0, 1)
+            return
         # "mix": every tile decoded and colour-fixed on its own, then averaged in pixel space (on the host).
-        f = self.descriptor.latent_factor
-        acc = torch.zeros((1, 3, *cond.shape), dtype=torch.float32)
+        # Windows come row-major, so the rows above a window's top are complete when it starts: only the band
+        # from there down to the lowest window so far is held in float.
+        f, width = self.descriptor.latent_factor, cond.shape[1]
+        top = 0  # the band's first row
+        acc = torch.zeros((1, 3, 0, width), dtype=torch.float32)
         # Overlap counts are small integers: a uint8 plane divides exactly as the reference's int64 volume.
-        count = torch.zeros((1, 1, *cond.shape), dtype=torch.uint8)
+        count = torch.zeros((1, 1, 0, width), dtype=torch.uint8)
         for win in tiling.windows:
-            rows, cols = win.latent()
             prow, pcol = win.pixels(f)
-            tile = self._decode_latent(z0[:, :, rows, cols], plan)
-            acc[:, :, prow, pcol] += color_fix(tile, cond.window(win), fix).cpu()
-            count[:, :, prow, pcol] += 1
+            if prow.start > top:
+                done = prow.start - top
+                yield top, acc[:, :, :done].div_(count[:, :, :done]).clamp_(0, 1)
+                # only the overlap with later windows is kept; the rows handed out are freed
+                acc, count, top = acc[:, :, done:].clone(), count[:, :, done:].clone(), prow.start
+            if prow.stop - top > acc.shape[2]:
+                acc, count = _grown(acc, prow.stop - top), _grown(count, prow.stop - top)
+            band = slice(prow.start - top, prow.stop - top)
+            tile = self._decode_latent(z0[(slice(None), slice(None), *win.latent())], plan)
+            acc[:, :, band, pcol] += color_fix(tile, cond.window(win), fix).cpu()
+            count[:, :, band, pcol] += 1
             del tile
             hostmemory.trim()  # each window's decoder temporaries, before the next window allocates its own
-        return acc.div_(count)
+        yield top, acc.div_(count).clamp_(0, 1)
+
+
+def _grown(band: Tensor, rows: int) -> Tensor:
+    """``band`` extended with zero rows to ``rows`` rows (dim 2), in one allocation."""
+    out = band.new_zeros((*band.shape[:2], rows, band.shape[3]))
+    out[:, :, : band.shape[2]] = band
+    return out
 
 
 class PreDrawnNoise:
     """The sampler's noise source. Every draw comes from one CPU generator in the reference's order with the full
-    latent's shape, so a seed gives the same image on every device (up to kernel differences). They are drawn
-    up front and sent to the device in one copy, so the step loop never waits on a host-to-device transfer."""
+    latent's shape, so a seed gives the same image on every device (up to kernel differences). For an
+    accelerator they are drawn up front and sent in one copy, so the step loop never waits on a host-to-device
+    transfer; on the CPU one at a time (up front, every step's full-size noise would be held at once)."""
 
     def __init__(self, seed: int, shape: tuple[int, ...], device: torch.device):
         self.gen = torch.Generator("cpu").manual_seed(seed)

@@ -182,7 +182,9 @@ class Planner:
             cap = max(cap, floor)
             w, h = self._geometry(size, p.replace(tile_diffusion_size=cap), tiled_vae=bool(p.tile_vae)).process
             tile, stride = balanced_windows(max(w, h) // f, native // f, cap // f, floor // f)
-            p = p.replace(tile_diffusion_size=tile * f, tile_diffusion_stride=p.tile_diffusion_stride or stride * f)
+            # validated again: a stride set alone must not exceed the tile chosen here
+            p = p.replace(tile_diffusion_size=tile * f, tile_diffusion_stride=p.tile_diffusion_stride or stride * f
+                          ).validate()
         return self._checked(self._resolve(size, p, budget), requested, check)
 
     def _checked(self, plan: Plan, requested: UpscaleParams, check: bool) -> Plan:

@@ -1,0 +1,75 @@
+"""The pipeline's result, assembled from blocks of decoded rows in the order the decoder completes them.
+
+``np`` keeps the float32 image (the fixtures' ``output_float``, from which 16-bit and dithered files are
+written) beside the 8-bit one. ``pil`` quantises every block into the 8-bit image as it arrives, so that no
+full-size float buffer ever exists: 4 bytes per output pixel instead of 16.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import numpy as np
+from PIL import Image
+
+from ccsr.geometry import Geometry, finish, finish_image, paste_quantised
+
+OutputType = Literal["np", "pil"]
+
+
+class Result(Protocol):
+    def __init__(self, g: Geometry) -> None: ...
+
+    def write(self, top: int, rows: np.ndarray) -> None:
+        """Rows ``top : top + len(rows)`` of the processed image, float32 HxWx3 in [0, 1], final."""
+
+    def finish(self) -> tuple[Image.Image, np.ndarray | None, np.ndarray | None]:
+        """(8-bit image at the target, float image at the target, float image at the processing size)."""
+
+
+class FloatResult:
+    """The float32 processed image; the 8-bit image is quantised from it at the end, as the reference does."""
+
+    def __init__(self, g: Geometry):
+        self.g = g
+        self.array: np.ndarray | None = None
+
+    def write(self, top: int, rows: np.ndarray) -> None:
+        height = self.g.process[1]
+        if self.array is None and top == 0 and len(rows) == height:
+            self.array = rows  # the whole image in one block: kept as it is, no copy
+            return
+        if self.array is None:
+            self.array = np.empty((height, rows.shape[1], 3), np.float32)
+        self.array[top : top + len(rows)] = rows
+
+    def finish(self) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+        assert self.array is not None, "no rows were written"
+        image, final = finish(self.array, self.g)
+        return image, final, self.array
+
+
+class ImageResult:
+    """Only the 8-bit image, quantised block by block (in pad mode only the target's crop is kept)."""
+
+    def __init__(self, g: Geometry):
+        self.g = g
+        self.crop = g.pad != (0, 0)
+        self.image = Image.new("RGB", g.target if self.crop else g.process)
+
+    def write(self, top: int, rows: np.ndarray) -> None:
+        if self.crop:
+            w, h = self.g.target
+            rows = rows[: max(h - top, 0), :w]
+        if len(rows):
+            paste_quantised(self.image, rows, top)
+
+    def finish(self) -> tuple[Image.Image, None, None]:
+        return (self.image if self.crop else finish_image(self.image, self.g)), None, None
+
+
+def result_type(output_type: str) -> type[Result]:
+    results: dict[str, type[Result]] = {"np": FloatResult, "pil": ImageResult}
+    if output_type not in results:
+        raise ValueError(f"unknown output_type {output_type!r} (expected one of {', '.join(results)})")
+    return results[output_type]

@@ -1,0 +1,73 @@
+"""``output_type``: the 8-bit-only result is the same image, assembled from row blocks without a float copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ccsr import result
+from ccsr.params import ParamError, UpscaleParams
+
+FAST = UpscaleParams(scale=2, steps=6, seed=7, size_mode="pad")
+# 48x40 x4 in pad mode: target 192x160, processed at 192x192 (32 rows cropped); 128 px tiles at a 96 px stride
+# give two rows of windows that overlap by 64 px, so blocks are handed out before the last window is decoded.
+MIX = FAST.replace(scale=4, tile_diffusion="mix", tile_diffusion_size=128, tile_diffusion_stride=96)
+CASES = {
+    "untiled-pad": FAST,
+    "untiled-reference-resize": FAST.replace(size_mode="reference"),
+    "mix-bands-pad": MIX,
+    "mix-bands-reference": MIX.replace(size_mode="reference"),
+    "gaussian": MIX.replace(tile_diffusion="gaussian"),
+}
+
+
+@pytest.fixture(scope="module")
+def lq(fixtures) -> Image.Image:
+    return Image.open(fixtures / "inputs" / "lq_48x40.png").convert("RGB")
+
+
+@pytest.mark.parametrize("params", CASES.values(), ids=CASES.keys())
+def test_pil_output_is_the_same_image_without_the_float_result(tiny_pipeline, lq, params):
+    full = tiny_pipeline.run(lq, params)
+    lean = tiny_pipeline.run(lq, params, output_type="pil")
+    assert lean.final is None and lean.processed is None
+    assert lean.image.size == full.image.size == full.geometry.target
+    assert np.array_equal(np.asarray(lean.image), np.asarray(full.image))
+
+
+def test_calling_the_pipeline_returns_the_same_image(tiny_pipeline, lq):
+    image = tiny_pipeline(lq, **MIX.to_dict())
+    assert np.array_equal(np.asarray(image), np.asarray(tiny_pipeline.run(lq, MIX).image))
+
+
+def test_mix_rows_are_handed_out_in_bands_top_to_bottom(tiny_pipeline, lq, monkeypatch):
+    blocks: list[tuple[int, int]] = []
+    write = result.ImageResult.write
+
+    def spy(self, top, rows):
+        blocks.append((top, len(rows)))
+        write(self, top, rows)
+
+    monkeypatch.setattr(result.ImageResult, "write", spy)
+    out = tiny_pipeline.run(lq, MIX, output_type="pil")
+    height = out.geometry.process[1]
+    assert len(blocks) > 1 and max(n for _, n in blocks) < height  # never the whole image at once
+    tops = [t for t, _ in blocks]
+    assert tops == sorted(tops) and tops[0] == 0
+    assert all(t + n == nxt for (t, n), nxt in zip(blocks, [*tops[1:], height], strict=True))  # each row once
+
+
+def test_unknown_output_type_is_refused(tiny_pipeline, lq):
+    with pytest.raises(ValueError, match="output_type"):
+        tiny_pipeline.run(lq, FAST, output_type="tensor")
+
+
+def test_a_stride_wider_than_the_tile_is_refused(tiny_pipeline, lq):
+    with pytest.raises(ParamError) as err:
+        UpscaleParams(tile_diffusion="mix", tile_diffusion_size=128, tile_diffusion_stride=136).validate()
+    assert err.value.field == "tile_diffusion_stride"
+    UpscaleParams(tile_diffusion="none", tile_diffusion_size=128, tile_diffusion_stride=136).validate()  # unused
+    with pytest.raises(ParamError) as err:  # the stride alone, wider than any tile the planner may choose
+        tiny_pipeline.plan(lq.size, FAST.replace(scale=4, tile_diffusion="mix", tile_diffusion_stride=4096))
+    assert err.value.field == "tile_diffusion_stride"
