@@ -265,7 +265,7 @@ def evaluate_folder(
         per_run: list[dict[str, Any]] = []
         for seed in seeds:
             t0 = time.perf_counter()
-            out = pipe.run(lq, params.replace(seed=seed))
+            out = pipe.run(lq, params.replace(seed=seed), output_type="pil")  # only the 8-bit image is scored
             dt = time.perf_counter() - t0
             times.append(dt)
             sr = to_float01(out.image)  # the 8-bit result, as a saved PNG would be evaluated

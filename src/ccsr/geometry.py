@@ -120,25 +120,25 @@ def _row_blocks(pixels: np.ndarray):  # type: ignore[no-untyped-def]
         yield r, (pixels[r : r + rows] * np.float32(255)).clip(0, 255).astype(np.uint8)
 
 
-def quantise(pixels: np.ndarray) -> np.ndarray:
-    """float [0, 1] -> uint8 as the reference, a block of rows at a time: no full-size float temporary."""
-    out = np.empty(pixels.shape, np.uint8)
+def quantise_into(out: np.ndarray, pixels: np.ndarray) -> None:
+    """float [0, 1] -> the uint8 array ``out`` of the same shape, as the reference, a block of rows at a time."""
     for r, block in _row_blocks(pixels):
         out[r : r + len(block)] = block
+
+
+def quantise(pixels: np.ndarray) -> np.ndarray:
+    """float [0, 1] -> uint8 as the reference, without a full-size float temporary."""
+    out = np.empty(pixels.shape, np.uint8)
+    quantise_into(out, pixels)
     return out
-
-
-def paste_quantised(img: Image.Image, pixels: np.ndarray, top: int = 0) -> None:
-    """Quantise float rows as the reference and paste them into ``img`` from row ``top``, block by block."""
-    for r, block in _row_blocks(pixels):
-        img.paste(Image.fromarray(block), (0, top + r))
 
 
 def quantise_image(pixels: np.ndarray) -> Image.Image:
     """Like ``Image.fromarray(quantise(pixels))`` but pasted block by block: no full-size uint8 array beside
     the image (PIL keeps RGB at 4 bytes per pixel, so that copy would be most of the output's memory)."""
     img = Image.new("RGB", (pixels.shape[1], pixels.shape[0]))
-    paste_quantised(img, pixels)
+    for r, block in _row_blocks(pixels):
+        img.paste(Image.fromarray(block), (0, r))
     return img
 
 

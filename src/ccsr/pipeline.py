@@ -150,7 +150,7 @@ class CCSRPipeline:
         of memory, the run starts again with a smaller plan (same seed, so the same noise). ``output_type``
         ``"pil"`` returns only the 8-bit image and never holds the whole float result (``ccsr.result``)."""
         p = (params or UpscaleParams()).validate()
-        result = result_type(output_type)
+        make_result = result_type(output_type)  # an unknown type is refused before any work
         if p.seed is None:
             p = p.replace(seed=random.randrange(2**32))
         size = size_of(image)
@@ -159,7 +159,7 @@ class CCSRPipeline:
             if log is not None:
                 log(f"plan: {plan.evaluations} network evaluations (tiles x steps); {plan.describe()}")
             try:
-                return self._run(image, plan, progress, should_cancel, on_step, result)
+                return self._run(image, plan, progress, should_cancel, on_step, make_result)
             except (RuntimeError, MemoryError) as e:
                 smaller = retry_plan(self.planner, size, plan) if is_out_of_memory(e) else None
                 if smaller is None:
@@ -174,7 +174,7 @@ class CCSRPipeline:
 
     def _run(self, image: Picture, plan: Plan, progress: Progress | None,
              should_cancel: Callable[[], bool] | None, on_step: Callable[[StepRecord], None] | None,
-             result_type: type[Result]) -> UpscaleOutput:
+             make_result: type[Result]) -> UpscaleOutput:
         p, g = plan.params, plan.geometry
         seed = int(p.seed or 0)  # run() always sets it
         timings: dict[str, float] = {}
@@ -200,7 +200,7 @@ class CCSRPipeline:
         if self.device.type != "cpu":  # x_T, then the sampler's draws, in one copy to the device
             noise.draw(1 + noise_draws(sampling_plan, tiled=tiling is not None))
         denoiser = CCSRDenoiser(
-            self.model.unet, self.model.controlnet, self.model.cond_encoder, cond.window, context,
+            self.model.unet, self.model.controlnet, _then_trim(self.model.cond_encoder), cond.window, context,
             uncond_context=uncond, cfg_scale=p.cfg_scale, control_scale=p.controlnet_weight,
         )
 
@@ -223,7 +223,7 @@ class CCSRPipeline:
         timings["sample"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        result = result_type(g)
+        result = make_result(g)
         for top, rows in self._decoded_rows(z0, cond, plan, tiling):
             result.write(top, rows[0].permute(1, 2, 0).numpy())  # HWC views of the host tensor
             del rows  # before the next window is decoded: a band may be freed as soon as it is written
@@ -282,6 +282,19 @@ class CCSRPipeline:
             del tile
             hostmemory.trim()  # each window's decoder temporaries, before the next window allocates its own
         yield top, acc.div_(count).clamp_(0, 1)
+
+
+def _then_trim(encoder: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The condition encoder, then its freed transients given back to the OS. Inside ``reuse_freed`` they stay
+    resident, and the network evaluation that follows would add its own on top: the peak then depended on how the
+    two happened to share the heap, and grew with the number of windows (a hint is encoded per window)."""
+
+    def encode(pixels: Tensor) -> Tensor:
+        hint = encoder(pixels)
+        hostmemory.trim()
+        return hint
+
+    return encode
 
 
 def _grown(band: Tensor, rows: int) -> Tensor:

@@ -2,7 +2,7 @@
 
 ``np`` keeps the float32 image (the fixtures' ``output_float``, from which 16-bit and dithered files are
 written) beside the 8-bit one. ``pil`` quantises every block into the 8-bit image as it arrives, so that no
-full-size float buffer ever exists: 4 bytes per output pixel instead of 16.
+full-size float buffer ever exists: 3 bytes per output pixel instead of 16.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 import numpy as np
 from PIL import Image
 
-from ccsr.geometry import Geometry, finish, finish_image, paste_quantised
+from ccsr.geometry import Geometry, finish, finish_image, quantise_into
 
 OutputType = Literal["np", "pil"]
 
@@ -50,22 +50,25 @@ class FloatResult:
 
 
 class ImageResult:
-    """Only the 8-bit image, quantised block by block (in pad mode only the target's crop is kept)."""
+    """Only the 8-bit pixels, quantised block by block into a uint8 array (3 bytes per pixel; PIL's RGB takes 4)
+    that becomes the image at the end, when the decoder's memory is free again. In pad mode only the target's
+    crop is kept."""
 
     def __init__(self, g: Geometry):
         self.g = g
         self.crop = g.pad != (0, 0)
-        self.image = Image.new("RGB", g.target if self.crop else g.process)
+        w, h = g.target if self.crop else g.process
+        self.pixels = np.empty((h, w, 3), np.uint8)
 
     def write(self, top: int, rows: np.ndarray) -> None:
-        if self.crop:
-            w, h = self.g.target
-            rows = rows[: max(h - top, 0), :w]
-        if len(rows):
-            paste_quantised(self.image, rows, top)
+        h, w = self.pixels.shape[:2]
+        rows = rows[: max(h - top, 0), :w]
+        quantise_into(self.pixels[top : top + len(rows)], rows)
 
     def finish(self) -> tuple[Image.Image, None, None]:
-        return (self.image if self.crop else finish_image(self.image, self.g)), None, None
+        image = Image.fromarray(self.pixels)
+        del self.pixels
+        return (image if self.crop else finish_image(image, self.g)), None, None
 
 
 def result_type(output_type: str) -> type[Result]:

@@ -26,7 +26,7 @@ class CCSRDenoiser:
         self,
         unet: nn.Module,
         controlnet: nn.Module,
-        cond_encoder: nn.Module,
+        cond_encoder: Callable[[Tensor], Tensor],
         condition: Callable[[Window | None], Tensor],
         context: Tensor,
         *,
