@@ -142,11 +142,9 @@ def quantise_image(pixels: np.ndarray) -> Image.Image:
     return img
 
 
-def finish_image(processed8: Image.Image, g: Geometry) -> Image.Image:
-    """8-bit model output at the processing size -> the 8-bit image at the target, as the reference: cropped
-    in pad mode, else Lanczos-resized in 8 bits."""
-    if g.pad != (0, 0):
-        return processed8.crop((0, 0, *g.target))
+def resize_image(processed8: Image.Image, g: Geometry) -> Image.Image:
+    """8-bit model output at the processing size -> the target size, Lanczos in 8 bits as the reference (pad mode
+    crops instead, before quantising)."""
     return processed8 if g.process == g.target else processed8.resize(g.target, Image.Resampling.LANCZOS)
 
 
@@ -167,4 +165,4 @@ def finish(processed: np.ndarray, g: Geometry) -> tuple[Image.Image, np.ndarray]
     final = finish_float(processed, g)
     if g.pad != (0, 0):
         return quantise_image(final), final  # only the crop is quantised
-    return finish_image(quantise_image(processed), g), final
+    return resize_image(quantise_image(processed), g), final

@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 import numpy as np
 from PIL import Image
 
-from ccsr.geometry import Geometry, finish, finish_image, quantise_into
+from ccsr.geometry import Geometry, finish, quantise_into, resize_image
 
 OutputType = Literal["np", "pil"]
 
@@ -63,12 +63,13 @@ class ImageResult:
     def write(self, top: int, rows: np.ndarray) -> None:
         h, w = self.pixels.shape[:2]
         rows = rows[: max(h - top, 0), :w]
-        quantise_into(self.pixels[top : top + len(rows)], rows)
+        if len(rows):
+            quantise_into(self.pixels[top : top + len(rows)], rows)
 
     def finish(self) -> tuple[Image.Image, None, None]:
         image = Image.fromarray(self.pixels)
         del self.pixels
-        return (image if self.crop else finish_image(image, self.g)), None, None
+        return (image if self.crop else resize_image(image, self.g)), None, None
 
 
 def result_type(output_type: str) -> type[Result]:
