@@ -498,7 +498,7 @@ def _header_text(h: dict[str, Any]) -> str:
         f"load {h['load_avg']}{gpu}\n"
         f"torch {h['torch']}, diffusers {h['diffusers']}, python {h['python']}; device {h['device']}, "
         f"dtype {h['dtype']}, threads {h['threads']}, channels_last {h['channels_last']}, "
-        f"output {h.get('output_type', 'np')}\n"
+        f"output {h['output_type']}\n"
         f"model: {h['config']}, {h['parameters'] / 1e6:.1f} M parameters, {h['weights']}"
     )
 

@@ -276,7 +276,8 @@ class CCSRPipeline:
             if prow.stop - top > acc.shape[2]:
                 acc, count = _grown(acc, prow.stop - top), _grown(count, prow.stop - top)
             band = slice(prow.start - top, prow.stop - top)
-            tile = self._decode_latent(z0[(slice(None), slice(None), *win.latent())], plan)
+            rows, cols = win.latent()
+            tile = self._decode_latent(z0[:, :, rows, cols], plan)
             acc[:, :, band, pcol] += color_fix(tile, cond.window(win), fix).cpu()
             count[:, :, band, pcol] += 1
             del tile
