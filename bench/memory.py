@@ -38,8 +38,9 @@ def main() -> int:
         choices=["pad", "reference"],
         help="pad (default): process exactly the target rounded up to 64",
     )
-    ap.add_argument("--output-type", default="np", choices=["np", "pil"],
-                    help="np: float result as the server uses it; pil: only the 8-bit image")
+    ap.add_argument("--output-type", default="np", choices=["np", "pil", "png", "jpg", "webp", "tiff"],
+                    help="np: the float result; pil: only the 8-bit image; png/jpg/webp/tiff: the chain of "
+                    "`ccsr upscale` and the server, rows streamed into the file's pixels, encode included")
     ap.add_argument("--config", help="architecture yaml (default: the built-in real-size CCSR-v1)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--extra", default="", help="more `ccsr bench` flags, space-separated")

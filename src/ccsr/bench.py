@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 RANDOM_STD = 0.02
+# --output-type values that run the CLI/server chain: rows streamed into the file's pixels, then encoded
+FILE_OUTPUTS = {"png": "PNG", "jpg": "JPG", "webp": "WEBP", "tiff": "TIFF"}
 
 
 # -- memory --------------------------------------------------------------------------------------------------
@@ -233,7 +235,9 @@ def run_bench(
     output_type: str = "np",
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Time ``repeat`` upscales of a synthetic ``size`` picture; returns per-run figures and a summary."""
+    """Time ``repeat`` upscales of a synthetic ``size`` picture; returns per-run figures and a summary.
+    ``output_type``: the pipeline's ("np", "pil"), or a file format of :data:`FILE_OUTPUTS` for the whole chain
+    of ``ccsr upscale`` and the server (decoded input, rows streamed into the file's pixels, encode)."""
     import numpy as np
     import torch
 
@@ -246,13 +250,14 @@ def run_bench(
     params, g, total_evals, n_tiles = plan.params, plan.geometry, plan.evaluations, plan.windows
     if log:
         log(f"plan: {plan.describe()}")
+    upscale = _upscaler(pipe, image, params, output_type)
 
     warmup_s = []
     for i in range(warmup):
         if log:
             log(f"warm-up {i + 1}/{warmup}")
         t = time.perf_counter()
-        pipe.run(image, params, output_type=output_type)
+        upscale(None)
         sync()
         warmup_s.append(time.perf_counter() - t)  # with --compile: includes the compilation
 
@@ -279,7 +284,7 @@ def run_bench(
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            out = pipe.run(image, params, progress=progress, output_type=output_type)
+            out, picture = upscale(progress)
             sync()
         finally:
             for t in timers.values():
@@ -314,8 +319,9 @@ def run_bench(
             "hint_encodes": len(hint),
             "hint_encode_s": _mean(hint),
             "decode_s": out.timings.get("decode"),
+            "encode_s": out.timings.get("encode"),
             "output_mp_per_s": target[0] * target[1] / 1e6 / wall,
-            **_output_stats(out.image if out.processed is None else out.processed),
+            **_output_stats(picture),
         }
         if cuda:
             run["peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -329,7 +335,7 @@ def run_bench(
         runs.append(run)
         if log:
             log(f"run {r + 1}/{repeat}: {wall:.2f} s, {out.evaluations} evaluations")
-        del out
+        del out, picture
 
     def avg(key: str) -> float | None:
         vals = [r[key] for r in runs if r.get(key) is not None]
@@ -347,6 +353,7 @@ def run_bench(
             "eval_interval_s",
             "hint_encode_s",
             "decode_s",
+            "encode_s",
             "output_mp_per_s",
         )
     }
@@ -370,6 +377,33 @@ def run_bench(
         "runs": runs,
         "summary": summary,
     }
+
+
+def _upscaler(pipe: Any, image: Any, params: Any, output_type: str) -> Callable[[Any], tuple[Any, Any]]:
+    """``upscale(progress) -> (UpscaleOutput, the picture to check)`` for ``output_type``."""
+    if output_type not in FILE_OUTPUTS:
+        def run(progress: Any) -> tuple[Any, Any]:
+            out = pipe.run(image, params, progress=progress, output_type=output_type)
+            return out, out.image if out.processed is None else out.processed
+
+        return run
+    import io
+
+    from PIL import Image
+
+    from ccsr import imaging
+    from ccsr.jobs.chain import upscale_encode
+
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    decoded = imaging.decode(buf.getvalue())
+    options = imaging.EncodeOptions(FILE_OUTPUTS[output_type])
+
+    def run_chain(progress: Any) -> tuple[Any, Any]:
+        encoded, out = upscale_encode(pipe, decoded, params, options, progress=progress)
+        return out, Image.open(io.BytesIO(encoded.data))  # read back after the peak was taken
+
+    return run_chain
 
 
 def _output_stats(pixels: Any) -> dict[str, Any]:
@@ -526,6 +560,7 @@ def _summary_text(r: dict[str, Any]) -> str:
         f"{_fmt(s['eval_cpu_s'], 'CPU-s')} of process CPU each",
         f"hint encode:           {s['hint_encodes']} x {_fmt(s['hint_encode_s'])}",
         f"decode (+colour fix):  {_fmt(s['decode_s'])}",
+        *([f"{'encode (' + r['header']['output_type'] + '):':<23}{_fmt(s['encode_s'])}"] if s.get("encode_s") else []),
         f"output:                {_fmt(s['output_mp_per_s'], 'MP/s', 4)}",
     ]
     if "peak_allocated_mb" in m:
@@ -576,9 +611,9 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--channels-last", action="store_true", help="convert the networks to channels_last")
     b.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet and ControlNet (use --warmup 1: the first run compiles)")
-    b.add_argument("--output-type", choices=["np", "pil"], default="np",
-                   help="np (default): the float result as the server uses it; pil: only the 8-bit image "
-                   "(no full-size float buffer)")
+    b.add_argument("--output-type", choices=["np", "pil", *FILE_OUTPUTS], default="np",
+                   help="np (default): the float result; pil: only the 8-bit image (no full-size float buffer); "
+                   "png, jpg, webp, tiff: the chain of `ccsr upscale` and the server, encode included")
     b.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (default 0)")
     b.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")

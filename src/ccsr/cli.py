@@ -137,6 +137,7 @@ def cmd_upscale(a: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ccsr import imaging
+    from ccsr.jobs.chain import upscale_encode
 
     params = params_from_args(a)
     jobs = _plan_outputs(_collect_inputs(a.inputs), a.output, a.format)
@@ -169,25 +170,19 @@ def cmd_upscale(a: argparse.Namespace) -> int:
             failures += 1
             continue
         bar = tqdm(total=None, desc=src.name, unit="eval", leave=True, disable=a.quiet)  # total: at the first call
-        captured = {}
-
-        def model(rgb, bar=bar, captured=captured):  # type: ignore[no-untyped-def]
-            out = pipe.run(rgb, params, progress=lambda done, t: _advance(bar, done, t),
-                           log=None if a.quiet else bar.write)
-            captured["out"] = out
-            return out
-
         t0 = time.perf_counter()
-        up = imaging.upscale(decoded, model, quantize="reference" if a.exact else "round")
-        bar.close()
         fmt = OUTPUT_FORMATS.get(dst.suffix.lower(), "PNG")
-        encoded = imaging.encode(up, imaging.EncodeOptions(format=fmt, quality=a.quality,
-                                                           keep_metadata=not a.strip_metadata))
+        options = imaging.EncodeOptions(format=fmt, quality=a.quality, keep_metadata=not a.strip_metadata)
+        encoded, out = upscale_encode(
+            pipe, decoded, params, options, quantize="reference" if a.exact else "round",
+            keep_float=bool(a.save_float), progress=lambda done, t, bar=bar: _advance(bar, done, t),
+            log=None if a.quiet else bar.write,
+        )
+        bar.close()
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".part")
         tmp.write_bytes(encoded.data)
         tmp.replace(dst)
-        out = captured["out"]
         if a.save_float:
             np.save(a.save_float, out.processed)
         if not a.quiet:

@@ -37,7 +37,7 @@ class Cancelled(RuntimeError):
 
 @dataclass
 class UpscaleOutput:
-    image: Image.Image  # 8-bit RGB at the target size, quantised exactly as the reference
+    image: Image.Image | None  # 8-bit RGB at the target size, quantised exactly as the reference (None: rows to a sink)
     final: np.ndarray | None  # float32 HxWx3 in [0, 1] at the target size (None with output_type="pil")
     processed: np.ndarray | None  # float32 HxWx3 in [0, 1] at the processing size (the fixtures' output_float)
     seed: int
@@ -148,7 +148,9 @@ class CCSRPipeline:
     ) -> UpscaleOutput:
         """Upscale ``image``. Tiling left automatic is planned from free memory; if the device still runs out
         of memory, the run starts again with a smaller plan (same seed, so the same noise). ``output_type``
-        ``"pil"`` returns only the 8-bit image and never holds the whole float result (``ccsr.result``)."""
+        ``"pil"`` returns only the 8-bit image and never holds the whole float result; a row sink (such as
+        ``ccsr.imaging.OutputPixels``) takes the target's rows as they are decoded, and the output's image,
+        final and processed are None (``ccsr.result``)."""
         p = (params or UpscaleParams()).validate()
         make_result = result_type(output_type)  # an unknown type is refused before any work
         if p.seed is None:
@@ -174,11 +176,12 @@ class CCSRPipeline:
 
     def _run(self, image: Picture, plan: Plan, progress: Progress | None,
              should_cancel: Callable[[], bool] | None, on_step: Callable[[StepRecord], None] | None,
-             make_result: type[Result]) -> UpscaleOutput:
+             make_result: Callable[[Geometry], Result]) -> UpscaleOutput:
         p, g = plan.params, plan.geometry
         seed = int(p.seed or 0)  # run() always sets it
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        result = make_result(g)  # a sink of the wrong size is refused before any work
         cfg = self.model.config
         # The condition image stays on the host (uint8 for 8-bit input); windows go to the device as needed.
         cond = Condition(prepare_compact(image, g), self.device, self.descriptor.latent_factor)
@@ -223,7 +226,6 @@ class CCSRPipeline:
         timings["sample"] = time.perf_counter() - t2
 
         t3 = time.perf_counter()
-        result = make_result(g)
         for top, rows in self._decoded_rows(z0, cond, plan, tiling):
             result.write(top, rows[0].permute(1, 2, 0).numpy())  # HWC views of the host tensor
             del rows  # before the next window is decoded: a band may be freed as soon as it is written

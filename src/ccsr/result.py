@@ -1,20 +1,32 @@
 """The pipeline's result, assembled from blocks of decoded rows in the order the decoder completes them.
 
-``np`` keeps the float32 image (the fixtures' ``output_float``, from which 16-bit and dithered files are
-written) beside the 8-bit one. ``pil`` quantises every block into the 8-bit image as it arrives, so that no
-full-size float buffer ever exists: 3 bytes per output pixel instead of 16.
+``np`` keeps the float32 image (the fixtures' ``output_float``) beside the 8-bit one. ``pil`` quantises every
+block into the 8-bit image as it arrives, so that no full-size float buffer ever exists: 3 bytes per output pixel
+instead of 16. A :class:`RowSink` (``ccsr.imaging.OutputPixels``: the output file's own pixels) takes the rows at
+the target size as they complete; only where the reference resizes the whole image back to the target are they
+held in float first.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from collections.abc import Callable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 from PIL import Image
 
-from ccsr.geometry import Geometry, finish, quantise_into, resize_image
+from ccsr.geometry import Geometry, finish, finish_float, quantise_into, resize_image
 
-OutputType = Literal["np", "pil"]
+
+@runtime_checkable
+class RowSink(Protocol):
+    size: tuple[int, int]  # (w, h) it takes: the output's target size
+
+    def write(self, top: int, rows: np.ndarray) -> None:
+        """Rows ``top : top + len(rows)`` of the output, float32 HxWx3 in [0, 1]."""
+
+
+OutputType = Literal["np", "pil"] | RowSink
 
 
 class Result(Protocol):
@@ -23,8 +35,9 @@ class Result(Protocol):
     def write(self, top: int, rows: np.ndarray) -> None:
         """Rows ``top : top + len(rows)`` of the processed image, float32 HxWx3 in [0, 1], final."""
 
-    def finish(self) -> tuple[Image.Image, np.ndarray | None, np.ndarray | None]:
-        """(8-bit image at the target, float image at the target, float image at the processing size)."""
+    def finish(self) -> tuple[Image.Image | None, np.ndarray | None, np.ndarray | None]:
+        """(8-bit image at the target, float image at the target, float image at the processing size); None for
+        what this result does not keep."""
 
 
 class FloatResult:
@@ -72,8 +85,40 @@ class ImageResult:
         return (image if self.crop else resize_image(image, self.g)), None, None
 
 
-def result_type(output_type: str) -> type[Result]:
+class SinkResult:
+    """The target's rows handed on to a :class:`RowSink` as they arrive (pad mode crops them); where the processed
+    image must be resized back to the target, it is assembled in float and handed on whole at the end."""
+
+    def __init__(self, g: Geometry, sink: RowSink):
+        if tuple(sink.size) != g.target:
+            (sw, sh), (tw, th) = sink.size, g.target
+            raise ValueError(f"the output takes {sw}x{sh}, the upscale gives {tw}x{th}")
+        self.g, self.sink = g, sink
+        self.resized = FloatResult(g) if g.pad == (0, 0) and g.process != g.target else None
+
+    def write(self, top: int, rows: np.ndarray) -> None:
+        if self.resized is not None:
+            self.resized.write(top, rows)
+            return
+        w, h = self.g.target
+        rows = rows[: max(h - top, 0), :w]
+        if len(rows):
+            self.sink.write(top, rows)
+
+    def finish(self) -> tuple[None, None, None]:
+        if self.resized is not None:
+            assert self.resized.array is not None, "no rows were written"
+            self.sink.write(0, finish_float(self.resized.array, self.g))
+            self.resized = None
+        return None, None, None
+
+
+def result_type(output_type: OutputType) -> Callable[[Geometry], Result]:
+    """What assembles the result for ``output_type``: "np", "pil" or a :class:`RowSink`."""
+    if isinstance(output_type, RowSink):
+        sink = output_type
+        return lambda g: SinkResult(g, sink)
     results: dict[str, type[Result]] = {"np": FloatResult, "pil": ImageResult}
     if output_type not in results:
-        raise ValueError(f"unknown output_type {output_type!r} (expected one of {', '.join(results)})")
+        raise ValueError(f"unknown output_type {output_type!r} (expected one of np, pil or a row sink)")
     return results[output_type]

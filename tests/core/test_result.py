@@ -71,3 +71,89 @@ def test_a_stride_wider_than_the_tile_is_refused(tiny_pipeline, lq):
     with pytest.raises(ParamError) as err:  # the stride alone, wider than any tile the planner may choose
         tiny_pipeline.plan(lq.size, FAST.replace(scale=4, tile_diffusion="mix", tile_diffusion_stride=4096))
     assert err.value.field == "tile_diffusion_stride"
+
+
+# -- rows streamed into the output file's pixels (the chain of `ccsr upscale` and the server) --------------------
+
+
+@pytest.fixture(scope="module")
+def lq_decoded(fixtures):
+    from ccsr import imaging
+
+    return imaging.decode((fixtures / "inputs" / "lq_48x40.png").read_bytes())
+
+
+def whole_image_chain(pipe, decoded, params, options, quantize="round"):
+    """The chain as it was: the float result held whole, then encoded."""
+    from ccsr import imaging
+
+    return imaging.encode(imaging.upscale(decoded, lambda rgb: pipe.run(rgb, params), quantize=quantize), options)
+
+
+CHAIN_CASES = [
+    *((name, "round") for name in CASES),
+    ("mix-bands-pad", "dither"),  # the dither pattern continues across bands
+    ("untiled-reference-resize", "reference"),  # the reference's own 8-bit bytes, resized in 8 bits
+    ("mix-bands-reference", "reference"),
+]
+
+
+@pytest.mark.parametrize(("case", "quantize"), CHAIN_CASES, ids=[f"{c}-{q}" for c, q in CHAIN_CASES])
+def test_streamed_chain_writes_the_same_file(tiny_pipeline, lq_decoded, case, quantize):
+    params = CASES[case]
+    from ccsr import imaging
+    from ccsr.jobs.chain import upscale_encode
+
+    options = imaging.EncodeOptions("PNG")
+    streamed, out = upscale_encode(tiny_pipeline, lq_decoded, params, options, quantize=quantize)
+    assert out.image is None if quantize != "reference" else out.image is not None
+    assert out.final is None and out.processed is None and "encode" in out.timings
+    assert streamed.data == whole_image_chain(tiny_pipeline, lq_decoded, params, options, quantize).data
+
+
+def test_streamed_rows_arrive_in_bands_unless_the_reference_resizes(tiny_pipeline, lq_decoded, monkeypatch):
+    from ccsr import imaging
+    from ccsr.jobs.chain import upscale_encode
+
+    writes: list[tuple[int, int]] = []
+    write = imaging.OutputPixels.write
+
+    def spy(self, top, rows):
+        writes.append((top, len(rows)))
+        write(self, top, rows)
+
+    monkeypatch.setattr(imaging.OutputPixels, "write", spy)
+    _, out = upscale_encode(tiny_pipeline, lq_decoded, MIX, imaging.EncodeOptions("PNG"))
+    height = out.geometry.target[1]
+    assert len(writes) > 1 and max(n for _, n in writes) < height  # pad mode: the target's rows, band by band
+    assert sum(n for _, n in writes) == height and writes[0][0] == 0
+    writes.clear()
+    resized = MIX.replace(size_mode="reference")
+    _, out = upscale_encode(tiny_pipeline, lq_decoded, resized, imaging.EncodeOptions("PNG"))
+    assert out.geometry.process != out.geometry.target and writes == [(0, out.geometry.target[1])]
+
+
+def test_keep_float_also_returns_the_float_result(tiny_pipeline, lq_decoded):
+    from ccsr import imaging
+    from ccsr.jobs.chain import upscale_encode
+
+    options = imaging.EncodeOptions("PNG")
+    kept, out = upscale_encode(tiny_pipeline, lq_decoded, FAST, options, keep_float=True)
+    assert out.processed is not None
+    assert np.array_equal(out.processed, tiny_pipeline.run(lq_decoded.rgb, FAST).processed)
+    assert kept.data == upscale_encode(tiny_pipeline, lq_decoded, FAST, options)[0].data
+
+
+def test_a_sink_of_another_size_is_refused_before_any_work(tiny_pipeline, lq_decoded):
+    from ccsr import imaging
+    from ccsr.jobs.chain import upscale_encode
+
+    target = tiny_pipeline.plan(lq_decoded.size, FAST).geometry.target
+    sink = imaging.OutputPixels(lq_decoded, (target[0] + 1, target[1]), imaging.EncodeOptions("PNG"))
+    calls: list[int] = []
+    with pytest.raises(ValueError, match="the output takes"):
+        tiny_pipeline.run(lq_decoded.rgb, FAST, output_type=sink, progress=lambda done, total: calls.append(done))
+    assert calls == [] and sink.missing_rows() == target[1]
+    with pytest.raises(imaging.ImageError) as err:  # the chain says so in the imaging layer's terms
+        upscale_encode(tiny_pipeline, lq_decoded, FAST, imaging.EncodeOptions("PNG"), expected=(1, 1))
+    assert err.value.code == "model_output"

@@ -3,6 +3,8 @@
     decode -> orient -> colour-manage -> split alpha -> [model] -> merge alpha -> restore profile/metadata
     -> encode
 
+(the steps after the model also take the model's rows band by band: :class:`OutputPixels`)
+
 and one place that owns every limit (:class:`Limits`, after imgproxy's ``security.Checker``).
 
 Decisions (each is tested in ``tests/imaging``):
@@ -31,10 +33,11 @@ Decisions (each is tested in ``tests/imaging``):
 from __future__ import annotations
 
 from .decode import decode
-from .encode import encode
+from .encode import encode, encode_pixels
 from .errors import ImageError
 from .fetch import FetchError, FetchResult, check_url, fetch
-from .pipeline import shrink, upscale, upscale_bytes
+from .output import OutputPixels
+from .pipeline import QUANTIZE_MODES, shrink, upscale, upscale_bytes
 from .security import DEFAULT_LIMITS, Fit, Limits, fit_scale, output_size
 from .sniff import sniff_format
 from .values import DecodedImage, EncodedImage, EncodeOptions, UpscaledImage
@@ -54,6 +57,7 @@ def fetch_image(
 
 
 __all__ = [
+    "QUANTIZE_MODES",
     "DecodedImage",
     "EncodeOptions",
     "EncodedImage",
@@ -62,10 +66,12 @@ __all__ = [
     "Fit",
     "ImageError",
     "Limits",
+    "OutputPixels",
     "UpscaledImage",
     "check_url",
     "decode",
     "encode",
+    "encode_pixels",
     "fetch",
     "fetch_image",
     "fit_scale",

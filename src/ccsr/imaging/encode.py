@@ -1,4 +1,4 @@
-"""restore profile/metadata -> encode: an :class:`UpscaledImage` to bytes.
+"""restore profile/metadata -> encode: an :class:`UpscaledImage` or filled :class:`OutputPixels` to bytes.
 
 Colour policy (documented in the package docstring): with ``keep_metadata`` the output carries the source's
 own ICC profile and the pixels are converted back into it (matrix/TRC profiles in float, LUT RGB profiles
@@ -14,47 +14,17 @@ import io
 import numpy as np
 from PIL import ExifTags, Image, PngImagePlugin
 
-from . import color as cms
 from .decode import xmp_without_orientation
 from .errors import ImageError
 from .highdepth import write_png16, write_tiff16
-from .pixels import quantize_array
+from .output import OutputPixels, Source
 from .sniff import OUTPUT_FORMATS
 from .values import DEFAULT_ENCODE, EncodedImage, EncodeOptions, UpscaledImage
 
 SOFTWARE = "ccsr"
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's convert("L")
 
 
-def restore_profile(img: UpscaledImage, base: np.ndarray, keep: bool, bits: int):
-    """Float pixels in sRGB (or the source space) -> float pixels in the output space.
-
-    Returns ``(pixels, icc_to_embed, notes)``.
-    """
-    icc = img.icc_profile
-    if icc is None:
-        return base, None, []
-    if not img.rgb_is_srgb:  # 16-bit data left in a LUT/CMYK-profile space by the decoder
-        if keep or bits == 16:
-            note = [] if keep else ["kept the source profile: no 16-bit conversion exists for it"]
-            return base, icc, note
-        back = cms.lcms_to_srgb(Image.fromarray(quantize_array(base, 8), "RGB"), icc)
-        return np.asarray(back, dtype=np.float32) / 255.0, None, []
-    if not keep:
-        return base, None, []
-    matrix = cms.parse_matrix_profile(icc)
-    if matrix is not None and matrix.matrix is not None:
-        if cms.is_srgb(matrix):
-            return base, icc, []
-        return cms.float_from_srgb(base, matrix), icc, []
-    if cms.icc_color_space(icc) == "RGB" and bits == 8:
-        back = cms.lcms_from_srgb(Image.fromarray(quantize_array(base, 8), "RGB"), icc)
-        return np.asarray(back, dtype=np.float32) / 255.0, icc, []
-    space = cms.icc_color_space(icc) or "unknown"
-    return base, cms.srgb_profile_bytes(), [f"source profile ({space}) not restorable here: output is sRGB"]
-
-
-def output_exif(img: UpscaledImage, keep: bool, size: tuple[int, int]) -> bytes:
+def output_exif(img: Source, keep: bool, size: tuple[int, int]) -> bytes:
     """EXIF for the output: the source's (orientation removed, pixel dimensions updated) or a fresh one,
     always tagged ``Software: ccsr``."""
     exif = Image.Exif()
@@ -73,35 +43,22 @@ def output_exif(img: UpscaledImage, keep: bool, size: tuple[int, int]) -> bytes:
 
 
 def encode(img: UpscaledImage, options: EncodeOptions = DEFAULT_ENCODE) -> EncodedImage:
-    """restore profile -> gray -> flatten (JPG) -> quantise -> write, with metadata kept or stripped."""
-    o = options.validated()
-    bits = o.bit_depth or (16 if img.bit_depth == 16 and o.format in ("PNG", "TIFF") else 8)
-    base = img.final
-    if bits == 8 and img.reference8 is not None:
-        base = img.reference8.astype(np.float32) / 255.0  # exact reference bytes unless converted below
-    pixels, icc, notes = restore_profile(img, base, o.keep_metadata, bits)
-    if img.grayscale:
-        pixels = pixels @ _LUMA
-        if icc is not None and cms.icc_color_space(icc) != "GRAY":
-            icc = None  # an RGB profile cannot tag gray pixels; they are in sRGB's tone curve (implied)
-    alpha = img.alpha
-    if o.format == "JPG" and alpha is not None:
-        bg = np.asarray(o.background, dtype=np.float32) / 255.0
-        if pixels.ndim == 2:
-            bg = bg @ _LUMA
-        a = alpha if pixels.ndim == 2 else alpha[..., None]
-        pixels = pixels * a + bg * (1.0 - a)
-        alpha = None
-    q = quantize_array(pixels, bits, dither=img.quantize == "dither" and bits == 8)
-    if alpha is not None:
-        q = np.concatenate(
-            [q if q.ndim == 3 else q[..., None], quantize_array(alpha, bits)[..., None]], axis=-1
-        )
-    xmp = xmp_without_orientation(img.xmp) if (o.keep_metadata and img.xmp) else None
-    exif = output_exif(img, o.keep_metadata, img.size)
-    data = _write(q, bits, o, icc, exif, xmp)
+    """The whole upscaled image through :class:`OutputPixels`, then written with metadata kept or stripped."""
+    out = OutputPixels(img, img.size, options, quantize=img.quantize)
+    out.write(0, img.reference8 if out.bits == 8 and img.reference8 is not None else img.final)
+    return encode_pixels(out)
+
+
+def encode_pixels(out: OutputPixels) -> EncodedImage:
+    """Write the file from a completely filled :class:`OutputPixels`."""
+    if out.missing_rows():
+        raise ImageError("model_output", f"the model left {out.missing_rows()} of {out.size[1]} output rows unwritten")
+    o, src = out.options, out.source
+    xmp = xmp_without_orientation(src.xmp) if (o.keep_metadata and src.xmp) else None
+    exif = output_exif(src, o.keep_metadata, out.size)
+    data = _write(out.pixels, out.bits, o, out.icc, exif, xmp)
     _, content_type, ext = OUTPUT_FORMATS[o.format]
-    return EncodedImage(data, content_type, ext, img.size[0], img.size[1], (*img.notes, *notes))
+    return EncodedImage(data, content_type, ext, out.size[0], out.size[1], (*src.notes, *out.notes))
 
 
 def _write(q: np.ndarray, bits: int, o: EncodeOptions, icc, exif: bytes, xmp: bytes | None) -> bytes:

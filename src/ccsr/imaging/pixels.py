@@ -34,16 +34,16 @@ def _bayer(n: int = 8) -> np.ndarray:
 _BAYER8 = _bayer(8)
 
 
-def quantize_array(a: np.ndarray, bits: int = 8, dither: bool = False) -> np.ndarray:
+def quantize_array(a: np.ndarray, bits: int = 8, dither: bool = False, top: int = 0) -> np.ndarray:
     """float [0, 1] -> uint8/uint16 by rounding (never truncating), or with an 8x8 ordered dither whose
-    thresholds average 0.5, so the mean level is kept and flat gradients do not band."""
-    top = 255.0 if bits == 8 else 65535.0
-    x = np.clip(a, 0.0, 1.0) * top
+    thresholds average 0.5, so the mean level is kept and flat gradients do not band. ``top``: the block's first
+    row in the whole image, so that blocks quantised one at a time get the whole image's dither pattern."""
+    top_value = 255.0 if bits == 8 else 65535.0
+    x = np.clip(a, 0.0, 1.0) * np.float32(top_value)
     if dither:
-        t = _BAYER8
         h, w = a.shape[:2]
-        t = np.tile(t, ((h + 7) // 8, (w + 7) // 8))[:h, :w]
-        x = np.floor(x + (t[..., None] if a.ndim == 3 else t))
+        t = _BAYER8[(top + np.arange(h))[:, None] % 8, np.arange(w)[None, :] % 8]
+        x = np.floor(x + (t[..., None] if a.ndim == 3 else t), out=x)
     else:
-        x = np.rint(x)
-    return np.clip(x, 0, top).astype(np.uint8 if bits == 8 else np.uint16)
+        x = np.rint(x, out=x)
+    return np.clip(x, 0, top_value, out=x).astype(np.uint8 if bits == 8 else np.uint16)

@@ -1,8 +1,8 @@
 """The model-backed :class:`~ccsr.jobs.engine.Runner`: bytes in, encoded bytes out, through ``ccsr.imaging``.
 
-decode (limits) -> shrink to fit the job's output cap -> CCSRPipeline.run (progress = tiles x steps, cancel
-between evaluations) -> merge alpha -> encode. The same chain as ``ccsr upscale``, so a job's output is the
-CLI's output for the same parameters and seed.
+decode (limits) -> shrink to fit the job's output cap -> :func:`ccsr.jobs.chain.upscale_encode` (progress =
+tiles x steps, cancel between evaluations; rows streamed into the output's pixels). The same chain as ``ccsr
+upscale``, so a job's output is the CLI's output for the same parameters and seed.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class CCSRRunner:
         log: Callable[[str], None],
     ) -> RunOutput:
         from ccsr import imaging
+        from ccsr.jobs.chain import upscale_encode
         from ccsr.pipeline import Cancelled
 
         params = job.params
@@ -89,25 +90,11 @@ class CCSRRunner:
             f"upscaling {decoded.size[0]}x{decoded.size[1]} -> {expected[0]}x{expected[1]}"
             f" ({params.steps} steps, seed {params.seed})"
         )
-        seeds: list[int] = []
-
-        def model(rgb):
-            out = self.pipeline.run(
-                rgb,
-                params,
-                progress=lambda done, total: progress(done / max(total, 1)),
-                should_cancel=should_cancel,
-                log=log,
-            )
-            seeds.append(out.seed)
-            log("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items()))
-            return out
-
         try:
-            up = imaging.upscale(decoded, model, quantize=self.quantize)
-            if up.size != expected:
-                raise JobFailed(ErrorCode.INFERENCE_FAILED, f"model returned {up.size}, expected {expected}")
-            enc = imaging.encode(up, enc_opts)
+            enc, out = upscale_encode(
+                self.pipeline, decoded, params, enc_opts, quantize=self.quantize, expected=expected,
+                progress=lambda done, total: progress(done / max(total, 1)), should_cancel=should_cancel, log=log,
+            )
         except Cancelled as e:
             raise JobCancelled() from e
         except ParamError as e:  # e.g. explicit tiling that cannot fit in free memory
@@ -115,13 +102,14 @@ class CCSRRunner:
         except imaging.ImageError as e:
             code = ErrorCode.INFERENCE_FAILED if e.code == "model_output" else ErrorCode.INVALID_INPUT
             raise JobFailed(code, e.message) from e
+        log("timings: " + ", ".join(f"{k} {v:.2f}s" for k, v in out.timings.items()))
         return RunOutput(
             data=enc.data,
             content_type=enc.content_type,
             extension=enc.extension,
             width=enc.width,
             height=enc.height,
-            seed=seeds[0] if seeds else params.seed,
+            seed=out.seed,
             input_width=in_size[0],
             input_height=in_size[1],
         )
