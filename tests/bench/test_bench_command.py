@@ -91,6 +91,17 @@ def test_bench_tiny_tiled(tmp_path: Path) -> None:
     assert r["params"]["tile_vae"] is True and r["params"]["tile_diffusion"] == "mix"
 
 
+def test_bench_file_output_runs_the_cli_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    r = _bench(tmp_path, "--output-type", "webp", "--size", "96x64", "--tile-diffusion", "mix",
+               "--tile-diffusion-size", "128", "--tile-diffusion-stride", "64")
+    assert r["header"]["output_type"] == "webp" and "encode (webp):" in capsys.readouterr().out
+    s, run = r["summary"], r["runs"][0]
+    assert s["tiles"] > 1 and s["finite"] and run["output_std"] > 0  # the encoded file, read back
+    assert 0 < s["encode_s"] == run["timings"]["encode"] < s["wall_s"]
+    plain = _bench(tmp_path)
+    assert plain["summary"]["encode_s"] is None and "encode" not in plain["runs"][0]["timings"]
+
+
 def test_bench_bad_size_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--size", "abc"])
