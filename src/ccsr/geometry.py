@@ -31,13 +31,14 @@ def size_of(img: Picture) -> tuple[int, int]:
 
 
 def resize(img: Picture, size: tuple[int, int], resample: Image.Resampling) -> Picture:
+    """PIL's own resize; a float array goes through PIL's "F" mode one channel at a time, each written straight into
+    the result (no list of channels, no stacked copy)."""
     if isinstance(img, Image.Image):
         return img.resize(size, resample)
-    channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c]), mode="F").resize(size, resample))
-        for c in range(img.shape[2])
-    ]
-    return np.stack(channels, axis=-1).astype(np.float32)
+    out = np.empty((size[1], size[0], img.shape[2]), np.float32)
+    for c in range(img.shape[2]):
+        out[..., c] = Image.fromarray(np.ascontiguousarray(img[..., c]), mode="F").resize(size, resample)
+    return out
 
 
 def to_float(img: Picture) -> np.ndarray:
@@ -154,7 +155,8 @@ def finish_float(processed: np.ndarray, g: Geometry) -> np.ndarray:
         return processed[: g.target[1], : g.target[0]]
     if g.process == g.target:
         return processed
-    return np.clip(resize(processed, g.target, Image.Resampling.LANCZOS), 0.0, 1.0)
+    final = resize(processed, g.target, Image.Resampling.LANCZOS)
+    return np.clip(final, 0.0, 1.0, out=final)
 
 
 def finish(processed: np.ndarray, g: Geometry) -> tuple[Image.Image, np.ndarray]:
