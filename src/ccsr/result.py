@@ -30,7 +30,7 @@ OutputType = Literal["np", "pil"] | RowSink
 
 
 class Result(Protocol):
-    def __init__(self, g: Geometry) -> None: ...
+    """Made for one upscale's geometry (``result_type(output_type)(g)``), then fed its decoded rows."""
 
     def write(self, top: int, rows: np.ndarray) -> None:
         """Rows ``top : top + len(rows)`` of the processed image, float32 HxWx3 in [0, 1], final."""
