@@ -3,8 +3,7 @@
 ``np`` keeps the float32 image (the fixtures' ``output_float``) beside the 8-bit one. ``pil`` quantises every
 block into the 8-bit image as it arrives, so that no full-size float buffer ever exists: 3 bytes per output pixel
 instead of 16. A :class:`RowSink` (``ccsr.imaging.OutputPixels``: the output file's own pixels) takes the rows at
-the target size as they complete; only where the reference resizes the whole image back to the target are they
-held in float first.
+the target size as they complete, resized band by band where the reference resizes the result.
 """
 
 from __future__ import annotations
@@ -15,7 +14,8 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
-from ccsr.geometry import Geometry, finish, finish_float, quantise_into, resize_image
+from ccsr.geometry import Geometry, finish, quantise_into, resize_image
+from ccsr.resample import BandedLanczos
 
 
 @runtime_checkable
@@ -86,19 +86,21 @@ class ImageResult:
 
 
 class SinkResult:
-    """The target's rows handed on to a :class:`RowSink` as they arrive (pad mode crops them); where the processed
-    image must be resized back to the target, it is assembled in float and handed on whole at the end."""
+    """The target's rows handed on to a :class:`RowSink` as they arrive: pad mode crops them; where the reference
+    resizes the processed image back to the target, they go through the same Lanczos resize a band at a time
+    (:class:`ccsr.resample.BandedLanczos`, equal to Pillow's)."""
 
     def __init__(self, g: Geometry, sink: RowSink):
         if tuple(sink.size) != g.target:
             (sw, sh), (tw, th) = sink.size, g.target
             raise ValueError(f"the output takes {sw}x{sh}, the upscale gives {tw}x{th}")
         self.g, self.sink = g, sink
-        self.resized = FloatResult(g) if g.pad == (0, 0) and g.process != g.target else None
+        self.resizer = BandedLanczos(g.process, g.target) if g.pad == (0, 0) and g.process != g.target else None
 
     def write(self, top: int, rows: np.ndarray) -> None:
-        if self.resized is not None:
-            self.resized.write(top, rows)
+        if self.resizer is not None:
+            for first, resized in self.resizer.push(top, rows):
+                self.sink.write(first, np.clip(resized, 0.0, 1.0, out=resized))
             return
         w, h = self.g.target
         rows = rows[: max(h - top, 0), :w]
@@ -106,10 +108,6 @@ class SinkResult:
             self.sink.write(top, rows)
 
     def finish(self) -> tuple[None, None, None]:
-        if self.resized is not None:
-            assert self.resized.array is not None, "no rows were written"
-            self.sink.write(0, finish_float(self.resized.array, self.g))
-            self.resized = None
         return None, None, None
 
 

@@ -111,7 +111,9 @@ def test_streamed_chain_writes_the_same_file(tiny_pipeline, lq_decoded, case, qu
     assert streamed.data == whole_image_chain(tiny_pipeline, lq_decoded, params, options, quantize).data
 
 
-def test_streamed_rows_arrive_in_bands_unless_the_reference_resizes(tiny_pipeline, lq_decoded, monkeypatch):
+@pytest.mark.parametrize("size_mode", ["pad", "reference"])
+def test_streamed_rows_arrive_in_bands(tiny_pipeline, lq_decoded, monkeypatch, size_mode):
+    """Pad mode crops the bands; the reference mode's resize back to the target runs on the bands too."""
     from ccsr import imaging
     from ccsr.jobs.chain import upscale_encode
 
@@ -123,14 +125,13 @@ def test_streamed_rows_arrive_in_bands_unless_the_reference_resizes(tiny_pipelin
         write(self, top, rows)
 
     monkeypatch.setattr(imaging.OutputPixels, "write", spy)
-    _, out = upscale_encode(tiny_pipeline, lq_decoded, MIX, imaging.EncodeOptions("PNG"))
-    height = out.geometry.target[1]
-    assert len(writes) > 1 and max(n for _, n in writes) < height  # pad mode: the target's rows, band by band
-    assert sum(n for _, n in writes) == height and writes[0][0] == 0
-    writes.clear()
-    resized = MIX.replace(size_mode="reference")
-    _, out = upscale_encode(tiny_pipeline, lq_decoded, resized, imaging.EncodeOptions("PNG"))
-    assert out.geometry.process != out.geometry.target and writes == [(0, out.geometry.target[1])]
+    _, out = upscale_encode(tiny_pipeline, lq_decoded, MIX.replace(size_mode=size_mode), imaging.EncodeOptions("PNG"))
+    g = out.geometry
+    assert (g.pad != (0, 0)) if size_mode == "pad" else (g.process != g.target)  # both geometries are exercised
+    height = g.target[1]
+    assert len(writes) > 1 and max(n for _, n in writes) < height
+    tops = [t for t, _ in writes]
+    assert tops[0] == 0 and all(t + n == nxt for (t, n), nxt in zip(writes, [*tops[1:], height], strict=True))
 
 
 def test_keep_float_also_returns_the_float_result(tiny_pipeline, lq_decoded):
