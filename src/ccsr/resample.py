@@ -17,7 +17,7 @@ SUPPORT = 3.0  # Lanczos-3
 BLOCK_ROWS = 64  # rows per pass: bounds the float64 temporaries
 
 
-def _sinc_pillow(x: float) -> float:
+def _sinc(x: float) -> float:
     if x == 0.0:
         return 1.0
     x *= math.pi
@@ -25,9 +25,9 @@ def _sinc_pillow(x: float) -> float:
 
 
 def _weight(x: float) -> float:
-    """Pillow's ``lanczos_filter``, with its own sinc (numpy's differs in the last bit)."""
+    """Pillow's ``lanczos_filter``."""
     if -SUPPORT <= x < SUPPORT:
-        return _sinc_pillow(x) * _sinc_pillow(x / SUPPORT)
+        return _sinc(x) * _sinc(x / SUPPORT)
     return 0.0
 
 
@@ -44,7 +44,9 @@ def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), in_size)
         w = [_weight((x + lo - center + 0.5) * (1.0 / filterscale)) for x in range(hi - lo)]
-        total = sum(w)  # Pillow adds them in this order too
+        total = 0.0
+        for v in w:  # in order, as Pillow (Python 3.12's sum() would compensate)
+            total += v
         first[i] = lo
         weights[i, : len(w)] = [v / total if total != 0.0 else v for v in w]
     return first, weights
@@ -61,7 +63,10 @@ def _apply(rows: np.ndarray, first: np.ndarray, weights: np.ndarray, axis: int) 
             continue
         taken = np.take(rows, idx, axis=axis).astype(np.float64)
         term = taken * (w[:, None, None] if axis == 0 else w[None, :, None])
-        acc = term if acc is None else acc.__iadd__(term)
+        if acc is None:
+            acc = term
+        else:
+            acc += term
     assert acc is not None
     return acc.astype(np.float32)
 
