@@ -41,15 +41,21 @@ def test_calling_the_pipeline_returns_the_same_image(tiny_pipeline, lq):
     assert np.array_equal(np.asarray(image), np.asarray(tiny_pipeline.run(lq, MIX).image))
 
 
-def test_mix_rows_are_handed_out_in_bands_top_to_bottom(tiny_pipeline, lq, monkeypatch):
-    blocks: list[tuple[int, int]] = []
-    write = result.ImageResult.write
+def recorded_writes(monkeypatch, cls) -> list[tuple[int, int]]:
+    """(first row, rows) of every ``cls.write`` call from now on."""
+    writes: list[tuple[int, int]] = []
+    write = cls.write
 
     def spy(self, top, rows):
-        blocks.append((top, len(rows)))
+        writes.append((top, len(rows)))
         write(self, top, rows)
 
-    monkeypatch.setattr(result.ImageResult, "write", spy)
+    monkeypatch.setattr(cls, "write", spy)
+    return writes
+
+
+def test_mix_rows_are_handed_out_in_bands_top_to_bottom(tiny_pipeline, lq, monkeypatch):
+    blocks = recorded_writes(monkeypatch, result.ImageResult)
     out = tiny_pipeline.run(lq, MIX, output_type="pil")
     height = out.geometry.process[1]
     assert len(blocks) > 1 and max(n for _, n in blocks) < height  # never the whole image at once
@@ -117,14 +123,7 @@ def test_streamed_rows_arrive_in_bands(tiny_pipeline, lq_decoded, monkeypatch, s
     from ccsr import imaging
     from ccsr.jobs.chain import upscale_encode
 
-    writes: list[tuple[int, int]] = []
-    write = imaging.OutputPixels.write
-
-    def spy(self, top, rows):
-        writes.append((top, len(rows)))
-        write(self, top, rows)
-
-    monkeypatch.setattr(imaging.OutputPixels, "write", spy)
+    writes = recorded_writes(monkeypatch, imaging.OutputPixels)
     _, out = upscale_encode(tiny_pipeline, lq_decoded, MIX.replace(size_mode=size_mode), imaging.EncodeOptions("PNG"))
     g = out.geometry
     assert (g.pad != (0, 0)) if size_mode == "pad" else (g.process != g.target)  # both geometries are exercised

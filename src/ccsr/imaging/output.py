@@ -10,7 +10,6 @@ float image). The bytes do not depend on how the rows were split.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 import numpy as np
 from PIL import Image
@@ -18,7 +17,7 @@ from PIL import Image
 from . import color as cms
 from .errors import ImageError
 from .pixels import quantize_array, resize_alpha
-from .values import DEFAULT_ENCODE, EncodeOptions
+from .values import DEFAULT_ENCODE, DecodedImage, EncodeOptions, UpscaledImage
 
 BLOCK_PIXELS = 1 << 20
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's convert("L")
@@ -26,17 +25,7 @@ _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillo
 PixelStep = Callable[[np.ndarray], np.ndarray]
 
 
-class Source(Protocol):
-    """What the output takes from its source image (a ``DecodedImage`` or an ``UpscaledImage``)."""
-
-    alpha: np.ndarray | None
-    icc_profile: bytes | None
-    rgb_is_srgb: bool
-    exif: bytes | None
-    xmp: bytes | None
-    bit_depth: int
-    grayscale: bool
-    notes: tuple[str, ...]
+Source = DecodedImage | UpscaledImage  # what the output takes its alpha, colour and metadata from
 
 
 def _unchanged(x: np.ndarray) -> np.ndarray:
