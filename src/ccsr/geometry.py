@@ -127,16 +127,9 @@ def quantise_into(out: np.ndarray, pixels: np.ndarray) -> None:
         out[r : r + len(block)] = block
 
 
-def quantise(pixels: np.ndarray) -> np.ndarray:
-    """float [0, 1] -> uint8 as the reference, without a full-size float temporary."""
-    out = np.empty(pixels.shape, np.uint8)
-    quantise_into(out, pixels)
-    return out
-
-
 def quantise_image(pixels: np.ndarray) -> Image.Image:
-    """Like ``Image.fromarray(quantise(pixels))`` but pasted block by block: no full-size uint8 array beside
-    the image (PIL keeps RGB at 4 bytes per pixel, so that copy would be most of the output's memory)."""
+    """Like ``Image.fromarray`` of the :func:`quantise_into` pixels but pasted block by block: no full-size uint8
+    array beside the image (PIL keeps RGB at 4 bytes per pixel, so that copy would be most of the output's memory)."""
     img = Image.new("RGB", (pixels.shape[1], pixels.shape[0]))
     for r, block in _row_blocks(pixels):
         img.paste(Image.fromarray(block), (0, r))

@@ -75,7 +75,7 @@ class ImageResult:
 
     def write(self, top: int, rows: np.ndarray) -> None:
         h, w = self.pixels.shape[:2]
-        rows = rows[: max(h - top, 0), :w]
+        rows = _inside(rows, top, w, h)
         if len(rows):
             quantise_into(self.pixels[top : top + len(rows)], rows)
 
@@ -102,13 +102,17 @@ class SinkResult:
             for first, resized in self.resizer.push(top, rows):
                 self.sink.write(first, np.clip(resized, 0.0, 1.0, out=resized))
             return
-        w, h = self.g.target
-        rows = rows[: max(h - top, 0), :w]
+        rows = _inside(rows, top, *self.g.target)
         if len(rows):
             self.sink.write(top, rows)
 
     def finish(self) -> tuple[None, None, None]:
         return None, None, None
+
+
+def _inside(rows: np.ndarray, top: int, width: int, height: int) -> np.ndarray:
+    """The part of rows ``top ...`` that falls inside ``width`` x ``height`` (pad mode's crop)."""
+    return rows[: max(height - top, 0), :width]
 
 
 def result_type(output_type: OutputType) -> Callable[[Geometry], Result]:

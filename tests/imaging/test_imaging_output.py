@@ -123,6 +123,12 @@ def test_rows_that_do_not_fit_are_refused():
         assert e.value.code == "model_output"
 
 
+def test_an_unknown_quantisation_is_refused_before_any_rows():
+    with pytest.raises(ImageError) as e:
+        OutputPixels(SOURCES["srgb-8"], (W, H), EncodeOptions("PNG"), quantize="truncate")
+    assert e.value.code == "invalid_option"
+
+
 def test_an_output_with_rows_missing_is_not_written():
     out = OutputPixels(SOURCES["srgb-8"], (W, H), EncodeOptions("PNG"))
     out.write(0, rows()[:10])

@@ -37,7 +37,7 @@ from .encode import encode, encode_pixels
 from .errors import ImageError
 from .fetch import FetchError, FetchResult, check_url, fetch
 from .output import OutputPixels
-from .pipeline import QUANTIZE_MODES, shrink, upscale, upscale_bytes
+from .pipeline import shrink, upscale, upscale_bytes
 from .security import DEFAULT_LIMITS, Fit, Limits, fit_scale, output_size
 from .sniff import sniff_format
 from .values import DecodedImage, EncodedImage, EncodeOptions, UpscaledImage
@@ -57,7 +57,6 @@ def fetch_image(
 
 
 __all__ = [
-    "QUANTIZE_MODES",
     "DecodedImage",
     "EncodeOptions",
     "EncodedImage",

@@ -20,12 +20,18 @@ from .pixels import quantize_array, resize_alpha
 from .values import DEFAULT_ENCODE, DecodedImage, EncodeOptions, UpscaledImage
 
 BLOCK_PIXELS = 1 << 20
+QUANTIZE_MODES = ("round", "dither", "reference")
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's convert("L")
 
 PixelStep = Callable[[np.ndarray], np.ndarray]
 
 
 Source = DecodedImage | UpscaledImage  # what the output takes its alpha, colour and metadata from
+
+
+def check_quantize(quantize: str) -> None:
+    if quantize not in QUANTIZE_MODES:
+        raise ImageError("invalid_option", f"quantize must be one of {', '.join(QUANTIZE_MODES)}")
 
 
 def _unchanged(x: np.ndarray) -> np.ndarray:
@@ -83,6 +89,7 @@ class OutputPixels:
         quantize: str = "round",
     ):
         o = options.validated()
+        check_quantize(quantize)
         self.source, self.size, self.options = source, size, o
         self.bits = o.bit_depth or (16 if source.bit_depth == 16 and o.format in ("PNG", "TIFF") else 8)
         self.dither = quantize == "dither" and self.bits == 8

@@ -17,11 +17,11 @@ from PIL import Image
 from .decode import decode
 from .encode import encode
 from .errors import ImageError
+from .output import check_quantize
 from .pixels import resize_alpha, resize_float
 from .security import DEFAULT_LIMITS, Limits, fit_scale
 from .values import DEFAULT_ENCODE, DecodedImage, EncodedImage, EncodeOptions, UpscaledImage
 
-QUANTIZE_MODES = ("round", "dither", "reference")
 _LANCZOS = Image.Resampling.LANCZOS
 
 
@@ -60,8 +60,7 @@ def upscale(
     implementation's truncating quantisation, for bit-parity). A 16-bit source has no 8-bit reference: it
     always rounds.
     """
-    if quantize not in QUANTIZE_MODES:
-        raise ImageError("invalid_option", f"quantize must be one of {', '.join(QUANTIZE_MODES)}")
+    check_quantize(quantize)
     final, image = _model_output(model(decoded.rgb))
     size = (final.shape[1], final.shape[0])
     reference8 = None
