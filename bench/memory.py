@@ -7,7 +7,7 @@ tile (S=3: one at T and one loop step; ``ccsr.sampling.schedule.truncated_plan``
 high-water mark, reset after the model is built; "above weights" subtracts the RSS right after building.
 
     python bench/memory.py --outputs 512,1024 --json bench/results/memory_real.json
-    python bench/memory.py --config /work/shared/fixtures/ccsr_v1_tiny/model.yaml --outputs 1024,2048,4096
+    python bench/memory.py --config tests/fixtures/ccsr_v1_tiny/model.yaml --outputs 1024,2048,4096
 
 It prints one row per size and whether the peak above the weights grows with the output area.
 """

@@ -30,7 +30,7 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[2] / "shared/fixtures/ccsr_v1_tiny"))
+    ap.add_argument("--fixtures", default=str(Path(__file__).resolve().parents[1] / "tests/fixtures/ccsr_v1_tiny"))
     ap.add_argument("--steps", type=int, default=6)
     a = ap.parse_args()
     fx = Path(a.fixtures)

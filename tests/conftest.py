@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("CCSR_FIXTURES", REPO.parent / "shared" / "fixtures" / "ccsr_v1_tiny"))
+FIXTURES = REPO / "tests" / "fixtures" / "ccsr_v1_tiny"
 TINY_WEIGHTS = FIXTURES / "model.safetensors"
 TINY_CKPT = FIXTURES / "model.ckpt"
 TINY_CONFIG = FIXTURES / "model.yaml"
@@ -16,7 +16,7 @@ TINY_CONFIG = FIXTURES / "model.yaml"
 
 def pytest_configure(config: pytest.Config) -> None:
     if not TINY_CONFIG.is_file():
-        raise pytest.UsageError(f"golden fixtures not found at {FIXTURES} (set CCSR_FIXTURES)")
+        raise pytest.UsageError(f"golden fixtures not found at {FIXTURES}")
     # Tests never download: any accidental hub access fails fast instead of hanging.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -48,7 +48,7 @@ def data_uri(data: bytes) -> str:
 # ------------------------------------------------------------------------------------------ real server
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(os.environ.get("CCSR_FIXTURES", REPO.parent / "shared" / "fixtures" / "ccsr_v1_tiny"))
+FIXTURES = REPO / "tests" / "fixtures" / "ccsr_v1_tiny"
 
 
 def free_port() -> int:

@@ -29,12 +29,12 @@ ARTIFACTS = REPO / "tests" / "_artifacts"
 API_KEY = "test-key"
 
 
-FIXTURES = Path(os.environ.get("CCSR_FIXTURES", REPO.parent / "shared" / "fixtures" / "ccsr_v1_tiny"))
+FIXTURES = REPO / "tests" / "fixtures" / "ccsr_v1_tiny"
 
 
 def tiny_model() -> tuple[Path, Path]:
     if not (FIXTURES / "model.yaml").is_file():
-        pytest.fail(f"tiny model fixtures not found at {FIXTURES} (set CCSR_FIXTURES)")
+        pytest.fail(f"tiny model fixtures not found at {FIXTURES}")
     return FIXTURES / "model.safetensors", FIXTURES / "model.yaml"
 
 

@@ -53,7 +53,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "--weights", str(TINY_WEIGHTS), "--config", str(TINY_CONFIG), "--device", "cpu",
         "--size-mode", "pad", "--log-level", "warning",
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1", CCSR_FIXTURES=str(FIXTURES))
+    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
     entry = ["-m", "ccsr.api.serve"]
     with open(log_path, "wb") as log:
