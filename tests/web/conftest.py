@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from tests.conftest import FIXTURES, TINY_CONFIG, TINY_WEIGHTS
+from tests.conftest import TINY_CONFIG, TINY_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "tests" / "_artifacts"
