@@ -24,6 +24,9 @@ from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from tests.conftest import FIXTURES
 
+from ccsr.api.fal_schema import CCSRInput
+from ccsr.params import UpscaleParams
+
 pytestmark = pytest.mark.timeout(150)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "_artifacts"
@@ -33,7 +36,7 @@ INPUT = FIXTURES / "inputs" / "lq_48x40.png"
 def open_page(browser, server):
     browser.get(f"{server.base}/")
     wait = WebDriverWait(browser, 20)
-    wait.until(ec.presence_of_element_located((By.ID, "fal-steps")))  # the form is built from the schema
+    wait.until(ec.presence_of_element_located((By.ID, "param-steps")))  # the form is built from /playground/models
     return wait
 
 
@@ -56,24 +59,43 @@ def wait_download(folder: Path, suffix: str, timeout: float = 20) -> Path:
 def test_upscale_end_to_end(browser, server, downloads):
     wait = open_page(browser, server)
     browser.get_log("browser")  # start from an empty console
-    # the form carries the fal schema's defaults and ranges
-    steps = browser.find_element(By.ID, "fal-steps")
+    # the form carries the server's defaults (the library's, not fal's 50 steps) and the fal schema's ranges
+    model = httpx.get(f"{server.base}/playground/models", timeout=10).json()[0]
+    spec = {p["name"]: p for p in model["parameters"]}
+    assert spec["steps"]["default"] == UpscaleParams().steps
+    steps = browser.find_element(By.ID, "param-steps")
+    fal = CCSRInput.model_json_schema()["properties"]["steps"]
     assert (steps.get_attribute("value"), steps.get_attribute("min"), steps.get_attribute("max")) == (
-        "50",
-        "10",
-        "100",
+        str(UpscaleParams().steps),
+        str(fal["minimum"]),
+        str(fal["maximum"]),
     )
-    assert browser.find_element(By.ID, "fal-color_fix_type").get_attribute("value") == "adain"
+    assert "reference CCSR" in browser.find_element(By.ID, "param-steps-hint").text  # says why
+    assert Select(browser.find_element(By.ID, "param-color_fix_type")).first_selected_option.text == "adain"
+    # tiling reads "automatic" (the server plans it) and is left out of the request
+    for name in ("tile_diffusion", "tile_vae"):
+        assert Select(browser.find_element(By.ID, f"param-{name}")).first_selected_option.text == "automatic"
+    assert browser.find_element(By.ID, "param-tile_diffusion_size").get_attribute("disabled") is not None
+    assert Select(browser.find_element(By.ID, "model")).first_selected_option.text == model["name"]
+    # help says what a change does, never the fal schema's own description again
+    hints = browser.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('.field .hint')].map(h => [h.id, h.textContent]))"
+    )
+    for name, field in CCSRInput.model_json_schema()["properties"].items():
+        hint = hints.get(f"param-{name}-hint", "")
+        assert field["description"] not in hint, (name, hint)
+    assert browser.find_element(By.CSS_SELECTOR, "label[for=param-tile_vae]").text.startswith("VAE decode")
     wait.until(ec.text_to_be_present_in_element((By.ID, "server-status"), "ready"))
 
     browser.find_element(By.ID, "file").send_keys(str(INPUT))
     wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
     assert "96 × 80" in browser.find_element(By.ID, "output-size").text
-    set_number(browser, "fal-steps", "100")  # 35 network evaluations: long enough for several progress events
-    set_number(browser, "fal-seed", "7")
+    set_number(browser, "param-steps", "100")  # 35 network evaluations: long enough for several progress events
+    set_number(browser, "param-seed", "7")
     assert "fal queue API" in browser.find_element(By.ID, "route").text
     code = browser.find_element(By.ID, "code-text").text
     assert "/queue/fal-ai/ccsr" in code and '"steps": 100' in code and '"seed": 7' in code
+    assert "tile_" not in code
 
     browser.find_element(By.ID, "upscale").click()
     seen: list[int] = []
@@ -96,6 +118,10 @@ def test_upscale_end_to_end(browser, server, downloads):
     assert len(running) >= 2, f"the progress bar did not advance in steps: {seen}"
     assert seen[-1] == 100
     assert "Done in" in browser.find_element(By.ID, "progress-text").text
+    # what the server planned for the automatic tiling, as its pipeline logged it
+    plan = browser.execute_script("return document.getElementById('tile-plan').textContent")
+    assert plan.startswith("Planned for the last image: ") and "untiled; VAE decode whole" in plan, plan
+    assert "untiled; VAE decode whole" in browser.find_element(By.ID, "result-info").text
 
     after = browser.find_element(By.ID, "after")
     assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", after) == [
@@ -122,12 +148,13 @@ def test_upscale_end_to_end(browser, server, downloads):
     assert (box.size["width"], box.size["height"]) == (192, 160)
     Select(browser.find_element(By.ID, "zoom")).select_by_value("fit")
 
-    # downloads: the server's PNG as is, and a WEBP encoded in the page, both at the output size
+    # downloads, named <input name>_x<scale>: the server's PNG as is, and a WEBP encoded in the page
     browser.find_element(By.ID, "download").click()
     png = wait_download(downloads, ".png")
     Select(browser.find_element(By.ID, "format")).select_by_value("webp")
     browser.find_element(By.ID, "download").click()
     webp = wait_download(downloads, ".webp")
+    assert (png.name, webp.name) == (f"{INPUT.stem}_x2.png", f"{INPUT.stem}_x2.webp")
     for path, fmt in ((png, "PNG"), (webp, "WEBP")):
         with Image.open(path) as im:
             assert (im.format, im.size) == (fmt, (96, 80)), path
@@ -162,17 +189,17 @@ def test_advanced_settings_go_through_runware(browser, server):
     wait = open_page(browser, server)
     browser.find_element(By.ID, "file").send_keys(str(INPUT))
     wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
-    set_number(browser, "fal-steps", "10")
+    set_number(browser, "param-steps", "10")
     browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
-    prompt = browser.find_element(By.ID, "rw-positivePrompt")
+    prompt = browser.find_element(By.ID, "param-positivePrompt")
     prompt.send_keys("a sharp photo")
     assert "Runware task API" in browser.find_element(By.ID, "route").text
-    assert browser.find_element(By.ID, "fal-t_max").get_attribute("disabled") is not None  # fal only
+    assert browser.find_element(By.ID, "param-t_max").get_attribute("disabled") is not None  # fal only
     assert '"positivePrompt": "a sharp photo"' in browser.find_element(By.ID, "code-text").text
     # a prompt is not run here: the tiny fixture checkpoint cannot encode one (a core issue, reported)
     prompt.send_keys(Keys.CONTROL, "a", Keys.DELETE)
     assert "fal queue API" in browser.find_element(By.ID, "route").text
-    set_number(browser, "rw-controlNetWeight", "0.8")  # CFG above 1 would double the evaluations
+    set_number(browser, "param-controlNetWeight", "0.8")  # CFG above 1 would double the evaluations
     assert "Runware task API" in browser.find_element(By.ID, "route").text
     browser.find_element(By.ID, "tab-runware").click()
     code = browser.find_element(By.ID, "code-text").text
@@ -205,7 +232,7 @@ def test_cancel_stops_the_job(browser, server):
     wait = open_page(browser, server)
     browser.find_element(By.ID, "file").send_keys(str(INPUT))
     wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
-    set_number(browser, "fal-steps", "100")
+    set_number(browser, "param-steps", "100")
     browser.find_element(By.ID, "upscale").click()
     WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.getElementById('progress').value") > 0)
     browser.find_element(By.ID, "cancel").click()
@@ -260,7 +287,7 @@ def test_too_large_output_shows_the_api_error(browser, server, tmp_path):
     Image.new("RGB", (1100, 20), (90, 120, 200)).save(wide)
     browser.find_element(By.ID, "file").send_keys(str(wide))
     wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "1100 × 20"))
-    set_number(browser, "fal-scale", "4")
+    set_number(browser, "param-scale", "4")
     assert "4400 × 80 px (over this server's 4096 px limit)" in browser.find_element(By.ID, "output-size").text
     browser.find_element(By.ID, "upscale").click()
     wait.until(ec.visibility_of_element_located((By.ID, "error")))
@@ -273,7 +300,7 @@ def test_out_of_range_parameter_shows_the_api_error(browser, server):
     wait = open_page(browser, server)
     browser.find_element(By.ID, "file").send_keys(str(INPUT))
     wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
-    set_number(browser, "fal-steps", "5")
+    set_number(browser, "param-steps", "5")
     browser.find_element(By.ID, "upscale").click()
     wait.until(ec.visibility_of_element_located((By.ID, "error")))
     shown = browser.find_element(By.ID, "error").text
@@ -283,9 +310,12 @@ def test_out_of_range_parameter_shows_the_api_error(browser, server):
 def test_page_assets_are_small(server):
     """No build step, no framework: the page and its two assets stay small."""
     total = 0
-    for path in ("/", "/playground/static/app.js", "/playground/static/style.css"):
+    for path in ("/", "/playground/static/app.js", "/playground/static/style.css", "/playground/static/favicon.svg"):
         r = httpx.get(f"{server.base}{path}", timeout=10)
         assert r.status_code == 200, path
         total += len(r.content)
     assert total < 80_000
     assert httpx.get(f"{server.base}/playground/static/index.html", timeout=10).status_code == 404
+    icon = httpx.get(f"{server.base}/favicon.ico", timeout=10)  # browsers ask for it on every page
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+    assert icon.content.startswith(b"<svg")

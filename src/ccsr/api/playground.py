@@ -4,9 +4,12 @@ The page uploads with the Runware ``imageUpload`` task, upscales through the fal
 API when prompts, CFG or the ControlNet weight are set, which only Runware accepts) and downloads from
 ``/images``. What the public protocols lack, this router adds under ``/playground/``:
 
-- ``GET /playground/config``: the fal input schema (defaults and ranges), Runware's extra settings, limits.
-- ``GET /playground/events/{request_id}``: Server-Sent Events with status, percent, queue position and ETA of
-  a fal ``request_id`` or a Runware ``taskUUID``, so the page needs no status polling of its own.
+- ``GET /playground/models``: the models served, each with its fal app id, Runware model, load status (and
+  error) and its form: parameters with help text, ranges and the server's defaults. The page has no defaults
+  of its own.
+- ``GET /playground/config``: server-wide limits and whether a key is needed.
+- ``GET /playground/events/{request_id}``: Server-Sent Events with status, percent, queue position, ETA and the
+  planned tiling of a fal ``request_id`` or a Runware ``taskUUID``, so the page needs no polling of its own.
 - ``POST /playground/cancel/{request_id}``: cancel for Runware tasks (its protocol has no cancel task).
 
 Auth follows the server's key policy (``Authorization: Bearer|Key <key>``; loopback only without keys).
@@ -35,10 +38,12 @@ __all__ = ["router"]
 STATIC_DIR = Path(__file__).with_name("static")
 STATIC_TYPES = {
     "app.js": "text/javascript; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
     "style.css": "text/css; charset=utf-8",
 }
 POLL_SECONDS = 0.2  # how often a stream looks at a running job (the engine only signals terminal states)
 KEEPALIVE_SECONDS = 15.0  # a comment line so proxies do not close an idle stream
+PLAN_PREFIX = "plan: "  # how CCSRPipeline.run logs the plan it runs
 
 router = APIRouter(include_in_schema=False)
 
@@ -78,63 +83,182 @@ async def static_file(name: str) -> Response:
     return FileResponse(STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "no-cache"})
 
 
+@router.get("/favicon.ico")
+async def favicon() -> FileResponse:
+    """Browsers ask for ``/favicon.ico`` on every page; the page also links the same icon."""
+    return FileResponse(STATIC_DIR / "favicon.svg", media_type=STATIC_TYPES["favicon.svg"])
+
+
 @router.get("/playground/config")
 async def config(request: Request) -> dict:
-    """Everything the page needs to build its form; the fal schema is the single source of its ranges."""
+    """Server-wide facts the page needs: limits and whether requests need a key."""
     settings = get_settings(request)
-    engine = get_engine(request)
-    core = UpscaleParams()
     return {
-        "fal": {"app_id": "fal-ai/ccsr", "schema": CCSRInput.model_json_schema()},
-        "runware": {
-            "model": "runware:501@1",
-            "scale": {"minimum": 2, "maximum": 4},
-            # ranges as ccsr.api.runware.parse_upscale checks them; defaults are the core's
-            "settings": {
-                "positivePrompt": {
-                    "title": "Prompt",
-                    "description": "What the restored image should show.",
-                    "type": "text",
-                    "default": core.prompt,
-                    "maxLength": 3000,
-                },
-                "negativePrompt": {
-                    "title": "Negative prompt",
-                    "description": "What to steer away from (needs CFG scale above 1).",
-                    "type": "text",
-                    "default": core.negative_prompt,
-                    "maxLength": 3000,
-                },
-                "CFGScale": {
-                    "title": "CFG scale",
-                    "description": "How strongly the prompts guide the result; 1 turns guidance off.",
-                    "type": "number",
-                    "default": core.cfg_scale,
-                    "minimum": 0,
-                    "maximum": 30,
-                },
-                "controlNetWeight": {
-                    "title": "ControlNet weight",
-                    "description": "How closely the result follows the input image.",
-                    "type": "number",
-                    "default": core.controlnet_weight,
-                    "minimum": 0,
-                    "maximum": 2,
-                },
-            },
-        },
         "limits": {"max_input_bytes": settings.max_input_bytes, "max_output_side": settings.max_output_side},
         "keys_required": settings.keys_required(),
-        "ready": engine.ready,
-        "load_error": engine.load_error,
     }
+
+
+@router.get("/playground/models")
+async def models(request: Request) -> list[dict]:
+    """The models this server runs, each with its API names, load status and form parameters (defaults from
+    the server): the page builds its form from this, so a second model needs no page change."""
+    settings = get_settings(request)
+    engine = get_engine(request)
+    status = "ready" if engine.ready else ("loading" if engine.load_error is None else "failed")
+    defaults = UpscaleParams()
+    if settings.default_steps:
+        defaults = defaults.replace(steps=settings.default_steps)
+    return [
+        {
+            "name": "CCSR-v1",
+            "fal_app_id": "fal-ai/ccsr",
+            "runware_model": "runware:501@1",
+            "status": status,
+            "error": engine.load_error,
+            "parameters": v1_parameters(defaults, steps_from_server=bool(settings.default_steps)),
+        }
+    ]
+
+
+def v1_parameters(defaults: UpscaleParams, *, steps_from_server: bool = False) -> list[dict]:
+    """The CCSR-v1 form: ranges from the fal schema (the API checks them), defaults from ``defaults``.
+
+    Each entry: ``name`` (the fal field, or the Runware setting), ``api`` (``both``, ``fal`` or ``runware``:
+    which API takes it), ``group`` (``main``, ``tiling``, ``advanced``), ``title``, ``help`` (what changing it
+    does), ``type``, ``default``; ``null`` as a value means "left out: the server decides". Optional:
+    ``minimum``, ``maximum``, ``maxLength``, ``empty`` (what an empty field means), ``options`` (``[{value,
+    label}]``) and ``needs`` (``{field: [values]}``: the field only applies, and is only sent, when another field
+    has one of those values).
+    ``tile_vae_encoder_size`` is left out: CCSR-v1 never runs the VAE encoder (the hint comes from its own
+    condition encoder), so the reference ignores it too (model.md section 5).
+    """
+    fal = CCSRInput.model_json_schema()["properties"]
+
+    def ranged(name: str) -> dict:
+        return {k: fal[name][k] for k in ("minimum", "maximum") if k in fal[name]}
+
+    if steps_from_server:
+        steps_why = "the one this server was started with (--default-steps)"
+    else:
+        steps_why = (
+            "the reference CCSR's, as in the CLI and the library; fal's hosted API, and this server's fal "
+            "endpoint when a request leaves steps out, use 50"
+        )
+    return [
+        {
+            "name": "scale", "api": "both", "group": "main", "title": "Scale", "type": "number",
+            "default": defaults.scale, **ranged("scale"),
+            "help": "How many times larger each side of the output is. Time grows with the output's pixels "
+            "(4x takes about 4 times as long as 2x).",
+        },
+        {
+            "name": "steps", "api": "both", "group": "main", "title": "Steps", "type": "integer",
+            "default": defaults.steps, **ranged("steps"),
+            "help": "Length of the noise schedule; only the steps between t_min and t_max run the network "
+            f"(45: 16 evaluations, 100: 35), so time grows with it. The default is {steps_why}.",
+        },
+        {
+            "name": "seed", "api": "both", "group": "main", "title": "Seed", "type": "integer",
+            "default": defaults.seed, "minimum": 0, "empty": "random",
+            "help": "The same seed with the same settings gives the same image. Empty: a new random seed each "
+            "run (shown with the result, to reuse).",
+        },
+        {
+            "name": "color_fix_type", "api": "fal", "group": "main", "title": "Colour correction",
+            "type": "string", "default": defaults.color_fix,
+            "options": [{"value": v, "label": v} for v in fal["color_fix_type"]["enum"]],
+            "help": "Pulls the result's colours back to the input's. adain matches each channel's mean and "
+            "contrast; wavelet keeps the input's smooth colour layer (try it if adain shifts colours); none "
+            "keeps the model's own colours.",
+        },
+        {
+            "name": "t_max", "api": "fal", "group": "main", "title": "Start of sampling (t_max)",
+            "type": "number", "default": defaults.t_max, **ranged("t_max"),
+            "help": "How much noise the input is given before sampling (fraction of the schedule). Higher "
+            "invents more new detail and strays further from the input; lower stays closer to it.",
+        },
+        {
+            "name": "t_min", "api": "fal", "group": "main", "title": "End of sampling (t_min)",
+            "type": "number", "default": defaults.t_min, **ranged("t_min"),
+            "help": "Where step-by-step sampling stops and the model jumps to the clean image in one step. "
+            "Lower runs more steps (more texture, slower, more variation between seeds); higher is faster "
+            "and smoother. At most t_max.",
+        },
+        {
+            "name": "tile_diffusion", "api": "fal", "group": "tiling", "title": "Diffusion tiles",
+            "type": "string", "default": None,
+            "options": [{"value": None, "label": "automatic"}]
+            + [{"value": v, "label": v} for v in fal["tile_diffusion"]["enum"]],
+            "help": "Automatic: the server plans tiles from its free memory, none whenever the image fits "
+            "(the reference's exact path). mix (tiles averaged) or gaussian (tile centres weigh more) force "
+            "overlapping tiles, for large images or little memory; none forces one pass.",
+        },
+        {
+            "name": "tile_diffusion_size", "api": "fal", "group": "tiling", "title": "Tile size",
+            "type": "integer", "default": None, **ranged("tile_diffusion_size"),
+            "needs": {"tile_diffusion": ["mix", "gaussian"]}, "empty": str(fal["tile_diffusion_size"]["default"]),
+            "help": "Side of each tile in output pixels. Larger tiles: fewer seams, more memory. Empty: fal's "
+            "default.",
+        },
+        {
+            "name": "tile_diffusion_stride", "api": "fal", "group": "tiling", "title": "Tile stride",
+            "type": "integer", "default": None, **ranged("tile_diffusion_stride"),
+            "needs": {"tile_diffusion": ["mix", "gaussian"]}, "empty": str(fal["tile_diffusion_stride"]["default"]),
+            "help": "Distance between tile starts; below the tile size so that tiles overlap and seams "
+            "blend. Smaller: more tiles, slower. Empty: fal's default.",
+        },
+        {
+            "name": "tile_vae", "api": "fal", "group": "tiling", "title": "VAE decode",
+            "type": "boolean", "default": None,
+            "options": [
+                {"value": None, "label": "automatic"},
+                {"value": False, "label": "whole"},
+                {"value": True, "label": "tiled"},
+            ],
+            "help": "How the VAE turns the result into pixels. Automatic: whole when it fits, else in tiles. "
+            "Tiled needs less memory and takes a little longer.",
+        },
+        {
+            "name": "tile_vae_decoder_size", "api": "fal", "group": "tiling", "title": "VAE decoder tile size",
+            "type": "integer", "default": None, **ranged("tile_vae_decoder_size"),
+            "needs": {"tile_vae": [True]}, "empty": str(fal["tile_vae_decoder_size"]["default"]),
+            "help": "Side of each decoder tile in latent pixels (8 output pixels each: 226 is about 1800 px). "
+            "Smaller needs less memory. Empty: fal's default.",
+        },
+        # Runware only; ranges as ccsr.api.runware checks them
+        {
+            "name": "positivePrompt", "api": "runware", "group": "advanced", "title": "Prompt", "type": "text",
+            "default": defaults.prompt, "maxLength": 3000,
+            "help": "Words for what the image shows (e.g. \"sharp photo, detailed fur\") to steer the invented "
+            "detail. Empty: the model works from the image alone.",
+        },
+        {
+            "name": "negativePrompt", "api": "runware", "group": "advanced", "title": "Negative prompt",
+            "type": "text", "default": defaults.negative_prompt, "maxLength": 3000,
+            "help": "What to steer away from (e.g. \"blurry, noisy\"). Only used when CFG scale is above 1.",
+        },
+        {
+            "name": "CFGScale", "api": "runware", "group": "advanced", "title": "CFG scale", "type": "number",
+            "default": defaults.cfg_scale, "minimum": 0, "maximum": 30,
+            "help": "How hard the prompts steer. 1 turns guidance off; above 1 every step runs the network "
+            "twice (about twice the time).",
+        },
+        {
+            "name": "controlNetWeight", "api": "runware", "group": "advanced", "title": "ControlNet weight",
+            "type": "number", "default": defaults.controlnet_weight, "minimum": 0, "maximum": 2,
+            "help": "How strongly the input image holds the result: lower lets the model invent more, higher "
+            "keeps closer to the input. 1 is the reference's.",
+        },
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ progress
 
 
 def snapshot(job: Job, engine: JobEngine, now: float | None = None) -> dict:
-    """What the page shows of a job: status, percent, queue position, elapsed and remaining seconds."""
+    """What the page shows of a job: status, percent, queue position, elapsed and remaining seconds, and the
+    tiling the server planned (from the job's log: ``CCSRPipeline.run`` logs each plan it runs)."""
     now = time.time() if now is None else now
     snap: dict = {"status": job.status, "progress": 100 if job.status == SUCCESS else int(job.progress)}
     if job.status == QUEUED:
@@ -146,6 +270,9 @@ def snapshot(job: Job, engine: JobEngine, now: float | None = None) -> dict:
             snap["eta"] = round(elapsed * (100 - job.progress) / job.progress, 1)
     if job.logs:
         snap["message"] = job.logs[-1].message
+    plans = [line.message for line in job.logs if line.message.startswith(PLAN_PREFIX)]
+    if plans:  # the last one ran (the pipeline plans again after running out of memory)
+        snap["plan"] = plans[-1].removeprefix(PLAN_PREFIX)
     if job.error is not None:
         snap["error"] = {"code": job.error.code, "message": job.error.message}
     return snap

@@ -1,11 +1,13 @@
 // CCSR playground: talks to this server's public APIs only (Runware imageUpload + upscale, fal queue) plus
-// /playground/events (progress stream) and /playground/config (the fal schema the form is built from).
+// /playground/models (the models and their forms: parameters, help, server defaults), /playground/config
+// (limits) and /playground/events (progress stream).
 "use strict";
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const FAL_SHARED = new Set(["scale", "steps", "seed"]); // fal fields Runware also accepts
-  const state = { config: null, image: null, job: null, result: null, busy: false, snap: null, snapAt: 0 };
+  const state = {
+    config: null, models: [], model: null, image: null, job: null, result: null, busy: false, snap: null, snapAt: 0,
+  };
 
   class ApiError extends Error {}
 
@@ -74,10 +76,17 @@
     return data;
   }
 
+  // Bring something that just appeared into view, without moving what is already visible.
+  const reveal = (node) => node.scrollIntoView({ block: "nearest" });
+
+  // An error replaces whatever the last run showed: its progress and result no longer describe the page.
   function showError(e) {
     const box = $("error");
     box.textContent = e instanceof ApiError ? e.message : `Error: ${e.message || e}`;
     box.hidden = false;
+    $("progress-box").hidden = true;
+    $("result").hidden = true;
+    reveal(box);
   }
 
   function clearError() {
@@ -87,125 +96,139 @@
 
   // ------------------------------------------------------------------------------------ server + form
 
-  async function checkReady() {
+  // The model's load status from /playground/models: a failure is an alert with its cause, not a grey line.
+  function showModelStatus() {
+    const m = state.model;
     const line = $("server-status");
+    const banner = $("model-error");
+    line.classList.toggle("failed", m.status === "failed");
+    banner.hidden = m.status !== "failed";
+    if (m.status === "ready") {
+      line.textContent = `${m.name} ready.`;
+    } else if (m.status === "failed") {
+      line.textContent = `${m.name} failed to load.`;
+      banner.textContent =
+        `${m.name} failed to load, so nothing can be upscaled: ${m.error}\n` +
+        "Fix the cause and restart ccsr serve (its log has the details).";
+    } else {
+      line.textContent = `${m.name} loading… (jobs queue until it is ready)`;
+    }
+    setBusy(state.busy);
+  }
+
+  async function watchModels() {
     for (;;) {
       try {
-        const res = await fetch("/readyz");
-        const body = await res.json();
-        if (res.ok) {
-          line.textContent = "Model ready.";
-          return;
-        }
-        if (body.status === "failed") {
-          line.textContent = `Model failed to load: ${body.error}`;
-          return;
-        }
-        line.textContent = "Model loading… (jobs queue until it is ready)";
+        state.models = await api("GET", "/playground/models");
+        state.model = state.models.find((m) => m.name === state.model.name) || state.models[0];
+        showModelStatus();
+        if (state.models.every((m) => m.status !== "loading")) return;
       } catch {
-        line.textContent = "Server unreachable; retrying…";
+        $("server-status").textContent = "Server unreachable; retrying…";
       }
       await sleep(2000);
     }
   }
 
-  function fieldType(spec) {
-    if (spec.type) return spec.type;
-    const t = (spec.anyOf || []).map((s) => s.type).find((x) => x !== "null");
-    return t || "string";
-  }
+  const json = (v) => JSON.stringify(v ?? null);
 
-  function buildField(container, group, name, spec) {
-    const id = `${group}-${name}`;
-    const type = fieldType(spec);
-    const wrap = el("div", { class: "field", "data-name": name });
-    const label = el("label", { for: id }, `${spec.title || name} `);
-    label.append(el("code", { class: "api-name" }, name));
+  function buildField(container, spec) {
+    const id = `param-${spec.name}`;
+    const wrap = el("div", { class: "field", "data-name": spec.name });
+    const label = el("label", { for: id }, `${spec.title} `);
+    label.append(el("code", { class: "api-name" }, spec.name));
     let input;
-    if (spec.enum) {
+    if (spec.options) {
       input = el("select");
-      for (const v of spec.enum) input.append(el("option", { value: v }, v));
-      input.value = spec.default;
-    } else if (type === "boolean") {
-      input = el("input", { type: "checkbox" });
-      input.checked = Boolean(spec.default);
-    } else if (type === "text") {
+      for (const o of spec.options) input.append(el("option", { value: json(o.value) }, o.label));
+      input.value = json(spec.default);
+    } else if (spec.type === "text") {
       input = el("textarea", { rows: "2", maxlength: String(spec.maxLength) });
       input.value = spec.default;
       wrap.classList.add("wide");
     } else {
-      input = el("input", { type: "number", step: type === "integer" ? "1" : "any", inputmode: "decimal" });
+      input = el("input", { type: "number", step: spec.type === "integer" ? "1" : "any", inputmode: "decimal" });
       if (spec.minimum !== undefined) input.min = spec.minimum;
       if (spec.maximum !== undefined) input.max = spec.maximum;
-      if (spec.default === null || spec.default === undefined) input.placeholder = "random";
-      else input.value = spec.default;
+      if (spec.empty) input.placeholder = spec.empty;
+      if (spec.default !== null) input.value = spec.default;
     }
-    Object.assign(input.dataset, { group, kind: type, default: String(spec.default ?? "") });
+    Object.assign(input.dataset, { api: spec.api, kind: spec.type, default: json(spec.default) });
     input.id = id;
-    input.name = name;
-    const range = spec.minimum !== undefined ? ` ${spec.minimum}–${spec.maximum}.` : "";
-    const dflt = spec.default === null ? "random" : String(spec.default);
-    const hint = el("span", { class: "hint", id: `${id}-hint` }, `${spec.description || ""}${range} Default ${dflt || "empty"}.`);
+    input.name = spec.name;
+    const facts = [];
+    if (spec.maximum !== undefined) facts.push(`range ${spec.minimum}–${spec.maximum}`);
+    if (spec.default !== null && spec.default !== "") facts.push(`default ${spec.default}`);
+    const tail = facts.length ? ` ${facts.join("; ").replace(/^./, (c) => c.toUpperCase())}.` : "";
+    const hint = el("span", { class: "hint", id: `${id}-hint` }, `${spec.help}${tail}`);
     input.setAttribute("aria-describedby", hint.id);
     wrap.append(label, input, hint);
     container.append(wrap);
   }
 
-  function buildForm(cfg) {
-    const props = cfg.fal.schema.properties;
-    for (const [name, spec] of Object.entries(props)) {
-      if (name === "image_url") continue;
-      buildField($(name.startsWith("tile_") ? "tile-fields" : "fal-fields"), "fal", name, spec);
-    }
-    for (const [name, spec] of Object.entries(cfg.runware.settings)) buildField($("runware-fields"), "rw", name, spec);
+  // The form of the chosen model, as the server describes it: no defaults or ranges live in the page.
+  function buildForm() {
+    for (const group of ["main", "tiling", "advanced"]) $(`${group}-fields`).replaceChildren();
+    for (const spec of state.model.parameters) buildField($(`${spec.group}-fields`), spec);
+    const m = state.model;
+    $("model-hint").textContent = `fal app ${m.fal_app_id} · Runware model ${m.runware_model}`;
+    showModelStatus();
+    refreshRoute();
   }
 
+  function buildModelChoice() {
+    const select = $("model");
+    select.replaceChildren(...state.models.map((m) => el("option", { value: m.name }, m.name)));
+    select.value = state.model.name;
+  }
+
+  // A field's value as the API takes it; null: left out, so the server decides.
   function value(input) {
-    const kind = input.dataset.kind;
-    if (input.type === "checkbox") return input.checked;
-    if (kind === "integer" || kind === "number") {
-      if (input.value.trim() === "") return undefined;
+    if (input.tagName === "SELECT") return JSON.parse(input.value);
+    if (input.dataset.kind === "integer" || input.dataset.kind === "number") {
+      if (input.value.trim() === "") return null;
       const n = Number(input.value);
       return Number.isFinite(n) ? n : input.value;
     }
     return input.value;
   }
 
-  function isDefault(input) {
-    const v = value(input);
-    if (input.type === "checkbox") return String(v) === input.dataset.default;
-    if (typeof v === "number") return v === Number(input.dataset.default);
-    return (v ?? "").trim() === input.dataset.default;
+  const isDefault = (input) => json(value(input)) === input.dataset.default;
+  const paramInputs = (api) => Array.from(document.querySelectorAll(`[data-api${api ? `="${api}"` : ""}]`));
+  const usesRunware = () => paramInputs("runware").some((i) => !isDefault(i));
+
+  // False when the field's `needs` are not met (e.g. a tile size while tiling is automatic): it is not sent.
+  function applies(input) {
+    const spec = state.model.parameters.find((p) => p.name === input.name);
+    return Object.entries(spec.needs || {}).every(([name, values]) => {
+      const other = $(`param-${name}`);
+      return other && applies(other) && values.map(json).includes(json(value(other)));
+    });
   }
 
-  const falInputs = () => Array.from(document.querySelectorAll('[data-group="fal"]'));
-  const runwareInputs = () => Array.from(document.querySelectorAll('[data-group="rw"]'));
-  const usesRunware = () => runwareInputs().some((i) => !isDefault(i));
-
-  // What the page will send: {api: "fal"|"runware", body, dropped: [fields the other API cannot take]}.
+  // What the page will send: {api: "fal"|"runware", fal, runware, falOnly, runwareOnly}.
   function buildRequest() {
     const image = state.image ? state.image.url : "<image URL or data URI>";
     const fal = {};
-    for (const i of falInputs()) {
+    for (const i of paramInputs()) {
       const v = value(i);
-      // untouched tiling fields are left out, so the server plans tiling from its free memory
-      if (v !== undefined && !(i.name.startsWith("tile_") && isDefault(i))) fal[i.name] = v;
+      if (i.dataset.api !== "runware" && applies(i) && v !== null) fal[i.name] = v;
     }
     const settings = {};
-    for (const key of ["steps", "seed"]) if (fal[key] !== undefined) settings[key] = fal[key];
-    for (const i of runwareInputs()) if (!isDefault(i)) settings[i.name] = value(i);
+    for (const i of paramInputs("both")) if (i.name !== "scale" && fal[i.name] !== undefined) settings[i.name] = fal[i.name];
+    for (const i of paramInputs("runware")) if (!isDefault(i)) settings[i.name] = value(i);
     const task = {
       taskType: "upscale",
       taskUUID: uuid4(),
-      model: state.config.runware.model,
+      model: state.model.runware_model,
       inputs: { image },
       upscaleFactor: fal.scale,
       outputType: "URL",
       outputFormat: "PNG",
       settings,
     };
-    const falOnly = falInputs().filter((i) => !FAL_SHARED.has(i.name) && !isDefault(i)).map((i) => i.name);
-    const runwareOnly = runwareInputs().filter((i) => !isDefault(i)).map((i) => i.name);
+    const falOnly = paramInputs("fal").filter((i) => applies(i) && !isDefault(i)).map((i) => i.name);
+    const runwareOnly = paramInputs("runware").filter((i) => !isDefault(i)).map((i) => i.name);
     return {
       api: runwareOnly.length ? "runware" : "fal",
       fal: { image_url: image, ...fal },
@@ -216,17 +239,17 @@
   }
 
   function refreshRoute() {
+    if (!state.model) return; // the API key field is in the form too, and may be typed in before it is built
     const rw = usesRunware();
-    for (const i of falInputs()) {
-      const off = rw && !FAL_SHARED.has(i.name);
+    for (const i of paramInputs()) {
+      const off = (rw && i.dataset.api === "fal") || !applies(i);
       i.disabled = off;
       i.closest(".field").classList.toggle("off", off);
     }
-    $("route").innerHTML = "";
-    $("route").append(
+    $("route").replaceChildren(
       "Sends: ",
       el("strong", {}, rw ? "Runware task API" : "fal queue API"),
-      ` (${rw ? "POST /v1, taskType upscale" : `POST /queue/${state.config.fal.app_id}`})`,
+      ` (${rw ? "POST /v1, taskType upscale" : `POST /queue/${state.model.fal_app_id}`})`,
     );
     refreshSizes();
     refreshCode();
@@ -236,7 +259,7 @@
     const img = state.image;
     if (!img) return;
     $("input-size").textContent = `${size(img.width, img.height)} px`;
-    const scale = Number($("fal-scale").value);
+    const scale = Number($("param-scale").value);
     if (!(scale > 0)) {
       $("output-size").textContent = "–";
       return;
@@ -263,9 +286,19 @@
   }
 
   // Every source goes through Runware's imageUpload: the server checks it and keeps one copy we can reuse.
+  // "photo.jpg", "https://host/a/b.webp?x=1", "data:..." -> "photo", "b", "image": the download's base name.
+  function baseName(label) {
+    let last = label.startsWith("data:") ? "image" : label.split(/[?#]/)[0].split(/[/\\]/).pop();
+    last = last.replace(/\.[A-Za-z0-9]{1,5}$/, "").replace(/[^\w.-]+/g, "_").slice(0, 100);
+    return last || "image";
+  }
+
   async function useImage(ref, label) {
     clearError();
     state.image = null;
+    state.result = null;
+    $("result").hidden = true; // it compares against the previous input
+    $("progress-box").hidden = true;
     $("upscale").disabled = true;
     $("input-info").hidden = false;
     $("input-size").textContent = `Uploading ${label}…`;
@@ -282,10 +315,11 @@
         await $("input-thumb").decode(); // the headers are hidden when images live on another origin
         ({ naturalWidth: width, naturalHeight: height } = $("input-thumb"));
       }
-      state.image = { id: item.imageUUID, url: item.imageURL, width, height };
-      $("upscale").disabled = state.busy;
+      state.image = { id: item.imageUUID, url: item.imageURL, width, height, name: baseName(label) };
+      setBusy(state.busy);
       refreshSizes();
       refreshCode();
+      reveal($("upscale"));
     } catch (e) {
       $("input-info").hidden = true;
       showError(e);
@@ -305,7 +339,8 @@
 
   function setBusy(busy) {
     state.busy = busy;
-    $("upscale").disabled = busy || !state.image;
+    const failed = !state.model || state.model.status === "failed";
+    $("upscale").disabled = busy || !state.image || failed;
     $("cancel").disabled = !busy;
   }
 
@@ -334,6 +369,7 @@
     }
     $("progress-text").textContent = text;
     $("progress-label").textContent = `Progress: ${snap.progress}%`;
+    if (snap.plan) $("tile-plan").textContent = `Planned for the last image: ${snap.plan}.`;
   }
 
   function parseEvent(chunk) {
@@ -414,18 +450,19 @@
     $("progress-text").textContent = "Submitting…";
     $("progress-label").textContent = "Progress";
     $("progress-box").hidden = false;
+    reveal($("progress-box"));
     setBusy(true);
     const req = buildRequest();
     try {
       if (req.api === "fal") {
-        const sub = await api("POST", `/queue/${state.config.fal.app_id}`, req.fal);
+        const sub = await api("POST", `/queue/${state.model.fal_app_id}`, req.fal);
         state.job = { api: "fal", id: sub.request_id, cancelUrl: sub.cancel_url, responseUrl: sub.response_url };
       } else {
         await api("POST", "/v1", [{ ...req.runware, deliveryMethod: "async" }]);
         state.job = { api: "runware", id: req.runware.taskUUID, seed: req.runware.settings.seed };
       }
       const final = await follow(state.job.id);
-      if (final.status !== "cancelled") await showResult(await fetchOutput(state.job));
+      if (final.status !== "cancelled") await showResult(await fetchOutput(state.job), final, req);
     } catch (e) {
       showError(e);
     } finally {
@@ -562,27 +599,34 @@
     applySplit();
   }
 
-  async function showResult(out) {
+  async function showResult(out, final, req) {
     const after = $("after");
     after.src = out.url;
     await after.decode();
     state.result = {
       url: out.url,
       seed: out.seed,
-      id: state.job.id,
       width: after.naturalWidth,
       height: after.naturalHeight,
       inputUrl: state.image.url,
+      name: `${state.image.name}_x${req.api === "fal" ? req.fal.scale : req.runware.upscaleFactor}`,
     };
     $("before-nearest").src = state.image.url;
     $("result").hidden = false;
     const info = $("result-info");
-    info.textContent = `${size(after.naturalWidth, after.naturalHeight)} px${out.seed !== undefined ? ` · seed ${out.seed}` : ""} · `;
+    const seed = out.seed !== undefined ? ` · seed ${out.seed}` : "";
+    const plan = final.plan ? ` · ${final.plan}` : "";
+    info.textContent = `${size(after.naturalWidth, after.naturalHeight)} px${seed}${plan} · `;
     info.append(el("a", { href: out.url, target: "_blank", rel: "noopener" }, "open the original"));
     applyZoom();
     applySplit();
     await applyResample();
     $("result").dataset.ready = "true";
+    reveal($("progress-box"));
+    // one column (narrow windows): the result starts below the window; show it under its "Done in" line
+    if ($("result").getBoundingClientRect().top > window.innerHeight * 0.6) {
+      $("progress-box").scrollIntoView({ block: "start" });
+    }
   }
 
   // ------------------------------------------------------------------------------------ download
@@ -611,7 +655,7 @@
         blob = await new Promise((ok) => canvas.toBlob(ok, mime, quality));
         if (!blob || blob.type !== mime) throw new Error(`this browser cannot encode ${fmt.toUpperCase()}`);
       }
-      const a = el("a", { href: URL.createObjectURL(blob), download: `ccsr-${r.id}.${fmt === "jpeg" ? "jpg" : fmt}` });
+      const a = el("a", { href: URL.createObjectURL(blob), download: `${r.name}.${fmt === "jpeg" ? "jpg" : fmt}` });
       document.body.append(a);
       a.click();
       a.remove();
@@ -640,7 +684,7 @@
     const req = buildRequest();
     const origin = location.origin;
     const host = location.host;
-    const app = state.config.fal.app_id;
+    const app = state.model.fal_app_id;
     const falNote = req.runwareOnly.length ? `# not accepted by fal (Runware only): ${req.runwareOnly.join(", ")}\n` : "";
     const rwNote = req.falOnly.length ? `# not accepted by Runware (fal only): ${req.falOnly.join(", ")}\n` : "";
     const task = { ...req.runware };
@@ -675,7 +719,7 @@
   }
 
   function refreshCode() {
-    if (!state.config) return;
+    if (!state.model) return;
     const tab = document.querySelector('[role="tab"][aria-selected="true"]').dataset.tab;
     $("code-text").textContent = snippets()[tab];
   }
@@ -766,20 +810,25 @@
       });
     }
     $("copy").addEventListener("click", copyCode);
+    $("model").addEventListener("change", () => {
+      state.model = state.models.find((m) => m.name === $("model").value);
+      buildForm();
+    });
     setInterval(() => state.busy && renderProgress(), 1000);
   }
 
   async function init() {
     wire();
     try {
-      state.config = await api("GET", "/playground/config");
+      [state.config, state.models] = await Promise.all([api("GET", "/playground/config"), api("GET", "/playground/models")]);
     } catch (e) {
       showError(e);
       return;
     }
-    buildForm(state.config);
-    refreshRoute();
-    checkReady();
+    state.model = state.models[0];
+    buildModelChoice();
+    buildForm();
+    watchModels();
   }
 
   init();
