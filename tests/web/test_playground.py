@@ -74,7 +74,8 @@ def test_upscale_end_to_end(browser, server, downloads):
     assert Select(browser.find_element(By.ID, "param-color_fix_type")).first_selected_option.text == "adain"
     # tiling reads "automatic" (the server plans it) and is left out of the request
     for name in ("tile_diffusion", "tile_vae"):
-        assert Select(browser.find_element(By.ID, f"param-{name}")).first_selected_option.text == "automatic"
+        option = Select(browser.find_element(By.ID, f"param-{name}")).first_selected_option
+        assert option.get_attribute("textContent") == "automatic"  # in the closed tiling panel
     assert browser.find_element(By.ID, "param-tile_diffusion_size").get_attribute("disabled") is not None
     assert Select(browser.find_element(By.ID, "model")).first_selected_option.text == model["name"]
     # help says what a change does, never the fal schema's own description again
@@ -84,7 +85,8 @@ def test_upscale_end_to_end(browser, server, downloads):
     for name, field in CCSRInput.model_json_schema()["properties"].items():
         hint = hints.get(f"param-{name}-hint", "")
         assert field["description"] not in hint, (name, hint)
-    assert browser.find_element(By.CSS_SELECTOR, "label[for=param-tile_vae]").text.startswith("VAE decode")
+    label = browser.find_element(By.CSS_SELECTOR, "label[for=param-tile_vae]").get_attribute("textContent")
+    assert label.startswith("VAE decode"), label
     wait.until(ec.text_to_be_present_in_element((By.ID, "server-status"), "ready"))
 
     browser.find_element(By.ID, "file").send_keys(str(INPUT))
@@ -190,7 +192,9 @@ def test_advanced_settings_go_through_runware(browser, server):
     browser.find_element(By.ID, "file").send_keys(str(INPUT))
     wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
     set_number(browser, "param-steps", "10")
-    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    summary = browser.find_element(By.CSS_SELECTOR, "#advanced summary")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", summary)  # not under the Upscale bar
+    summary.click()
     prompt = browser.find_element(By.ID, "param-positivePrompt")
     prompt.send_keys("a sharp photo")
     assert "Runware task API" in browser.find_element(By.ID, "route").text
