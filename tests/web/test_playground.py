@@ -323,3 +323,31 @@ def test_page_assets_are_small(server):
     icon = httpx.get(f"{server.base}/favicon.ico", timeout=10)  # browsers ask for it on every page
     assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
     assert icon.content.startswith(b"<svg")
+
+
+def test_tiling_fields_follow_the_mode(browser, server):
+    """Tiling left "automatic" is not sent; sizes apply (and are sent) only once a mode asks for them."""
+    wait = open_page(browser, server)
+    browser.find_element(By.ID, "file").send_keys(str(INPUT))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
+    summary = browser.find_element(By.CSS_SELECTOR, "#tiling summary")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", summary)
+    summary.click()
+    assert "plans tiling for each image" in browser.find_element(By.ID, "tile-plan").text
+
+    def code() -> str:
+        return browser.execute_script("return document.getElementById('code-text').textContent")
+
+    size = browser.find_element(By.ID, "param-tile_diffusion_size")
+    assert not size.is_enabled() and "tile_" not in code()
+    Select(browser.find_element(By.ID, "param-tile_diffusion")).select_by_visible_text("mix")
+    assert size.is_enabled() and size.get_attribute("placeholder") == "1024"  # fal's default when left empty
+    assert '"tile_diffusion": "mix"' in code() and "tile_diffusion_size" not in code()
+    set_number(browser, "param-tile_diffusion_size", "512")
+    assert '"tile_diffusion_size": 512' in code()
+    decoder = browser.find_element(By.ID, "param-tile_vae_decoder_size")
+    assert not decoder.is_enabled()
+    Select(browser.find_element(By.ID, "param-tile_vae")).select_by_visible_text("tiled")
+    assert decoder.is_enabled() and '"tile_vae": true' in code() and "tile_vae_decoder_size" not in code()
+    Select(browser.find_element(By.ID, "param-tile_diffusion")).select_by_visible_text("automatic")
+    assert not size.is_enabled() and "tile_diffusion" not in code()
