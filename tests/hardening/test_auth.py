@@ -30,6 +30,8 @@ PUBLIC = {
     ("GET", "/"),
     ("GET", "/playground/static/{name}"),
     ("GET", "/playground/config"),
+    ("GET", "/playground/models"),
+    ("GET", "/favicon.ico"),
     ("PUT", "/storage/upload/{upload_id}"),
 }
 
