@@ -19,6 +19,7 @@ from tests.web.conftest import REPO, Server, _free_port
 from tests.web.test_playground import ARTIFACTS, INPUT, open_page, set_number, wait_result
 
 pytestmark = pytest.mark.timeout(150)
+ARTIFACTS.mkdir(parents=True, exist_ok=True)  # screenshots, for people to look at
 
 VIEWPORTS = [(1400, 900), (390, 844)]
 
@@ -94,7 +95,6 @@ def test_what_matters_is_on_screen(browser, server, viewport):
         assert abs(label_y - control_y) < 6, f"{control}: label and control on different lines"
         assert label_right <= control_left <= label_right + 16, f"{control}: label not beside its control"
         assert control_right <= width, f"{control} runs off the page"
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / f"playground-{width}x{height}.png"))
 
     set_number(browser, "param-scale", "9")
@@ -208,3 +208,4 @@ def test_failed_model_is_an_alert_with_its_cause(browser, broken_server):
     browser.find_element(By.ID, "file").send_keys(str(INPUT))
     wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
     assert browser.find_element(By.ID, "upscale").get_attribute("disabled") is not None
+    browser.save_screenshot(str(ARTIFACTS / "playground-failed-model.png"))

@@ -79,13 +79,10 @@
   // Bring something that just appeared into view, without moving what is already visible.
   const reveal = (node) => node.scrollIntoView({ block: "nearest" });
 
-  // An error replaces whatever the last run showed: its progress and result no longer describe the page.
   function showError(e) {
     const box = $("error");
     box.textContent = e instanceof ApiError ? e.message : `Error: ${e.message || e}`;
     box.hidden = false;
-    $("progress-box").hidden = true;
-    $("result").hidden = true;
     reveal(box);
   }
 
@@ -285,7 +282,6 @@
     });
   }
 
-  // Every source goes through Runware's imageUpload: the server checks it and keeps one copy we can reuse.
   // "photo.jpg", "https://host/a/b.webp?x=1", "data:..." -> "photo", "b", "image": the download's base name.
   function baseName(label) {
     let last = label.startsWith("data:") ? "image" : label.split(/[?#]/)[0].split(/[/\\]/).pop();
@@ -293,6 +289,7 @@
     return last || "image";
   }
 
+  // Every source goes through Runware's imageUpload: the server checks it and keeps one copy we can reuse.
   async function useImage(ref, label) {
     clearError();
     state.image = null;
@@ -464,6 +461,7 @@
       const final = await follow(state.job.id);
       if (final.status !== "cancelled") await showResult(await fetchOutput(state.job), final, req);
     } catch (e) {
+      $("progress-box").hidden = true; // the error replaces it: its "Submitting…" or "Failed" adds nothing
       showError(e);
     } finally {
       setBusy(false);
