@@ -102,7 +102,8 @@ async def config(request: Request) -> dict:
 @router.get("/playground/models")
 async def models(request: Request) -> list[dict]:
     """The models this server runs, each with its API names, load status and form parameters (defaults from
-    the server): the page builds its form from this, so a second model needs no page change."""
+    the server): the page builds its form from this, so a second model (one more entry, with its own
+    parameter list) needs no page change."""
     settings = get_settings(request)
     engine = get_engine(request)
     status = "ready" if engine.ready else ("loading" if engine.load_error is None else "failed")
@@ -236,7 +237,7 @@ def v1_parameters(defaults: UpscaleParams, *, steps_from_server: bool = False) -
         {
             "name": "negativePrompt", "api": "runware", "group": "advanced", "title": "Negative prompt",
             "type": "text", "default": defaults.negative_prompt, "maxLength": 3000,
-            "help": "What to steer away from (e.g. \"blurry, noisy\"). Only used when CFG scale is above 1.",
+            "help": "What to steer away from (e.g. \"blurry, noisy\"). Only used when CFG scale is not 1.",
         },
         {
             "name": "CFGScale", "api": "runware", "group": "advanced", "title": "CFG scale", "type": "number",
