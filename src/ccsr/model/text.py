@@ -130,6 +130,7 @@ class TextConditioner:
         self._tokenizer = None
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
         self.device = torch.device("cpu")
+        self.dtype = torch.float32  # the encoder's; contexts are float32 whatever it is
 
     @classmethod
     def from_state(
@@ -153,18 +154,20 @@ class TextConditioner:
     def loaded(self) -> bool:
         return self._encoder is not None
 
-    def to(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+        """Where the encoder runs and in which dtype (the "" context, computed at load, stays float32)."""
+        self.device, self.dtype = torch.device(device), dtype
         self.empty_context = self.empty_context.to(self.device)
         if self._encoder is not None:
-            self._encoder.to(self.device)
+            self._encoder.to(self.device, self.dtype)
         self._cache.clear()
 
     def _encoder_module(self) -> torch.nn.Module:
         if self._encoder is None:
             if self._state_loader is None:
                 raise TokenizerError("these weights carry no text encoder: only the empty prompt is available")
-            self._encoder = fill(build_empty(self.cfg)["text_encoder"], self._state_loader()).to(self.device)
+            state = self._state_loader()
+            self._encoder = fill(build_empty(self.cfg)["text_encoder"], state, self.dtype).to(self.device)
         return self._encoder
 
     def tokens(self, prompt: str) -> Tensor:
