@@ -118,6 +118,12 @@ def broken_sources(tmp: Path) -> dict[str, Path]:
     folder.mkdir()
     (folder / "vocab.json").write_text(json.dumps({"<|startoftext|>": 49406, "<|endoftext|>": 49407, "!": 0}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
+    swapped = tmp / "swapped_ids_folder"  # right size and special ids, two words' ids exchanged
+    swapped.mkdir()
+    vocab = json.loads((V2_TOKENIZER / "vocab.json").read_text())
+    vocab["cat</w>"], vocab["dog</w>"] = vocab["dog</w>"], vocab["cat</w>"]
+    (swapped / "vocab.json").write_text(json.dumps(vocab))
+    (swapped / "merges.txt").write_text((V2_TOKENIZER / "merges.txt").read_text())
     return {
         "truncated.txt.gz": tmp / "truncated.txt.gz",
         "not_gzip.txt.gz": tmp / "not_gzip.txt.gz",
@@ -125,12 +131,14 @@ def broken_sources(tmp: Path) -> dict[str, Path]:
         "shuffled.txt.gz": write_gz(tmp / "shuffled.txt.gz", "\n".join([lines[0], *reversed(lines[1:])])),
         "garbage.txt.gz": write_gz(tmp / "garbage.txt.gz", "header\nonly-one-field-per-line\n"),
         "id2_folder": folder,
+        "swapped_ids_folder": swapped,
         "missing": tmp / "does_not_exist",
     }
 
 
 @pytest.mark.parametrize("name", ["truncated.txt.gz", "not_gzip.txt.gz", "short.txt.gz", "shuffled.txt.gz",
-                                  "garbage.txt.gz", "id2_folder", "missing"])
+                                  "garbage.txt.gz", "id2_folder", "swapped_ids_folder",
+                                  "missing"])
 def test_a_broken_tokenizer_source_is_a_one_line_error(tmp_path, monkeypatch, name):
     source = broken_sources(tmp_path)[name]
     with pytest.raises(TokenizerError) as err:

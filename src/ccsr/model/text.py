@@ -81,7 +81,8 @@ class ClipTokenizer:
         base = list(self.byte_chars.values())  # printable bytes first, then the others
         derived = [*base, *(c + "</w>" for c in base), *("".join(m) for m in merges), "<|startoftext|>",
                    "<|endoftext|>"]
-        self.vocab = vocab if vocab is not None else {tok: i for i, tok in enumerate(derived)}
+        self.implied = {tok: i for i, tok in enumerate(derived)}  # what a vocabulary with these merges must be
+        self.vocab = vocab if vocab is not None else self.implied
         self.ranks = {pair: i for i, pair in enumerate(merges)}
         self.bpe = lru_cache(maxsize=8192)(self._bpe)
 
@@ -136,6 +137,9 @@ class ClipTokenizer:
         specials = {"<|startoftext|>": SOT, "<|endoftext|>": EOT, "!": PAD}
         problems += [f"{tok} is id {self.vocab.get(tok)}, not {i}" for tok, i in specials.items()
                      if self.vocab.get(tok) != i]
+        if not problems and self.vocab != self.implied:
+            differ = sum(self.vocab.get(tok) != i for tok, i in self.implied.items())
+            problems.append(f"its ids disagree with its merges for {differ} entries")
         if not problems:
             for text, expected in KNOWN_IDS.items():
                 try:
