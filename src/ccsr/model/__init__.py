@@ -80,8 +80,8 @@ class ModelDescriptor:
     supports_tiling: bool = True
     supports_prompts: bool = True
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
-    # Networks whose activations exceed float16's range (the SD VAE's: its decoder's and encoder's features reach
-    # ~1e5 at large sizes): they run in float32 when float16 is asked for. bfloat16 has float32's range.
+    # Networks that run in float32 when float16 is asked for: the SD VAE is known to overflow float16's range
+    # (Inf/NaN images), and the condition encoder is a copy of its encoder. bfloat16 has float32's range.
     float16_overflows: tuple[str, ...] = ("vae", "cond_encoder")
 
     def network_dtypes(self, dtype: torch.dtype) -> dict[str, torch.dtype]:
