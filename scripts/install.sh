@@ -13,6 +13,4 @@ python -m pip install -q --upgrade pip
 # shellcheck disable=SC2086
 python -m pip install -q ${CCSR_TORCH:-torch==2.13.0}
 python -m pip install -q -e ".[server,scale,dev]"
-# The CLIP BPE vocabulary for prompts, offline: open-clip-torch ships it (its own deps are not needed).
-python -m pip install -q --no-deps "open-clip-torch==3.3.0"
 touch "$STAMP"

@@ -94,17 +94,15 @@ class CCSRPipeline:
         minutes, and again for every new latent shape; worth it only for a long-running worker).
         The model is moved to the device and dtype, and its VAE encoder (never run here) is freed."""
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = parse_dtype(dtype, self.device)
-        # The SD VAE overflows in fp16 at large sizes; bf16 has fp32's range and is safe.
-        self.vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        self.dtype = parse_dtype(dtype, self.device)  # what the networks run in, per the model's descriptor
         model.release_unused()
-        self.model = model.to(self.device, self.dtype, self.vae_dtype)
+        self.model = model.to(self.device, self.dtype)
         if max_memory is None and os.environ.get("CCSR_MAX_MEMORY"):
             max_memory = parse_bytes(os.environ["CCSR_MAX_MEMORY"])
         if compile:
             self.model.unet = torch.compile(self.model.unet)  # type: ignore[assignment]
             self.model.controlnet = torch.compile(self.model.controlnet)  # type: ignore[assignment]
-        self.planner = Planner(model.descriptor, self.device, self.dtype, self.vae_dtype, max_memory)
+        self.planner = Planner(model.descriptor, self.device, self.dtype, max_memory)
 
     @classmethod
     def from_single_file(cls, path: str | Path | None = None, config: str | Path | None = None,
@@ -193,8 +191,8 @@ class CCSRPipeline:
 
         t1 = time.perf_counter()
         text = self.model.text
-        context = text.encode(p.prompt).to(self.dtype)
-        uncond = text.encode(p.negative_prompt).to(self.dtype) if p.cfg_scale != 1.0 else None
+        context = text.encode(p.prompt)
+        uncond = text.encode(p.negative_prompt) if p.cfg_scale != 1.0 else None
         timings["text"] = time.perf_counter() - t1
 
         schedule = SpacedSchedule.make(p.steps, cfg.linear_start, cfg.linear_end, cfg.num_timesteps)
@@ -239,7 +237,7 @@ class CCSRPipeline:
 
     def _decode_latent(self, z: Tensor, plan: Plan) -> Tensor:
         vae, p = self.model.vae, plan.params
-        z = (z * (1.0 / self.model.config.scale_factor)).to(self.vae_dtype)
+        z = (z * (1.0 / self.model.config.scale_factor)).to(next(vae.parameters()).dtype)
         if plan.decode == "whole":
             out = lean.vae_decode(vae, z)
         else:

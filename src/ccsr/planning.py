@@ -134,10 +134,12 @@ class Planner:
     """Resolves :class:`UpscaleParams` for a model, a device and a memory budget."""
 
     def __init__(self, descriptor: ModelDescriptor, device: torch.device, dtype: torch.dtype,
-                 vae_dtype: torch.dtype, max_memory: int | None = None):
+                 max_memory: int | None = None):
         self.d, self.device, self.max_memory = descriptor, device, max_memory
-        self.net_bytes = torch.finfo(dtype).bits / 32
-        self.vae_bytes = torch.finfo(vae_dtype).bits / 32
+        dtypes = descriptor.network_dtypes(dtype)  # the memory profile is fp32's: scale by each network's size
+        self.net_bytes = torch.finfo(dtypes["unet"]).bits / 32
+        self.hint_bytes = torch.finfo(dtypes["cond_encoder"]).bits / 32
+        self.vae_bytes = torch.finfo(dtypes["vae"]).bits / 32
 
     def budget(self) -> int:
         free = int(free_memory(self.device) * SAFETY)
@@ -149,7 +151,7 @@ class Planner:
         return self.d.memory.eval_per_latent_px * latent_px * batch * self.net_bytes
 
     def _hint(self, px: int) -> float:
-        return self.d.memory.hint_per_px * px * self.vae_bytes
+        return self.d.memory.hint_per_px * px * self.hint_bytes
 
     def _decode(self, px: int, decode: Decode, vae_tile: int) -> float:
         if decode == "estimate":

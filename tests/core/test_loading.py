@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -79,6 +84,12 @@ def test_hub_reference_offline_says_how_to_get_weights(monkeypatch):
         resolve_weights("hf://camenduru/CCSR/real-world_ccsr.ckpt")
     msg = str(err.value)
     assert "--weights" in msg and "camenduru/CCSR" in msg and "real-world_ccsr.ckpt" in msg
+    # the command it names is the one the installed huggingface_hub ships (huggingface-cli is gone)
+    command = re.search(r"`(hf download [^`]+)`", msg)
+    assert command is not None and "huggingface-cli" not in msg, msg
+    hf = Path(sys.executable).parent / "hf"
+    usage = subprocess.run([str(hf), *command.group(1).split()[1:], "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "--local-dir" in usage.stdout, usage.stderr
 
 
 def test_missing_local_file():

@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 NETWORKS = ("unet", "controlnet", "vae", "cond_encoder")
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,19 @@ class ModelDescriptor:
     supports_tiling: bool = True
     supports_prompts: bool = True
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    # Networks that run in float32 when float16 is asked for: the SD VAE is known to overflow float16's range
+    # (Inf/NaN images), and the condition encoder is a copy of its encoder. bfloat16 has float32's range.
+    float16_overflows: tuple[str, ...] = ("vae", "cond_encoder")
+
+    def network_dtypes(self, dtype: torch.dtype) -> dict[str, torch.dtype]:
+        """The dtype each network (``unet``, ``controlnet``, ``vae``, ``cond_encoder``, ``text_encoder``) runs in
+        when ``dtype`` is asked for. Everything between the networks stays float32 whatever the dtype: the
+        sampler's latents, noise and schedule, the condition pixels, the text context, the colour fix and the
+        decoded image; each network casts its input to its own dtype and its output is taken back as float32."""
+        if DTYPE_NAMES.get(dtype) not in self.dtypes:
+            raise ValueError(f"{self.name} does not run in {dtype} (supported: {', '.join(self.dtypes)})")
+        names = (*NETWORKS, "text_encoder")
+        return {n: torch.float32 if dtype == torch.float16 and n in self.float16_overflows else dtype for n in names}
 
 
 @dataclass
@@ -117,15 +131,15 @@ class CCSRModel:
     def networks(self) -> dict[str, nn.Module]:
         return {name: getattr(self, name) for name in NETWORKS}
 
-    def to(self, device: torch.device | str, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> CCSRModel:
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> CCSRModel:
+        """Move every network to ``device``, in the dtype the descriptor gives it for ``dtype``."""
+        dtypes = self.descriptor.network_dtypes(dtype)
         for name, module in self.networks().items():
-            d = (vae_dtype or dtype) if name in ("vae", "cond_encoder") else dtype
             current = next(module.parameters())
-            if current.dtype != d:
-                module.to(dtype=d)
-            if current.device != torch.device(device):
-                module.to(device=device)
-        self.text.to(device)
+            if current.dtype != dtypes[name] or current.device != torch.device(device):
+                # nn.Module.to itself: diffusers' override warns about fp32-only modules, which these have none of
+                nn.Module.to(module, device=device, dtype=dtypes[name])
+        self.text.to(device, dtypes["text_encoder"])
         return self
 
 

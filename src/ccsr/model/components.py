@@ -54,7 +54,9 @@ class ConditionEncoder(nn.Module):
         self.scale_factor = cfg.scale_factor
 
     def forward(self, image01: torch.Tensor) -> torch.Tensor:
-        moments = self.quant_conv(lean.encode(self.encoder, image01 * 2 - 1))
+        """Float32 pixels in, the hint latent in this module's dtype out."""
+        x = (image01 * 2 - 1).to(self.quant_conv.weight.dtype)
+        moments = self.quant_conv(lean.encode(self.encoder, x))
         return moments[:, : self.latent_channels] * self.scale_factor
 
 

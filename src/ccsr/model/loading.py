@@ -34,7 +34,8 @@ def _offline_help(ref: str, repo: str, filename: str) -> str:
     return (
         f"cannot download the CCSR weights ({ref}): no network access or the hub refused. Download "
         f"'{filename}' from https://huggingface.co/{repo} on a machine with access (for example "
-        f"`huggingface-cli download {repo} {filename}`), copy it here and pass it with `--weights PATH` "
+        f"`hf download {repo} {filename} --local-dir .`, hf comes with huggingface_hub), copy it here and "
+        f"pass it with `--weights PATH` "
         f"(library: CCSRPipeline.from_single_file(PATH)), or set CCSR_WEIGHTS=PATH."
     )
 

@@ -7,13 +7,17 @@ load time; the text encoder (a third of SD-2.1's weights) is then released and o
 from __future__ import annotations
 
 import gzip
-import importlib.util
+import html
+import itertools
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 
+import regex
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -22,12 +26,22 @@ from ccsr.model.config import CCSRConfig
 
 Tensor = torch.Tensor
 
-SOT, EOT = 49406, 49407
-DEFAULT_TOKENIZER = "hf://stabilityai/stable-diffusion-2-1-base/tokenizer"
+SOT, EOT, PAD = 49406, 49407, 0
+VOCAB_SIZE = 49408
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP's merges, shipped in ccsr/model/clip_bpe (MIT)
+# A few words and their ids in every CLIP BPE vocabulary: a vocabulary that tokenizes them otherwise is not CLIP's.
+KNOWN_IDS = {"a photo of a cat, high quality": [320, 1125, 539, 320, 2368, 267, 1400, 3027]}
+# Written in a prompt, OpenCLIP's names of the start and end tokens are those tokens.
+SPECIAL_WORDS = {"<start_of_text>": SOT, "<end_of_text>": EOT}
+# OpenCLIP's pre-tokenizer: its special tokens, English contractions, letter runs, single digits, symbol runs.
+WORDS = regex.compile(
+    r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
 
 
 class TokenizerError(RuntimeError):
-    """A non-empty prompt needs the CLIP BPE vocabulary, and it could not be loaded."""
+    """A non-empty prompt needs the CLIP BPE vocabulary, and it could not be loaded or is not CLIP's."""
 
 
 def empty_tokens(context_length: int = 77) -> Tensor:
@@ -37,79 +51,128 @@ def empty_tokens(context_length: int = 77) -> Tensor:
     return ids
 
 
-def _bundled_bpe() -> Path | None:
-    """The CLIP BPE merges file that the ``open-clip-torch`` package ships, found without importing it."""
-    spec = importlib.util.find_spec("open_clip")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / "bpe_simple_vocab_16e6.txt.gz"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _unicode_bytes() -> list[str]:
-    """CLIP's reversible byte -> printable character table, in vocabulary order."""
+def _byte_chars() -> dict[int, str]:
+    """CLIP's reversible byte -> character table: printable Latin-1 bytes stand for themselves, the others are
+    written as chr(256 + n) in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in printable] + [chars[b] for b in range(256) if b not in printable]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 
 
-def tokenizer_files_from_bpe(bpe_gz: Path, out_dir: Path) -> Path:
-    """Write vocab.json + merges.txt for ``CLIPTokenizer`` from CLIP's merges list (49152 - 258 merges)."""
-    with gzip.open(bpe_gz, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
-    base = _unicode_bytes()
-    vocab = base + [c + "</w>" for c in base] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {
-        "merges.txt": "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
-        "vocab.json": json.dumps({tok: i for i, tok in enumerate(vocab)}),  # last: its presence marks completion
-    }
-    for name, text in files.items():  # atomic, so concurrent processes never read a half-written file
-        tmp = out_dir / f".{name}.{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
-    return out_dir
-
-
-def load_tokenizer(source: str | None = None):  # type: ignore[no-untyped-def]
-    """A ``CLIPTokenizer``: from ``source`` (a folder with vocab.json + merges.txt, or ``hf://owner/repo/sub``),
-    else from the vocabulary bundled with ``open-clip-torch`` when installed, else from the hub."""
-    from transformers import CLIPTokenizer
-
-    source = source or os.environ.get("CCSR_TOKENIZER")
-    if source is None and (bpe := _bundled_bpe()) is not None:
-        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ccsr" / "clip-tokenizer"
-        if not (cache / "vocab.json").is_file():
-            tokenizer_files_from_bpe(bpe, cache)
-        return CLIPTokenizer.from_pretrained(str(cache))
-    source = source or DEFAULT_TOKENIZER
+def clean(text: str) -> str:
+    """OpenCLIP's prompt cleaning: ftfy's fix, HTML entities (twice), runs of whitespace to one space, lowercase."""
     try:
-        if Path(source).is_dir():
-            return CLIPTokenizer.from_pretrained(source)
-        repo, _, sub = source.removeprefix("hf://").partition("/")[2].partition("/")
-        owner = source.removeprefix("hf://").split("/")[0]
-        return CLIPTokenizer.from_pretrained(f"{owner}/{repo}", subfolder=sub or None)
-    except Exception as exc:
-        raise TokenizerError(
-            f"prompts need the CLIP tokenizer ({source}) and it could not be loaded: download the tokenizer folder "
-            "(vocab.json, merges.txt) of stabilityai/stable-diffusion-2-1-base and pass it with --tokenizer PATH "
-            "or CCSR_TOKENIZER=PATH; the empty prompt needs no tokenizer"
-        ) from exc
+        import ftfy
+    except ImportError as exc:  # a declared dependency: only a broken install gets here
+        raise TokenizerError("prompts need the ftfy package (a ccsr dependency): pip install ftfy") from exc
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return regex.sub(r"\s+", " ", text).strip().lower()
 
 
-def tokenize(tokenizer, prompt: str, context_length: int = 77) -> Tensor:  # type: ignore[no-untyped-def]
-    """Tokens as OpenCLIP makes them: SOT, BPE ids, EOT, truncated to the context and padded with zeros."""
-    ids = tokenizer(prompt, add_special_tokens=False).input_ids[: context_length - 2]
+class ClipTokenizer:
+    """CLIP's byte-level BPE (the tokenizer OpenCLIP and SD-2's ``CLIPTokenizer`` implement) from its merges.
+
+    The vocabulary is the 256 byte characters, the same with the end-of-word mark ``</w>``, one entry per merge in
+    rank order, then start and end of text; :meth:`check` proves a loaded one is CLIP's.
+    """
+
+    def __init__(self, merges: Sequence[tuple[str, str]], vocab: dict[str, int] | None = None):
+        self.byte_chars = _byte_chars()
+        base = list(self.byte_chars.values())  # printable bytes first, then the others
+        derived = [*base, *(c + "</w>" for c in base), *("".join(m) for m in merges), "<|startoftext|>",
+                   "<|endoftext|>"]
+        self.implied = {tok: i for i, tok in enumerate(derived)}  # what a vocabulary with these merges must be
+        self.vocab = vocab if vocab is not None else self.implied
+        self.ranks = {pair: i for i, pair in enumerate(merges)}
+        self.bpe = lru_cache(maxsize=8192)(self._bpe)
+
+    @classmethod
+    def from_bpe_gz(cls, path: Path) -> ClipTokenizer:
+        """From CLIP's ``bpe_simple_vocab_16e6.txt.gz``: a header line, then the merges (the first 48894 used)."""
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            lines = f.read().split("\n")[1 : VOCAB_SIZE - 512 - 2 + 1]
+        return cls([_merge(line) for line in lines])
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> ClipTokenizer:
+        """From a Hugging Face tokenizer folder (``vocab.json`` + ``merges.txt``, as SD-2.1's)."""
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+        return cls([_merge(line) for line in lines if line and not line.startswith("#version")], vocab)
+
+    def _bpe(self, word: str) -> tuple[str, ...]:
+        """Merge the word's characters, lowest-ranked pair first (every occurrence, left to right)."""
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            best = min(itertools.pairwise(parts), key=lambda pair: self.ranks.get(pair, len(self.ranks)))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return tuple(parts)
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of ``text`` after OpenCLIP's cleaning, without start and end tokens."""
+        ids: list[int] = []
+        for word in WORDS.findall(clean(text)):
+            if word in SPECIAL_WORDS:
+                ids.append(SPECIAL_WORDS[word])
+                continue
+            chars = "".join(self.byte_chars[b] for b in word.encode("utf-8"))
+            ids.extend(self.vocab[piece] for piece in self.bpe(chars))
+        return ids
+
+    def check(self, source: str) -> ClipTokenizer:
+        """Refuse a vocabulary that is not CLIP's (wrong size, special ids or known words), naming ``source``."""
+        problems = []
+        if len(self.vocab) != VOCAB_SIZE:
+            problems.append(f"{len(self.vocab)} entries instead of {VOCAB_SIZE}")
+        specials = {"<|startoftext|>": SOT, "<|endoftext|>": EOT, "!": PAD}
+        problems += [f"{tok} is id {self.vocab.get(tok)}, not {i}" for tok, i in specials.items()
+                     if self.vocab.get(tok) != i]
+        if not problems and self.vocab != self.implied:
+            differ = sum(self.vocab.get(tok) != i for tok, i in self.implied.items())
+            problems.append(f"its ids disagree with its merges for {differ} entries")
+        if not problems:  # the ids are the merges' own: known words tell whether the merges are CLIP's
+            for text, expected in KNOWN_IDS.items():
+                if (got := self.encode(text)) != expected:
+                    problems.append(f"{text!r} tokenizes to {got}, not {expected}")
+        if problems:
+            raise TokenizerError(f"{source} is not the CLIP BPE vocabulary: {'; '.join(problems)}")
+        return self
+
+
+def _merge(line: str) -> tuple[str, str]:
+    first, second = line.split()
+    return first, second
+
+
+def load_tokenizer(source: str | Path | None = None) -> ClipTokenizer:
+    """The CLIP tokenizer, checked: from ``source`` or ``$CCSR_TOKENIZER`` (a Hugging Face tokenizer folder or a
+    ``bpe_simple_vocab_16e6.txt.gz``), else from the vocabulary shipped with ccsr. Never downloads."""
+    source = source or os.environ.get("CCSR_TOKENIZER")
+    path = Path(source) if source else Path(str(resources.files("ccsr.model") / "clip_bpe" / BPE_FILE))
+    try:
+        tok = ClipTokenizer.from_folder(path) if path.is_dir() else ClipTokenizer.from_bpe_gz(path)
+    except (OSError, EOFError, ValueError, UnicodeDecodeError) as exc:  # missing, truncated or not a merges list
+        raise TokenizerError(f"the CLIP tokenizer at {path} could not be read ({type(exc).__name__}: {exc}); "
+                             "pass a tokenizer folder (vocab.json, merges.txt) with --tokenizer or "
+                             "CCSR_TOKENIZER, or reinstall ccsr") from None
+    return tok.check(str(path))
+
+
+def tokenize(tokenizer: ClipTokenizer, prompt: str, context_length: int = 77) -> Tensor:
+    """Tokens as OpenCLIP makes them: SOT, BPE ids, EOT (kept last when truncated), padded with zeros."""
+    ids = tokenizer.encode(prompt)[: context_length - 2]
     row = [SOT, *ids, EOT]
-    return torch.tensor([row + [0] * (context_length - len(row))], dtype=torch.long)
+    return torch.tensor([row + [PAD] * (context_length - len(row))], dtype=torch.long)
 
 
 class TextConditioner:
@@ -130,6 +193,7 @@ class TextConditioner:
         self._tokenizer = None
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
         self.device = torch.device("cpu")
+        self.dtype = torch.float32  # the encoder's; contexts are float32 whatever it is
 
     @classmethod
     def from_state(
@@ -153,18 +217,20 @@ class TextConditioner:
     def loaded(self) -> bool:
         return self._encoder is not None
 
-    def to(self, device: torch.device | str) -> None:
-        self.device = torch.device(device)
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> None:
+        """Where the encoder runs and in which dtype (the "" context, computed at load, stays float32)."""
+        self.device, self.dtype = torch.device(device), dtype
         self.empty_context = self.empty_context.to(self.device)
         if self._encoder is not None:
-            self._encoder.to(self.device)
+            self._encoder.to(self.device, self.dtype)
         self._cache.clear()
 
     def _encoder_module(self) -> torch.nn.Module:
         if self._encoder is None:
             if self._state_loader is None:
                 raise TokenizerError("these weights carry no text encoder: only the empty prompt is available")
-            self._encoder = fill(build_empty(self.cfg)["text_encoder"], self._state_loader()).to(self.device)
+            state = self._state_loader()
+            self._encoder = fill(build_empty(self.cfg)["text_encoder"], state, self.dtype).to(self.device)
         return self._encoder
 
     def tokens(self, prompt: str) -> Tensor:

@@ -20,6 +20,11 @@ class CCSRDenoiser:
     encoder run on that window's pixels (not a crop of the full-image
     latent: the reference re-encodes per tile and border effects differ). It is deterministic, so it is computed
     once per window and reused at every step. Classifier-free guidance runs cond and uncond as one batch.
+
+    Dtypes: ``x``, the contexts and the condition pixels are float32. The UNet and ControlNet get theirs in the
+    UNet's dtype; the condition encoder casts its pixels to its own (which may differ:
+    ``ModelDescriptor.network_dtypes``); eps is returned in ``x``'s dtype, so the sampler's arithmetic is float32
+    whatever the networks run in.
     """
 
     def __init__(
@@ -38,14 +43,14 @@ class CCSRDenoiser:
         self.condition = condition
         self.cfg = uncond_context is not None and cfg_scale != 1.0
         self.cfg_scale = cfg_scale
-        self.context = torch.cat([uncond_context, context]) if self.cfg else context
+        self.dtype = next(unet.parameters()).dtype  # the ControlNet's too: its residuals add to the UNet's features
+        self.context = (torch.cat([uncond_context, context]) if self.cfg else context).to(self.dtype)
         self.control_scale = control_scale
         self._hints: dict[Window | None, Tensor] = {}
-        self.dtype = next(unet.parameters()).dtype
 
     def hint(self, window: Window | None) -> Tensor:
         if window not in self._hints:
-            self._hints[window] = self.cond_encoder(self.condition(window).to(self.dtype))
+            self._hints[window] = self.cond_encoder(self.condition(window)).to(self.dtype)
         return self._hints[window]
 
     def __call__(self, x: Tensor, t: int, window: Window | None) -> Tensor:
