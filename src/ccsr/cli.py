@@ -47,15 +47,16 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                         "[CCSR_MAX_MEMORY; default: 80%% of what the device has free]")
 
 
-def add_upscale_params(p: argparse.ArgumentParser) -> None:
-    """Flags named after the fal parameters; defaults from :class:`UpscaleParams`."""
+def add_upscale_params(p: argparse.ArgumentParser, seed_help: str = "random seed (default: random, printed)") -> None:
+    """Flags named after the fal parameters; defaults from :class:`UpscaleParams`. ``seed_help``: for commands
+    that use the seed differently (``eval`` counts up from it)."""
     d = UpscaleParams()
     g = p.add_argument_group("upscale")
     g.add_argument("--scale", type=float, default=d.scale, help=f"upscale factor (default {d.scale})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"spaced sampling steps S (default {d.steps})")
     g.add_argument("--t-max", type=float, default=d.t_max, help=f"truncation start (default {d.t_max})")
     g.add_argument("--t-min", type=float, default=d.t_min, help=f"truncation end (default {d.t_min})")
-    g.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    g.add_argument("--seed", type=int, help=seed_help)
     g.add_argument("--color-fix", choices=COLOR_FIXES, default=d.color_fix)
     g.add_argument("--tile-diffusion", choices=TILE_DIFFUSIONS, default=d.tile_diffusion,
                    help="auto (default): untiled when it fits in free memory, else mix tiles")
