@@ -138,9 +138,10 @@ class BatchReport:
         return {s: sum(r.status == s for r in self.results) for s in ("done", "skipped", "failed")}
 
     def summary(self) -> None:
-        """The end of the batch: counts, then every failure again so none is lost among progress lines."""
+        """The end of a batch of several files: counts, then every failure again so none is lost among progress
+        lines (a single file's outcome is its own last line)."""
         c = self.counts()
-        if self.quiet and not c["failed"]:
+        if len(self.results) < 2 or (self.quiet and not c["failed"]):
             return
         self.line(f"{c['done']} done, {c['skipped']} skipped, {c['failed']} failed")
         for r in self.results:
