@@ -193,3 +193,37 @@ def test_convert_writes_every_file_with_the_umask_mode(tmp_path):
     assert r.returncode == 0, r.stderr
     modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
     assert modes and set(modes.values()) == {0o644}, modes
+
+
+def run_in_terminal(args: list[str], timeout: float = 600) -> tuple[int, str]:
+    """``ccsr`` on a pseudo-terminal (120 columns): what a user at a terminal sees, redraws included."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "ccsr.cli", *args], stdin=slave, stdout=slave, stderr=slave,
+                            env=env(), close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=timeout), b"".join(chunks).decode(errors="replace")
+
+
+def test_terminal_shows_a_bar_then_the_stage(tmp_path):
+    rc, screen = run_in_terminal(["upscale", str(picture(tmp_path / "in.png")), "-o", str(tmp_path / "o.png"),
+                                  *MODEL, *FAST])
+    assert rc == 0, screen
+    assert "[1/1]" in screen and "eval/s" in screen and "VAE decode and encode" in screen, screen
+    assert "0eval [" not in screen  # no bar without a total (drawn before the plan was known, or never used)
+    assert "sampling:" not in screen  # the plain lines are for logs only
