@@ -323,10 +323,14 @@ def cmd_upscale(a: argparse.Namespace) -> int:
     if work:
         pipe = load_pipeline(a)
         remaining = [_output_pixels(size, params.scale, limits) for _, _, size in work]
-        for i, (src, dst, _) in enumerate(work):
-            progress = report.begin(i + 1, str(src), str(dst), sum(remaining[i:]))
-            result = _upscale_one(a, pipe, params, limits, src, dst, progress)
-            report.end(result, remaining[i])
+        try:
+            for i, (src, dst, _) in enumerate(work):
+                progress = report.begin(i + 1, str(src), str(dst), sum(remaining[i:]))
+                result = _upscale_one(a, pipe, params, limits, src, dst, progress)
+                report.end(result, remaining[i])
+        finally:  # Ctrl+C: the bar is cleared before the one-line message
+            if report.current is not None:
+                report.current.close()
     report.summary()
     if a.json:
         _write_json(a.json, report.to_json())
