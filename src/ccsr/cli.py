@@ -12,8 +12,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ccsr.params import COLOR_FIXES, SIZE_MODES, TILE_DIFFUSIONS, ParamError, UpscaleParams
+
+if TYPE_CHECKING:  # the heavy imports stay lazy: `ccsr --help` and one-line errors must not wait for torch
+    from ccsr import imaging
+    from ccsr.cli_progress import FileProgress, FileResult
+    from ccsr.model import ModelDescriptor
+    from ccsr.pipeline import CCSRPipeline
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPG", ".jpeg": "JPG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
@@ -128,7 +135,7 @@ def check_model_args(a: argparse.Namespace) -> int | None:
         raise CLIError(f"--max-memory: {e}") from None
 
 
-def load_pipeline(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+def load_pipeline(a: argparse.Namespace) -> CCSRPipeline:
     max_memory = check_model_args(a)
     from ccsr.pipeline import CCSRPipeline
 
@@ -195,7 +202,7 @@ def _check_output_location(dst: Path) -> None:
         raise CLIError(f"cannot write {dst}: {parent} is not writable")
 
 
-def _descriptor_without_weights(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _descriptor_without_weights(a: argparse.Namespace) -> ModelDescriptor:
     """The model's self-description from its config alone: networks built on the meta device, no weights read.
     A converted folder carries its config; otherwise ``--config`` or the built-in one."""
     import torch
@@ -214,14 +221,14 @@ def _descriptor_without_weights(a: argparse.Namespace):  # type: ignore[no-untyp
     return CCSRModel(cfg, text=text, source="(config only)", **build_empty(cfg, with_text=False)).descriptor
 
 
-def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits, work: list[tuple[Path, Path, tuple[int, int]]],  # type: ignore[no-untyped-def]
-             max_memory: int | None) -> dict:
+def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits: imaging.Limits,
+             work: list[tuple[Path, Path, tuple[int, int]]], max_memory: int | None) -> dict:
     """The plan of every file (sizes, tiles, evaluations, memory) from the config: no weights are loaded."""
     import torch
 
     from ccsr import imaging
     from ccsr.pipeline import default_device, parse_dtype
-    from ccsr.planning import Planner
+    from ccsr.planning import SAFETY, Planner, free_memory
 
     device = torch.device(a.device) if a.device else default_device()
     dtype = parse_dtype(None if a.dtype == "auto" else a.dtype, device)
@@ -231,6 +238,9 @@ def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits, work: list[tu
 
         max_memory = parse_bytes(os.environ["CCSR_MAX_MEMORY"])
     descriptor = _descriptor_without_weights(a)
+    if max_memory is None:  # the budget as it will be once the weights (not loaded here) take their share
+        weights = descriptor.parameters * torch.finfo(dtype).bits // 8
+        max_memory = max(int((free_memory(device) - weights) * SAFETY), 1)
     planner = Planner(descriptor, device, dtype, vae_dtype, max_memory)
     plans = []
     for src, dst, in_size in work:
@@ -255,7 +265,8 @@ def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits, work: list[tu
     return {"dry_run": True, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "files": plans}
 
 
-def _fit(decoded, scale: float, limits):  # type: ignore[no-untyped-def]
+def _fit(decoded: imaging.DecodedImage, scale: float, limits: imaging.Limits
+         ) -> tuple[imaging.DecodedImage, tuple[int, int], str | None]:
     """The input shrunk first when ``scale`` would take the output past ``--max-output-side`` (the server's and
     Runware's rule); returns (image, expected output size, note or None)."""
     from ccsr import imaging
@@ -337,7 +348,7 @@ def cmd_upscale(a: argparse.Namespace) -> int:
     return 1 if report.counts()["failed"] else 0
 
 
-def _header_size(src: Path, limits) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def _header_size(src: Path, limits: imaging.Limits) -> tuple[int, int]:
     """Width and height from the file's header (format sniffed, as the decoder will); pixels are not decoded."""
     from PIL import Image
 
@@ -355,22 +366,22 @@ def _header_size(src: Path, limits) -> tuple[int, int]:  # type: ignore[no-untyp
         raise imaging.ImageError("corrupt", f"unreadable image header ({e.__class__.__name__})") from None
 
 
-def _oriented_size(src: Path, limits) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+def _oriented_size(src: Path, limits: imaging.Limits) -> tuple[int, int]:
     """The size the model sees (EXIF orientation applied): a decode, for the dry run's exact plan."""
     from ccsr import imaging
 
     return imaging.decode(src.read_bytes(), limits).size
 
 
-def _output_pixels(size: tuple[int, int], scale: float, limits) -> int:  # type: ignore[no-untyped-def]
+def _output_pixels(size: tuple[int, int], scale: float, limits: imaging.Limits) -> int:
     from ccsr import imaging
 
     w, h = imaging.fit_scale(size, scale, limits).output_size(scale)
     return w * h
 
 
-def _upscale_one(a: argparse.Namespace, pipe, params: UpscaleParams, limits, src: Path, dst: Path,  # type: ignore[no-untyped-def]
-                 progress):  # type: ignore[no-untyped-def]
+def _upscale_one(a: argparse.Namespace, pipe: CCSRPipeline, params: UpscaleParams, limits: imaging.Limits,
+                 src: Path, dst: Path, progress: FileProgress) -> FileResult:
     """One file, start to finish; a problem with this file (not with the setup) is its failed result."""
     import numpy as np
 
