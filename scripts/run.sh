@@ -5,5 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
 . .venv/bin/activate
-if [[ $# -eq 0 ]]; then set -- serve; fi
+if [[ $# -eq 0 ]]; then
+  set -- serve
+  echo "run.sh: ccsr serve on http://127.0.0.1:8000 (the first start downloads the CCSR-v1 weights once, with a progress bar)" >&2
+fi
 exec ccsr "$@"

@@ -617,7 +617,7 @@ def add_commands(sub: Any) -> None:
     b.add_argument("--weights-seed", type=int, default=0, help="seed of the random weights (default 0)")
     b.add_argument("--json", metavar="FILE", help="also write the full report as JSON")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-    add_upscale_params(b)
+    add_upscale_params(b, seed_help="noise seed (default 0, so runs are comparable)")
     b.set_defaults(func=cmd_bench)
 
     from ccsr import evaluate

@@ -6,16 +6,25 @@ Every user error ends in one line on stderr and a non-zero exit code, never a tr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ccsr.params import COLOR_FIXES, SIZE_MODES, TILE_DIFFUSIONS, ParamError, UpscaleParams
 
+if TYPE_CHECKING:  # the heavy imports stay lazy: `ccsr --help` and one-line errors must not wait for torch
+    from ccsr import imaging
+    from ccsr.cli_progress import FileProgress, FileResult
+    from ccsr.model import ModelDescriptor
+    from ccsr.pipeline import CCSRPipeline
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPG", ".jpeg": "JPG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
 
 class CLIError(Exception):
@@ -28,27 +37,33 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--weights", help="checkpoint (.ckpt/.safetensors), `ccsr convert` folder or hf://owner/repo/file "
-                                     "(default: the released CCSR-v1 checkpoint, downloaded once and cached)")
-    g.add_argument("--config", help="LDM yaml of the checkpoint (default: the built-in CCSR-v1 SD-2.1 config)")
-    g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
-    g.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="network precision (default: float32 on CPU, float16 on CUDA)")
-    g.add_argument("--tokenizer", help="CLIP tokenizer folder for prompts (vocab.json + merges.txt)")
+    """The model flags, with the same ``CCSR_*`` environment variables as ``ccsr serve`` (flags win)."""
+    env = os.environ.get
+    g = p.add_argument_group("model (each flag defaults to its CCSR_* environment variable, as in `ccsr serve`)")
+    g.add_argument("--weights", default=env("CCSR_WEIGHTS"),
+                   help="checkpoint (.ckpt/.safetensors), `ccsr convert` folder or hf://owner/repo/file "
+                        "[CCSR_WEIGHTS; default: the released CCSR-v1 checkpoint, downloaded once and cached]")
+    g.add_argument("--config", default=env("CCSR_CONFIG"),
+                   help="LDM yaml of the checkpoint [CCSR_CONFIG; default: the built-in CCSR-v1 SD-2.1 config]")
+    g.add_argument("--device", default=env("CCSR_DEVICE"),
+                   help="cpu, cuda, cuda:N or mps [CCSR_DEVICE; default: best available]")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES, default=env("CCSR_DTYPE") or "auto",
+                   help="network precision [CCSR_DTYPE; default auto: float32 on CPU, float16 on CUDA]")
+    g.add_argument("--tokenizer", help="CLIP tokenizer folder for prompts (vocab.json + merges.txt) [CCSR_TOKENIZER]")
     g.add_argument("--max-memory", help="working memory automatic tiling may plan for, e.g. 6G "
-                                        "(default: $CCSR_MAX_MEMORY, else 80%% of what the device has free)")
+                                        "[CCSR_MAX_MEMORY; default: 80%% of what the device has free]")
 
 
-def add_upscale_params(p: argparse.ArgumentParser) -> None:
-    """Flags named after the fal parameters; defaults from :class:`UpscaleParams`."""
+def add_upscale_params(p: argparse.ArgumentParser, seed_help: str = "random seed (default: random, printed)") -> None:
+    """Flags named after the fal parameters; defaults from :class:`UpscaleParams`. ``seed_help``: for commands
+    that use the seed differently (``eval`` counts up from it)."""
     d = UpscaleParams()
     g = p.add_argument_group("upscale")
     g.add_argument("--scale", type=float, default=d.scale, help=f"upscale factor (default {d.scale})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"spaced sampling steps S (default {d.steps})")
     g.add_argument("--t-max", type=float, default=d.t_max, help=f"truncation start (default {d.t_max})")
     g.add_argument("--t-min", type=float, default=d.t_min, help=f"truncation end (default {d.t_min})")
-    g.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    g.add_argument("--seed", type=int, help=seed_help)
     g.add_argument("--color-fix", choices=COLOR_FIXES, default=d.color_fix)
     g.add_argument("--tile-diffusion", choices=TILE_DIFFUSIONS, default=d.tile_diffusion,
                    help="auto (default): untiled when it fits in free memory, else mix tiles")
@@ -81,28 +96,56 @@ def params_from_args(a: argparse.Namespace) -> UpscaleParams:
     ).validate()
 
 
-def load_pipeline(a: argparse.Namespace):  # type: ignore[no-untyped-def]
+def check_device(spec: str | None) -> None:
+    """Refuse a device this torch cannot use, in one line, before anything loads."""
+    if spec is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise CLIError(f"--device {spec}: not a device (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise CLIError(f"--device {spec}: this torch ({torch.__version__}) was built without CUDA; "
+                           "install a CUDA build (see CCSR_TORCH in scripts/install.sh) or use --device cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise CLIError(f"--device {spec}: no CUDA device is visible")
+        if device.index is not None and device.index >= count:
+            raise CLIError(f"--device {spec}: only {count} CUDA device(s) visible (cuda:0 to cuda:{count - 1})")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CLIError(f"--device {spec}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise CLIError(f"--device {spec}: unsupported device type (use cpu, cuda, cuda:N or mps)")
+
+
+def check_model_args(a: argparse.Namespace) -> int | None:
+    """Device, dtype and memory budget checked before any weights are read; returns ``--max-memory`` in bytes."""
+    from ccsr.pipeline import parse_bytes
+
+    if a.dtype not in DTYPE_CHOICES:  # from CCSR_DTYPE: argparse checks only what is typed
+        raise CLIError(f"dtype {a.dtype!r} (CCSR_DTYPE): use one of {', '.join(DTYPE_CHOICES)}")
+    check_device(a.device)
+    try:
+        return parse_bytes(a.max_memory) if getattr(a, "max_memory", None) else None
+    except ValueError as e:
+        raise CLIError(f"--max-memory: {e}") from None
+
+
+def load_pipeline(a: argparse.Namespace) -> CCSRPipeline:
+    max_memory = check_model_args(a)
     from ccsr.pipeline import CCSRPipeline
 
     if getattr(a, "tokenizer", None):
         os.environ["CCSR_TOKENIZER"] = a.tokenizer
-    from ccsr.pipeline import parse_bytes
-
-    try:
-        max_memory = parse_bytes(a.max_memory) if getattr(a, "max_memory", None) else None
-    except ValueError as e:
-        raise CLIError(f"--max-memory: {e}") from None
     return CCSRPipeline.from_single_file(a.weights, config=a.config, device=a.device,
                                          dtype=None if a.dtype == "auto" else a.dtype, max_memory=max_memory)
 
 
 # -- upscale ---------------------------------------------------------------------------------------------------
-
-
-def _advance(bar, done: int, total: int) -> None:  # type: ignore[no-untyped-def]
-    if bar.total != total:  # the first call, or an out-of-memory retry that re-planned with more tiles
-        bar.reset(total)
-    bar.update(done - bar.n)
 
 
 def _collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
@@ -124,71 +167,263 @@ def _collect_inputs(inputs: Sequence[str]) -> list[tuple[Path, Path]]:
 
 
 def _plan_outputs(files: list[tuple[Path, Path]], out: str, fmt: str | None) -> list[tuple[Path, Path]]:
+    """(input, output) pairs. ``-o`` with an image suffix names the one output file; otherwise it is a folder
+    and outputs keep their relative paths with the ``--format`` suffix (PNG by default). Refused before any
+    work: a file name for several inputs, a ``--format`` that contradicts the file name, and two inputs that
+    would write one output (``x.jpg`` and ``x.png``)."""
     out_path = Path(out)
-    single_file = len(files) == 1 and out_path.suffix.lower() in OUTPUT_FORMATS and not out_path.is_dir()
-    if single_file:
+    if out_path.suffix.lower() in OUTPUT_FORMATS and not out_path.is_dir():
+        if len(files) != 1:
+            raise CLIError(f"-o {out} names one file but there are {len(files)} inputs: give a folder")
+        named = OUTPUT_FORMATS[out_path.suffix.lower()]
+        if fmt is not None and OUTPUT_FORMATS["." + fmt] != named:
+            raise CLIError(f"--format {fmt} contradicts -o {out} (a {named} file name): drop one of them")
         return [(files[0][0], out_path)]
-    ext = "." + (fmt or "png").lower()
-    return [(src, out_path / rel.with_suffix(ext)) for src, rel in files]
+    ext = "." + (fmt or "png")
+    jobs = [(src, out_path / rel.with_suffix(ext)) for src, rel in files]
+    seen: dict[Path, Path] = {}
+    for src, dst in jobs:
+        if dst in seen:
+            raise CLIError(f"{seen[dst]} and {src} would both write {dst}: rename one, or upscale them separately")
+        seen[dst] = src
+    return jobs
+
+
+def _check_output_location(dst: Path) -> None:
+    """The output's folder must exist or be creatable, and be writable: known before the model loads."""
+    if dst.is_dir():
+        raise CLIError(f"output {dst} is a folder")
+    parent = dst.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CLIError(f"cannot write {dst}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CLIError(f"cannot write {dst}: {parent} is not writable")
+
+
+def _descriptor_without_weights(a: argparse.Namespace) -> ModelDescriptor:
+    """The model's self-description from its config alone: networks built on the meta device, no weights read.
+    A converted folder carries its config; otherwise ``--config`` or the built-in one."""
+    import torch
+
+    from ccsr.model import CCSRConfig, CCSRModel, load_config
+    from ccsr.model.components import build_empty
+    from ccsr.model.loading import is_converted, read_converted_index
+    from ccsr.model.text import TextConditioner
+
+    folder = Path(a.weights) if a.weights else None
+    if a.config is None and folder is not None and folder.is_dir() and is_converted(folder):
+        cfg = CCSRConfig.from_dict(read_converted_index(folder)["config"], source=str(folder))
+    else:
+        cfg = load_config(a.config)
+    text = TextConditioner(cfg, None, torch.empty(0, device="meta"))
+    return CCSRModel(cfg, text=text, source="(config only)", **build_empty(cfg, with_text=False)).descriptor
+
+
+def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits: imaging.Limits,
+             work: list[tuple[Path, Path, tuple[int, int]]], max_memory: int | None) -> dict:
+    """The plan of every file (sizes, tiles, evaluations, memory) from the config: no weights are loaded."""
+    import torch
+
+    from ccsr import imaging
+    from ccsr.pipeline import default_device, parse_dtype
+    from ccsr.planning import SAFETY, Planner, free_memory
+
+    device = torch.device(a.device) if a.device else default_device()
+    dtype = parse_dtype(None if a.dtype == "auto" else a.dtype, device)
+    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # as CCSRPipeline
+    if max_memory is None and os.environ.get("CCSR_MAX_MEMORY"):
+        from ccsr.pipeline import parse_bytes
+
+        max_memory = parse_bytes(os.environ["CCSR_MAX_MEMORY"])
+    descriptor = _descriptor_without_weights(a)
+    if max_memory is None:  # the budget as it will be once the weights (not loaded here) take their share
+        weights = descriptor.parameters * torch.finfo(dtype).bits // 8
+        max_memory = max(int((free_memory(device) - weights) * SAFETY), 1)
+    planner = Planner(descriptor, device, dtype, vae_dtype, max_memory)
+    plans = []
+    for src, dst, in_size in work:
+        size = imaging.fit_scale(in_size, float(params.scale), limits).input_size  # --max-output-side
+        plan = planner.plan(size, params)
+        entry = {"input": str(src), "output": str(dst), "input_size": list(in_size), "model_input_size": list(size),
+                 "output_size": list(plan.geometry.target), "processing_size": list(plan.geometry.process),
+                 "tiles": plan.windows if plan.tiles else 0, "evaluations": plan.evaluations,
+                 "vae_decode": plan.decode, "memory_bytes": plan.estimate, "budget_bytes": plan.budget,
+                 "plan": plan.describe()}
+        plans.append(entry)
+        if not a.quiet:
+            shrunk = "" if size == in_size else f" (shrunk to {size[0]}x{size[1]} first)"
+            print(f"{src} -> {dst}: {in_size[0]}x{in_size[1]}{shrunk} -> "
+                  f"{entry['output_size'][0]}x{entry['output_size'][1]} "
+                  f"(processed at {entry['processing_size'][0]}x{entry['processing_size'][1]}), "
+                  f"{plan.evaluations} evaluations; {plan.describe()}", file=sys.stderr)
+    if not a.quiet:
+        print(f"dry run on {device} ({str(dtype).removeprefix('torch.')}), {descriptor.name}: nothing loaded or "
+              "written; no time estimate (it depends on the device: `ccsr bench` measures one evaluation)",
+              file=sys.stderr)
+    return {"dry_run": True, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "files": plans}
+
+
+def _fit(decoded: imaging.DecodedImage, scale: float, limits: imaging.Limits
+         ) -> tuple[imaging.DecodedImage, tuple[int, int], str | None]:
+    """The input shrunk first when ``scale`` would take the output past ``--max-output-side`` (the server's and
+    Runware's rule); returns (image, expected output size, note or None)."""
+    from ccsr import imaging
+
+    fit = imaging.fit_scale(decoded.size, scale, limits)
+    if fit.shrink is None:
+        return decoded, fit.output_size(scale), None
+    note = (f"input shrunk from {decoded.size[0]}x{decoded.size[1]} to {fit.input_size[0]}x{fit.input_size[1]} "
+            f"to keep the output within {limits.max_output_side}x{limits.max_output_side}")
+    return imaging.shrink(decoded, fit.input_size), fit.output_size(scale), note
+
+
+def _write_json(target: str, data: dict) -> None:
+    text = json.dumps(data, indent=1)
+    if target == "-":
+        print(text)
+    else:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        Path(target).write_text(text + "\n")
 
 
 def cmd_upscale(a: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm import tqdm
-
+    """Everything a user can get wrong is refused before the model loads; then files run one by one, a failed
+    file does not stop the batch, and the exit code is 1 when any failed."""
     from ccsr import imaging
-    from ccsr.jobs.chain import upscale_encode
+    from ccsr.cli_progress import BatchReport, FileResult
 
     params = params_from_args(a)
+    if a.max_output_side is not None and a.max_output_side < 1:
+        raise CLIError("--max-output-side must be at least 1")
+    limits = imaging.Limits(max_output_side=a.max_output_side or imaging.Limits().max_output_side)
+    try:
+        imaging.EncodeOptions(quality=a.quality).validated()
+    except imaging.ImageError as e:
+        raise CLIError(f"--quality: {e.message}") from None
+    max_memory = check_model_args(a)
     jobs = _plan_outputs(_collect_inputs(a.inputs), a.output, a.format)
     if a.save_float and len(jobs) != 1:
         raise CLIError("--save-float needs exactly one input image")
-    todo = [(s, d) for s, d in jobs if a.overwrite or not d.exists()]
-    for s, d in jobs:
-        if (s, d) not in todo:
-            print(f"skip {s} ({d} exists; --overwrite to redo)", file=sys.stderr)
-    limits = imaging.Limits(max_output_side=a.max_output_side) if a.max_output_side else imaging.Limits()
-    failures = 0
-    readable = []
-    for src, dst in todo:  # a cheap look at the header first: no model load for a folder of non-images
-        with src.open("rb") as f:
-            fmt = imaging.sniff_format(f.read(64))
-        if fmt not in limits.formats:
-            print(f"ccsr: error: {src}: not a supported image (accepted: {', '.join(sorted(limits.formats))})",
-                  file=sys.stderr)
-            failures += 1
-        else:
-            readable.append((src, dst))
-    if not readable:
-        return 1 if failures else 0
-    pipe = load_pipeline(a)
-    for src, dst in readable:
-        try:
-            decoded = imaging.decode(src.read_bytes(), limits)
-        except imaging.ImageError as exc:
-            print(f"ccsr: error: {src}: {exc.message}", file=sys.stderr)
-            failures += 1
+    for _, dst in jobs:
+        _check_output_location(dst)
+    if a.save_float:
+        _check_output_location(Path(a.save_float))
+
+    report = BatchReport(0, quiet=a.quiet)
+    work: list[tuple[Path, Path, tuple[int, int]]] = []
+    for src, dst in jobs:
+        if dst.exists() and not a.overwrite and not a.dry_run:
+            report.end(FileResult(str(src), str(dst), "skipped", f"{dst} exists; --overwrite to redo"))
             continue
-        bar = tqdm(total=None, desc=src.name, unit="eval", leave=True, disable=a.quiet)  # total: at the first call
-        t0 = time.perf_counter()
-        fmt = OUTPUT_FORMATS.get(dst.suffix.lower(), "PNG")
-        options = imaging.EncodeOptions(format=fmt, quality=a.quality, keep_metadata=not a.strip_metadata)
+        try:  # the header only: no model load for a folder of non-images
+            size = _header_size(src, limits)
+        except imaging.ImageError as e:
+            report.end(FileResult(str(src), str(dst), "failed", e.message))
+            continue
+        work.append((src, dst, size))
+    if a.dry_run:
+        if not work:
+            raise CLIError("nothing to plan: " + "; ".join(r.error or "" for r in report.results))
+        plan = _dry_run(a, params, limits, [(s, d, _oriented_size(s, limits)) for s, d, _ in work], max_memory)
+        if a.json:
+            _write_json(a.json, plan)
+        return 0
+    report.total = len(work)
+    if work:
+        pipe = load_pipeline(a)
+        remaining = [_output_pixels(size, params.scale, limits) for _, _, size in work]
+        try:
+            for i, (src, dst, _) in enumerate(work):
+                progress = report.begin(i + 1, str(src), str(dst), sum(remaining[i:]))
+                result = _upscale_one(a, pipe, params, limits, src, dst, progress)
+                report.end(result, remaining[i])
+        finally:  # Ctrl+C: the bar is cleared before the one-line message
+            if report.current is not None:
+                report.current.close()
+    report.summary()
+    if a.json:
+        _write_json(a.json, report.to_json())
+    return 1 if report.counts()["failed"] else 0
+
+
+def _header_size(src: Path, limits: imaging.Limits) -> tuple[int, int]:
+    """Width and height from the file's header (format sniffed, as the decoder will); pixels are not decoded."""
+    from PIL import Image
+
+    from ccsr import imaging
+
+    with src.open("rb") as f:
+        head = f.read(64)
+    if not head:
+        raise imaging.ImageError("unsupported_format", "the file is empty")
+    limits.check_format(imaging.sniff_format(head))
+    try:
+        with Image.open(src) as im:
+            return im.size
+    except (OSError, ValueError) as e:
+        raise imaging.ImageError("corrupt", f"unreadable image header ({e.__class__.__name__})") from None
+
+
+def _oriented_size(src: Path, limits: imaging.Limits) -> tuple[int, int]:
+    """The size the model sees (EXIF orientation applied): a decode, for the dry run's exact plan."""
+    from ccsr import imaging
+
+    return imaging.decode(src.read_bytes(), limits).size
+
+
+def _output_pixels(size: tuple[int, int], scale: float, limits: imaging.Limits) -> int:
+    from ccsr import imaging
+
+    w, h = imaging.fit_scale(size, scale, limits).output_size(scale)
+    return w * h
+
+
+def _upscale_one(a: argparse.Namespace, pipe: CCSRPipeline, params: UpscaleParams, limits: imaging.Limits,
+                 src: Path, dst: Path, progress: FileProgress) -> FileResult:
+    """One file, start to finish; a problem with this file (not with the setup) is its failed result."""
+    import numpy as np
+
+    from ccsr import imaging
+    from ccsr.cli_progress import FileResult
+    from ccsr.jobs.chain import upscale_encode
+    from ccsr.planning import is_out_of_memory
+
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    try:
+        decoded, expected, note = _fit(imaging.decode(src.read_bytes(), limits), float(params.scale), limits)
+        if note:
+            notes.append(note)
+            progress.log(note)
+        options = imaging.EncodeOptions(format=OUTPUT_FORMATS[dst.suffix.lower()], quality=a.quality,
+                                        keep_metadata=not a.strip_metadata).validated()
         encoded, out = upscale_encode(
-            pipe, decoded, params, options, quantize="reference" if a.exact else "round",
-            keep_float=bool(a.save_float), progress=lambda done, t, bar=bar: _advance(bar, done, t),
-            log=None if a.quiet else bar.write,
+            pipe, decoded, params, options, quantize="reference" if a.exact else "round", expected=expected,
+            keep_float=bool(a.save_float), progress=progress.evaluations, log=progress.log,
         )
-        bar.close()
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(dst.name + ".part")
-        tmp.write_bytes(encoded.data)
-        tmp.replace(dst)
+        try:
+            tmp.write_bytes(encoded.data)
+            tmp.replace(dst)
+        finally:
+            tmp.unlink(missing_ok=True)
         if a.save_float:
             np.save(a.save_float, out.processed)
-        if not a.quiet:
-            print(f"{src} -> {dst} {encoded.width}x{encoded.height} seed={out.seed} "
-                  f"{time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    return 1 if failures else 0
+    except imaging.ImageError as e:
+        return FileResult(str(src), str(dst), "failed", e.message, notes=notes)
+    except (ParamError, OSError) as e:
+        return FileResult(str(src), str(dst), "failed", str(e).splitlines()[0], notes=notes)
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+        return FileResult(str(src), str(dst), "failed", f"out of memory even with the smallest plan: {e}",
+                          notes=notes)
+    timings = {k: round(v, 3) for k, v in out.timings.items()}
+    return FileResult(str(src), str(dst), "done", width=encoded.width, height=encoded.height, seed=out.seed,
+                      seconds=round(time.perf_counter() - t0, 3), timings=timings, notes=notes)
 
 
 # -- convert ---------------------------------------------------------------------------------------------------
@@ -200,31 +435,61 @@ def cmd_convert(a: argparse.Namespace) -> int:
     from ccsr.model import convert
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[a.dtype]
-    convert(a.weights, a.output, config=a.config, dtype=dtype, log=lambda m: print(m, file=sys.stderr))
+    started = time.time()
+    out = convert(a.weights, a.output, config=a.config, dtype=dtype, log=lambda m: print(m, file=sys.stderr))
+    _umask_modes(out, since=started)
     return 0
+
+
+def _umask_modes(folder: Path, since: float) -> None:
+    """Give the files just written the mode of any new file (0666 less the umask): safetensors writes its
+    files 0600 and the index 0644 came out of plain ``open``, so a converted folder had mixed modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        if f.is_file() and f.stat().st_mtime >= since - 1:
+            f.chmod(0o666 & ~umask)
 
 
 # -- entry -----------------------------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"ccsr {version('ccsr')}"
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "ccsr (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ccsr", description="CCSR diffusion upscaler: library, CLI and server.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     up = sub.add_parser("upscale", help="upscale image files or folders")
     up.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     up.add_argument("-o", "--output", required=True,
                     help="output folder, or an output file name when there is one input")
-    up.add_argument("--format", choices=["png", "jpg", "webp", "tiff"], help="output format in folder mode")
+    up.add_argument("--format", choices=["png", "jpg", "webp", "tiff"],
+                    help="output format in folder mode (default png, also for JPEG inputs: lossless, so the "
+                         "upscale is not degraded by a second lossy compression); with -o FILE the file name's "
+                         "suffix decides, and a --format that contradicts it is an error")
     up.add_argument("--quality", type=int, default=95, help="JPG/WEBP quality 20-99 (default 95)")
     up.add_argument("--strip-metadata", action="store_true", help="drop EXIF/XMP (the colour profile is kept)")
     up.add_argument("--exact", action="store_true",
                     help="quantise 8-bit output exactly as the reference code (truncation); default rounds")
-    up.add_argument("--max-output-side", type=int, help="shrink the input so the output fits (default 4096)")
+    up.add_argument("--max-output-side", type=int,
+                    help="largest output side: a larger input is shrunk first so the output fits (default 4096)")
     up.add_argument("--overwrite", action="store_true", help="redo outputs that exist (default: skip them)")
     up.add_argument("--save-float", metavar="FILE.npy",
                     help="also save the clamped float sampler output at the processing size (HWC float32)")
-    up.add_argument("-q", "--quiet", action="store_true")
+    up.add_argument("--dry-run", action="store_true",
+                    help="print each file's plan (output size, tiles, evaluations, memory) without loading weights")
+    up.add_argument("--json", metavar="FILE",
+                    help="write per-file results and a summary (or the --dry-run plan) as JSON; - for stdout")
+    up.add_argument("-q", "--quiet", action="store_true", help="only errors and the summary of a failed batch")
     _model_args(up)
     add_upscale_params(up)
     up.set_defaults(func=cmd_upscale)

@@ -411,7 +411,7 @@ def add_command(sub: Any) -> None:
         "--runs",
         type=int,
         default=10,
-        help="runs per image, seeds --seed (default 0) upwards (default 10, as the paper)",
+        help="runs per image, with seeds --seed, --seed + 1, ... (default 10, as the paper)",
     )
     e.add_argument("--seeds", help="explicit comma-separated seeds (overrides --runs)")
     e.add_argument("--crop", type=int, default=DEFAULT_CROP, help="border pixels cropped before metrics (4)")
@@ -419,5 +419,5 @@ def add_command(sub: Any) -> None:
     e.add_argument("--json", metavar="FILE", help="write the per-image and summary figures as JSON")
     e.add_argument("-q", "--quiet", action="store_true")
     _model_args(e)
-    add_upscale_params(e)
+    add_upscale_params(e, seed_help="first seed of --runs (default 0, so runs are repeatable)")
     e.set_defaults(func=cmd_eval)

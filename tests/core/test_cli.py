@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from PIL import Image
-from tests.conftest import FIXTURES, TINY_CKPT, TINY_CONFIG
+from tests.conftest import FIXTURES, REPO, TINY_CKPT, TINY_CONFIG
 
 MODEL = ["--weights", str(TINY_CKPT), "--config", str(TINY_CONFIG)]
 
 
 def ccsr(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """This checkout's ccsr (PYTHONPATH), whatever the environment's editable install points at."""
     return subprocess.run([sys.executable, "-m", "ccsr.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                          timeout=timeout, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])})
 
 
 def test_reproduces_fixture_case_d_from_the_command_line(tmp_path):

@@ -40,7 +40,8 @@ class CheckpointKeyError(ValueError):
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_abbrev(unexpected)}")
         where = f"{source}: " if source else ""
-        super().__init__(f"{where}checkpoint does not match the model config; " + "; ".join(parts))
+        super().__init__(f"{where}checkpoint does not match the model config; " + "; ".join(parts)
+                         + ". If this checkpoint has its own LDM yaml, pass it with --config (or CCSR_CONFIG)")
         self.missing = missing
         self.unexpected = unexpected
 
