@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ccsr.jobs import JobEngine, build_embedded_engine
 
+from .intake import FetchPool
 from .settings import Settings
 
 log = logging.getLogger("ccsr.api")
@@ -65,6 +66,8 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
     settings = settings or Settings.from_env()
     engine = engine or build_engine(settings)
 
+    fetch_pool = FetchPool(settings.fetch_workers)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
             yield
         finally:
             log.info("shutting down: waiting up to %.0fs for the running job", settings.drain_timeout)
+            fetch_pool.close()
             engine.stop(settings.drain_timeout)
 
     app = FastAPI(
@@ -82,6 +86,7 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.fetch_pool = fetch_pool
     if hasattr(engine, "shared_secret"):  # replicas must agree on the fal storage upload-token key
         app.state.fal_storage_key = engine.shared_secret("fal_storage")
     settings.keyring()  # hash configured keys now; the plaintext is dropped

@@ -28,6 +28,7 @@ import datetime as _dt
 import logging
 import math
 import os
+import re
 import uuid
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
@@ -35,10 +36,8 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from PIL import Image
 
 from ccsr import imaging
-from ccsr.imaging.decode import open_image
 from ccsr.jobs import (
     CANCELLED,
     ERROR,
@@ -58,6 +57,7 @@ from . import fal_storage
 from .app import client_host, get_engine, get_settings, image_url, public_base
 from .auth import Denied
 from .fal_schema import CCSRInput, FalInputError, fal_error, image_output, parse_input, to_params
+from .intake import FetchPool, IntakeError, limits_of, probe, request_json
 
 log = logging.getLogger("ccsr.api.fal")
 
@@ -65,6 +65,7 @@ PROTOCOL = "fal"
 DEFAULT_APP_IDS: tuple[str, ...] = ("fal-ai/ccsr",)
 REQUEST_ID_HEADER = "x-fal-request-id"
 LOG_SOURCE = "user"
+_ECHOED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 __all__ = ["DEFAULT_APP_IDS", "build_router", "router", "setup"]
 
@@ -97,8 +98,9 @@ def _finite(value: Any) -> Any:
 def _json(
     body: Any, status: int = 200, request_id: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
-    echo = request_id if request_id and request_id.isascii() and request_id.isprintable() else None
-    h = {REQUEST_ID_HEADER: echo or str(uuid.uuid4())}  # a header cannot carry what a URL path can
+    # a header cannot carry what a URL path can (spaces, controls, non-ASCII): only an id-shaped value is echoed
+    echo = request_id if request_id and _ECHOED_ID.fullmatch(request_id) else None
+    h = {REQUEST_ID_HEADER: echo or str(uuid.uuid4())}
     if headers:
         h.update(headers)
     return JSONResponse(_finite(body) if status >= 400 else body, status_code=status, headers=h)
@@ -188,13 +190,6 @@ def _own_image_id(request: Request, url: str) -> str | None:
 _IMAGE_ERROR_TYPES = {"too_large_bytes": "file_too_large", "too_many_pixels": "image_too_large"}
 
 
-def _probe(data: bytes, max_bytes: int) -> tuple[str, int, int]:
-    """(content type, width, height) from the header only, under the imaging module's limits (format
-    allow-list, byte and pixel caps, animation); :class:`ccsr.imaging.ImageError` otherwise."""
-    im = open_image(data, imaging.Limits(max_input_bytes=max_bytes))
-    return Image.MIME.get(im.format or "", "application/octet-stream"), int(im.width), int(im.height)
-
-
 async def _store_input(request: Request, image_url_value: str) -> StoredImage:
     """Resolve ``image_url`` (data URI, our own image URL, or http(s) URL) to a record in the image store."""
     engine = get_engine(request)
@@ -225,27 +220,24 @@ async def _store_input(request: Request, image_url_value: str) -> StoredImage:
                     type_="file_download_error",
                 )
             return rec
-        limits = imaging.Limits(
-            max_input_bytes=settings.max_input_bytes, fetch_timeout=settings.fetch_timeout
-        )
+        pool: FetchPool = request.app.state.fetch_pool
         try:
-            data = await run_in_threadpool(
-                imaging.fetch_image, url, limits, allow_hosts=frozenset(settings.fetch_allow_hosts)
-            )
+            data = await pool.fetch(url, limits_of(settings), frozenset(settings.fetch_allow_hosts))
         except imaging.FetchError as e:
             raise load_error(
                 f"Failed to download the file: {e.message}", {"reason": e.code}, type_="file_download_error"
             ) from None
     try:
-        ctype, w, h = await run_in_threadpool(_probe, data, settings.max_input_bytes)
+        p = await run_in_threadpool(probe, data, limits_of(settings))
     except imaging.ImageError as e:
         raise load_error(
             f"Failed to load the image: {e.message}",
             {"reason": e.code},
             type_=_IMAGE_ERROR_TYPES.get(e.code, "image_load_error"),
         ) from None
-    rec = engine.images.put(data, content_type=ctype, width=w, height=h, kind="input")
-    return rec
+    return engine.images.put(
+        data, content_type=p.content_type, extension=p.extension, width=p.width, height=p.height, kind="input"
+    )
 
 
 def _check_output_size(rec: StoredImage, scale: float, cap: int | None) -> None:
@@ -403,13 +395,13 @@ def _not_found(request_id: str) -> JSONResponse:
 async def _create_job(request: Request, app_id: str, *, webhook: str | None = None) -> Job | JSONResponse:
     """Validate, store the input, submit. Returns the job or the error response."""
     settings = get_settings(request)
-    # a data URI of the largest accepted image, plus room for the other fields
-    limit = settings.max_input_bytes * 4 // 3 + (1 << 20)
-    declared = request.headers.get("content-length") or ""
-    if declared.isdigit() and int(declared) > limit:
-        return _request_error(f"request body over {limit} bytes", 413, "bad_request")
     try:
-        inp = await run_in_threadpool(parse_input, await request.body())
+        try:
+            body = await request_json(request)
+        except IntakeError as e:  # the limits middleware answered every other kind already
+            detail = {"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}}
+            raise FalInputError([detail | {"ctx": {"error": e.message}}]) from None
+        inp = parse_input(body)
         params = to_params(inp, size_mode=settings.size_mode, default_steps=settings.default_steps)
         rec = await _store_input(request, inp.image_url)
         _check_output_size(rec, params.scale, settings.max_output_side)

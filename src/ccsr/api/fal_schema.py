@@ -6,7 +6,6 @@ app answers (protocols.md B.4): HTTP 422 with ``{"detail": [{"loc": ["body", fie
 
 from __future__ import annotations
 
-import json
 import secrets
 from typing import Any, Literal
 
@@ -111,26 +110,9 @@ def _validation_detail(exc: ValidationError) -> list[dict]:
     return out
 
 
-def parse_input(raw: bytes | str | dict | Any) -> CCSRInput:
-    """Body bytes (or an already decoded object) -> :class:`CCSRInput`, else :class:`FalInputError` (422)."""
-    if isinstance(raw, bytes | bytearray | str):
-        try:
-            data = json.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError) as e:
-            pos = getattr(e, "pos", 0)
-            raise FalInputError(
-                [
-                    {
-                        "type": "json_invalid",
-                        "loc": ["body", pos],
-                        "msg": "JSON decode error",
-                        "input": {},
-                        "ctx": {"error": getattr(e, "msg", str(e))},
-                    }
-                ]
-            ) from None
-    else:
-        data = raw
+def parse_input(data: Any) -> CCSRInput:
+    """A decoded JSON body (see :func:`ccsr.api.intake.load_json`) -> :class:`CCSRInput`, else
+    :class:`FalInputError` (422)."""
     if data is None:
         raise FalInputError([{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}])
     try:

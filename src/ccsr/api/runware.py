@@ -45,7 +45,7 @@ from ccsr.params import ParamError, UpscaleParams
 from .app import client_host, get_engine, get_settings, image_url, public_base
 from .auth import Denied, Principal
 from .images import parse_image_ref
-from .limits import json_depth
+from .intake import FetchPool, IntakeError, limits_of, load_json_async, probe, request_json
 from .settings import Settings
 
 log = logging.getLogger("ccsr.api.runware")
@@ -124,6 +124,7 @@ class Ctx:
     engine: JobEngine
     settings: Settings
     base: str  # public base URL for image links
+    fetches: FetchPool  # input-image downloads
     principal: Principal | None = None  # the caller, for per-key queue quotas
 
 
@@ -137,44 +138,6 @@ def _decode_b64(s: str) -> bytes:
         return base64.b64decode(s, altchars=b"-_" if ("-" in s or "_" in s) else None, validate=True)
     except (binascii.Error, ValueError) as e:
         raise ValueError(str(e)) from e
-
-
-CONTENT_TYPES = {
-    "PNG": "image/png",
-    "JPEG": "image/jpeg",
-    "WEBP": "image/webp",
-    "GIF": "image/gif",
-    "TIFF": "image/tiff",
-    "AVIF": "image/avif",
-}
-EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "TIFF": "tiff", "AVIF": "avif"}
-
-
-def _limits(settings: Settings):
-    from ccsr import imaging
-
-    return imaging.Limits(max_input_bytes=settings.max_input_bytes, fetch_timeout=settings.fetch_timeout)
-
-
-def _sniff_image(data: bytes, settings: Settings) -> tuple[str, str, int, int]:
-    """(content_type, extension, width, height) after the imaging module's checks; raises ImageError."""
-    from ccsr import imaging
-
-    decoded = imaging.decode(data, _limits(settings))
-    fmt = decoded.source_format
-    w, h = decoded.size
-    return CONTENT_TYPES.get(fmt, "application/octet-stream"), EXTENSIONS.get(fmt, "bin"), int(w), int(h)
-
-
-def _fetch(url: str, settings: Settings) -> bytes:
-    from ccsr import imaging
-
-    return imaging.fetch(
-        url,
-        max_bytes=settings.max_input_bytes,
-        timeout=settings.fetch_timeout,
-        allow_hosts=frozenset(settings.fetch_allow_hosts),
-    ).content
 
 
 def _own_image_id(ref: str, ctx: Ctx) -> str | None:
@@ -230,7 +193,7 @@ async def resolve_image(ref: Any, ctx: Ctx, parameter: str) -> tuple[str, bool]:
         from ccsr import imaging
 
         try:
-            data = await asyncio.to_thread(_fetch, ref, settings)
+            data = await ctx.fetches.fetch(ref, limits_of(settings), frozenset(settings.fetch_allow_hosts))
         except imaging.FetchError as e:
             code = getattr(e, "code", "")
             raise RWError(
@@ -261,10 +224,12 @@ async def resolve_image(ref: Any, ctx: Ctx, parameter: str) -> tuple[str, bool]:
     from ccsr import imaging
 
     try:
-        ct, ext, w, h = await asyncio.to_thread(_sniff_image, data, settings)
+        p = await asyncio.to_thread(probe, data, limits_of(settings))
     except imaging.ImageError as e:
         raise RWError("invalidInputImage", f"{parameter}: {e.message}", parameter=parameter) from e
-    rec = ctx.engine.images.put(data, content_type=ct, extension=ext, width=w, height=h, kind="input")
+    rec = ctx.engine.images.put(
+        data, content_type=p.content_type, extension=p.extension, width=p.width, height=p.height, kind="input"
+    )
     return rec.id, True
 
 
@@ -358,7 +323,8 @@ async def _media_storage(task: dict, ctx: Ctx, tt: str, tu: str) -> Reply:
 
 
 def _num(v: Any, name: str, code: str, *, integer: bool = False, lo=None, hi=None):
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    # compared as it came: an integer is never converted before it is known to be in range
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
     if ok and integer and isinstance(v, float):
         ok = v.is_integer()
         v = int(v) if ok else v
@@ -641,7 +607,7 @@ def setup(app, engine: JobEngine, settings: Settings) -> None:
         if delivery is None:
             return
         if meta.get("webhookURL"):
-            ctx = Ctx(engine, settings, meta.get("base", ""))
+            ctx = Ctx(engine, settings, meta.get("base", ""), app.state.fetch_pool)
             reply = result_reply(job, ctx, with_status=True)
             delivery.post_json(meta["webhookURL"], reply.frame())
         if meta.get("uploadEndpoint") and job.status == SUCCESS and job.result is not None:
@@ -656,7 +622,7 @@ def setup(app, engine: JobEngine, settings: Settings) -> None:
 
 
 def _ctx(conn) -> Ctx:
-    return Ctx(get_engine(conn), get_settings(conn), public_base(conn))
+    return Ctx(get_engine(conn), get_settings(conn), public_base(conn), conn.app.state.fetch_pool)
 
 
 def _auth_error(message: str) -> dict:
@@ -723,9 +689,9 @@ async def rest(request: Request) -> JSONResponse:
     tasks run over the WebSocket at ``/v1`` (and ``/``)."""
     settings = get_settings(request)
     try:
-        body = json.loads(await request.body() or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return JSONResponse({"errors": [{"code": "invalidRequestBody", "message": "the body is not JSON"}]}, 400)
+        body = await request_json(request)
+    except IntakeError as e:
+        return JSONResponse({"errors": [{"code": "invalidRequestBody", "message": e.message}]}, 400)
     if isinstance(body, dict):
         body = [body]
     if not isinstance(body, list) or not body:
@@ -842,36 +808,39 @@ async def websocket(ws: WebSocket) -> None:
     try:
         while True:
             try:
-                raw = await asyncio.wait_for(ws.receive_text(), settings.ws_idle_timeout)
+                msg = await asyncio.wait_for(ws.receive(), settings.ws_idle_timeout)
             except asyncio.TimeoutError:
                 if pending:
                     continue  # the client waits for a sync result: not idle
                 await conn.send(frame_error("connectionTimeout", f"no frame for {settings.ws_idle_timeout:g}s"))
                 await ws.close(1000)
                 break
+            if msg["type"] == "websocket.disconnect":
+                break
+            raw = msg.get("text")
+            if raw is None:
+                await conn.send(frame_error("invalidRequestBody", "binary frames are not accepted: send JSON text"))
+                continue
             if len(raw) > settings.frame_limit():
                 await conn.send(frame_error("invalidRequestSize", f"frame over {settings.frame_limit()} bytes"))
                 await ws.close(1009)
                 break
-            if json_depth(raw) > settings.max_json_depth:
-                msg = f"JSON nested deeper than {settings.max_json_depth}"
-                await conn.send(frame_error("invalidRequestBody", msg))
-                continue
             try:
-                tasks = json.loads(raw)
-            except json.JSONDecodeError:
-                await conn.send(frame_error("invalidRequestBody", "frame is not JSON"))
+                tasks = await load_json_async(raw, max_depth=settings.max_json_depth)
+            except IntakeError as e:
+                await conn.send(frame_error("invalidRequestBody", e.message))
                 continue
             if isinstance(tasks, dict):
                 tasks = [tasks]
-            if not isinstance(tasks, list):
-                await conn.send(frame_error("invalidRequestBody", "frame must be an array"))
+            if not isinstance(tasks, list) or not tasks:
+                await conn.send(frame_error("invalidRequestBody", "a frame must be a non-empty JSON array of tasks"))
                 continue
             if (n := _task_count(tasks)) > settings.max_tasks:
                 await conn.send({"errors": [_too_many_tasks(n, settings)]})
                 continue
             for task in tasks:
                 if not isinstance(task, dict):
+                    await conn.send(frame_error("invalidRequestBody", "each task must be a JSON object"))
                     continue
                 tt, tu = _task_ident(task)
                 if tt == "authentication":

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .settings import Settings, is_loopback
+from .settings import Settings, default_data_dir, is_loopback
 
 
 def _env(name: str, default=None):
@@ -27,8 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=int(_env("CCSR_PORT", 8000)), help="port [CCSR_PORT, 8000]")
     g.add_argument(
         "--data-dir",
-        default=_env("CCSR_DATA_DIR", "./ccsr-data"),
-        help="job database and image store [CCSR_DATA_DIR, ./ccsr-data]",
+        default=str(default_data_dir()),
+        help="job database and image store [CCSR_DATA_DIR, $XDG_DATA_HOME/ccsr or ~/.local/share/ccsr]",
     )
     g.add_argument(
         "--api-key",
@@ -153,6 +153,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " repeatable [CCSR_ALLOW_FETCH_HOSTS]",
     )
     g.add_argument(
+        "--fetch-workers",
+        type=int,
+        default=int(_env("CCSR_FETCH_WORKERS", 8)),
+        help="concurrent input-image downloads, on threads of their own [CCSR_FETCH_WORKERS, 8]",
+    )
+    g.add_argument(
         "--max-input-bytes",
         type=int,
         default=int(_env("CCSR_MAX_INPUT_BYTES", 50 * 1024 * 1024)),
@@ -227,6 +233,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         sync_timeout=args.sync_timeout,
         price_per_second=args.price_per_second,
         fetch_allow_hosts=allow,
+        fetch_workers=args.fetch_workers,
         max_input_bytes=args.max_input_bytes,
         default_steps=int(args.default_steps) if args.default_steps else None,
         log_level=args.log_level,

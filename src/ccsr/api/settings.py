@@ -10,6 +10,15 @@ from pathlib import Path
 from .auth import Denied, KeyRing, Principal, Quotas, RateLimiter
 
 
+def default_data_dir() -> Path:
+    """``$CCSR_DATA_DIR``, else the per-user data directory (``$XDG_DATA_HOME/ccsr``, ``~/.local/share/ccsr``):
+    never the working directory, so a server started anywhere finds its jobs and images again."""
+    if os.environ.get("CCSR_DATA_DIR"):
+        return Path(os.environ["CCSR_DATA_DIR"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "ccsr"
+
+
 def _env_list(name: str) -> list[str]:
     raw = os.environ.get(name, "")
     return [x.strip() for x in raw.replace(";", ",").split(",") if x.strip()]
@@ -23,7 +32,7 @@ class Settings:
     config: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("CCSR_DATA_DIR", "./ccsr-data")))
+    data_dir: Path = field(default_factory=default_data_dir)
     api_keys: list[str] = field(default_factory=list)  # empty: open on loopback only; hashed, then cleared
     api_keys_file: str | None = None  # sha256 digests, one per line (see ccsr.api.auth); re-read on change
     rate_limit: float = 0.0  # requests per second per key (0: off); a keys-file line may override it
@@ -46,6 +55,7 @@ class Settings:
     price_per_second: float = 0.0  # includeCost: inference seconds x this
     fetch_allow_hosts: list[str] = field(default_factory=list)  # host[:port] allowed despite SSRF rules
     fetch_timeout: float = 30.0
+    fetch_workers: int = 8  # concurrent input-image downloads (their own threads); more wait up to fetch_timeout
     max_input_bytes: int = 50 * 1024 * 1024
     max_output_side: int = 4096  # Runware cap (width and height)
     default_steps: int | None = None  # None: UpscaleParams' default
@@ -141,6 +151,8 @@ class Settings:
         if env.get("CCSR_PRICE_PER_SECOND"):
             s.price_per_second = float(env["CCSR_PRICE_PER_SECOND"])
         s.fetch_allow_hosts = _env_list("CCSR_ALLOW_FETCH_HOSTS")
+        if env.get("CCSR_FETCH_WORKERS"):
+            s.fetch_workers = int(env["CCSR_FETCH_WORKERS"])
         if env.get("CCSR_MAX_OUTPUT_SIDE"):
             s.max_output_side = int(env["CCSR_MAX_OUTPUT_SIDE"])
         if env.get("CCSR_DEFAULT_STEPS"):

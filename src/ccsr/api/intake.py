@@ -1,0 +1,186 @@
+"""The protocol-neutral intake under the Runware and fal adapters: reading request bodies and frames.
+
+Everything here raises :class:`IntakeError`, a neutral refusal (``kind`` + message) that each adapter renders in
+its own protocol's shape; nothing here knows a wire format.
+
+JSON is read by :func:`load_json`, bounded before any Python-level work: the number of structural bytes
+(``[``, ``{``, ``,``) is counted at C speed first, so a body of millions of tiny elements is refused without being
+materialised; the C parser then reads what is left (its own recursion guard turns pathological nesting into
+"too deep"); integers longer than any field accepts are read as infinities (every numeric range refuses them,
+nothing converts them); finally one walk over the (bounded) tree checks the depth limit and that every string
+is valid Unicode text (``"\\ud800"`` is legal JSON but cannot be encoded, logged or stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from ccsr import imaging
+from ccsr.imaging.decode import open_image
+
+MAX_JSON_ITEMS = 1 << 18  # structural bytes per body: 16 tasks of 3,000-comma prompts stay well inside
+MAX_INT_DIGITS = 40  # longer integer literals are out of every accepted range (seeds need 19 digits)
+INLINE_BYTES = 1 << 16  # larger bodies are parsed off the event loop
+
+
+class IntakeError(Exception):
+    """A request refused by the intake. ``kind``: ``too_large``, ``too_deep``, ``too_many_items``,
+    ``bad_json``, ``bad_text``; ``where``: a JSON path such as ``[0].settings.seed`` when one applies."""
+
+    def __init__(self, kind: str, message: str, where: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.where = where
+
+
+def _bounded_int(literal: str) -> int | float:
+    if len(literal) - literal.startswith("-") <= MAX_INT_DIGITS:
+        return int(literal)
+    return -math.inf if literal.startswith("-") else math.inf
+
+
+def _path(parts: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "(body)"
+
+
+def _is_text(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_tree(value: Any, max_depth: int) -> None:
+    stack: list[tuple[Any, int, tuple]] = [(value, 0, ())]
+    while stack:
+        node, depth, where = stack.pop()
+        if isinstance(node, str):
+            if not _is_text(node):
+                msg = f"{_path(where)} is not valid Unicode text (a lone surrogate)"
+                raise IntakeError("bad_text", msg, _path(where))
+            continue
+        if isinstance(node, dict):
+            if depth + 1 > max_depth:
+                raise IntakeError("too_deep", f"JSON nested deeper than {max_depth}")
+            for k, v in node.items():
+                if not _is_text(k):
+                    raise IntakeError("bad_text", f"a key in {_path(where)} is not valid Unicode text", _path(where))
+                stack.append((v, depth + 1, (*where, k)))
+        elif isinstance(node, list):
+            if depth + 1 > max_depth:
+                raise IntakeError("too_deep", f"JSON nested deeper than {max_depth}")
+            stack.extend((v, depth + 1, (*where, i)) for i, v in enumerate(node))
+
+
+def load_json(raw: bytes | str, *, max_depth: int) -> Any:
+    """Parse one JSON text under the intake's bounds; raises :class:`IntakeError`."""
+    items = raw.count(b"[" if isinstance(raw, bytes) else "[")
+    items += raw.count(b"{" if isinstance(raw, bytes) else "{")
+    items += raw.count(b"," if isinstance(raw, bytes) else ",")
+    if items > MAX_JSON_ITEMS:
+        raise IntakeError("too_many_items", f"JSON with over {MAX_JSON_ITEMS} elements")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw  # strict: JSON is UTF-8 (RFC 8259)
+        value = json.loads(text, parse_int=_bounded_int)
+    except RecursionError:
+        raise IntakeError("too_deep", f"JSON nested deeper than {max_depth}") from None
+    except UnicodeDecodeError as e:
+        raise IntakeError("bad_json", f"the body is not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise IntakeError("bad_json", f"the body is not JSON: {e}") from None
+    _check_tree(value, max_depth)
+    return value
+
+
+async def load_json_async(raw: bytes | str, *, max_depth: int) -> Any:
+    """:func:`load_json`, off the event loop for large inputs (so ``/healthz`` keeps answering)."""
+    if len(raw) <= INLINE_BYTES:
+        return load_json(raw, max_depth=max_depth)
+    return await asyncio.to_thread(load_json, raw, max_depth=max_depth)
+
+
+STATE_KEY = "ccsr.json"  # where the limits middleware leaves a parsed body (or its IntakeError) in the scope
+
+
+async def request_json(request) -> Any:
+    """The request's JSON body, parsed once under the intake's bounds; raises :class:`IntakeError`."""
+    state = request.scope.setdefault("state", {})
+    if STATE_KEY not in state:
+        try:
+            state[STATE_KEY] = await load_json_async(
+                await request.body() or b"null", max_depth=request.app.state.settings.max_json_depth
+            )
+        except IntakeError as e:
+            state[STATE_KEY] = e
+    value = state[STATE_KEY]
+    if isinstance(value, IntakeError):
+        raise value
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+FORMATS = {  # sniffed format -> (content type, file extension): the one table both protocols use
+    "PNG": ("image/png", "png"),
+    "JPEG": ("image/jpeg", "jpg"),
+    "WEBP": ("image/webp", "webp"),
+    "GIF": ("image/gif", "gif"),
+    "TIFF": ("image/tiff", "tiff"),
+    "AVIF": ("image/avif", "avif"),
+}
+
+
+@dataclass(frozen=True)
+class Probed:
+    content_type: str
+    extension: str
+    width: int
+    height: int
+
+
+def limits_of(settings) -> imaging.Limits:
+    return imaging.Limits(max_input_bytes=settings.max_input_bytes, fetch_timeout=settings.fetch_timeout)
+
+
+def probe(data: bytes, limits: imaging.Limits) -> Probed:
+    """Format and size from the header only, under ``limits`` (format allow-list, byte and pixel caps,
+    animation); the pixels are decoded once, by the job. Raises :class:`ccsr.imaging.ImageError`."""
+    im = open_image(data, limits)
+    ctype, ext = FORMATS.get(im.format or "", ("application/octet-stream", "bin"))
+    return Probed(ctype, ext, int(im.width), int(im.height))
+
+
+class FetchPool:
+    """Input-image downloads on threads of their own: slow image hosts queue behind each other, never in
+    front of the server's other work. A download waits at most ``fetch_timeout`` for a free thread, then
+    runs under the fetcher's own total time limit."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="ccsr-fetch")
+        self._slots = asyncio.Semaphore(workers)
+
+    async def fetch(self, url: str, limits: imaging.Limits, allow_hosts: frozenset[str]) -> bytes:
+        try:
+            await asyncio.wait_for(self._slots.acquire(), limits.fetch_timeout)
+        except asyncio.TimeoutError:
+            raise imaging.FetchError("timeout", "every image download slot is busy; try again") from None
+        try:
+            loop = asyncio.get_running_loop()
+            job = functools.partial(imaging.fetch_image, url, limits, allow_hosts=allow_hosts)
+            return await loop.run_in_executor(self._executor, job)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
