@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ccsr.jobs import JobEngine, build_embedded_engine
 
-from .intake import FetchPool
+from .intake import UNAVAILABLE, FetchPool
 from .settings import Settings
 
 log = logging.getLogger("ccsr.api")
@@ -95,7 +95,7 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
         engine.delivery.attempts = max(1, settings.webhook_attempts)
     engine.add_listener(lambda job: settings.quotas.done(job.id))
 
-    from .limits import LimitsMiddleware
+    from .limits import LimitsMiddleware, error_body, error_headers, error_status
     from .metrics import HTTPErrorCounter, Metrics
 
     metrics = Metrics(engine)
@@ -110,6 +110,15 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
             return JSONResponse({"detail": "Unauthorized"}, status_code=401)
         body, ctype = metrics.exposition()
         return Response(body, media_type=ctype)
+
+    async def store_outage(request: Request, exc: Exception) -> Response:
+        log.warning("%s %s: the job store is unreachable: %s", request.method, request.url.path, exc)
+        path = request.url.path
+        body = error_body(path, "unavailable", UNAVAILABLE)
+        return JSONResponse(body, error_status(path, "unavailable"), headers=error_headers(path, "unavailable"))
+
+    for outage in engine.outages:
+        app.add_exception_handler(outage, store_outage)
 
     from . import images
 

@@ -109,6 +109,10 @@ async def load_json_async(raw: bytes | str, *, max_depth: int) -> Any:
     return await asyncio.to_thread(load_json, raw, max_depth=max_depth)
 
 
+UNAVAILABLE = "the job store cannot be reached right now; retry later"  # never the store's own message
+RETRY_AFTER_S = 5  # what an outage answer asks the client to wait
+
+
 STATE_KEY = "ccsr.json"  # where the limits middleware leaves a parsed body (or its IntakeError) in the scope
 
 

@@ -9,10 +9,11 @@ Content-Length or discovered while streaming), then reads a JSON body once under
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from .intake import STATE_KEY, IntakeError, load_json_async
+from .intake import RETRY_AFTER_S, STATE_KEY, IntakeError, load_json_async
 
 RUNWARE_PATHS = frozenset({"/", "/v1", "/v1/"})
 
@@ -32,19 +33,34 @@ FAL_BODY_ERROR_TYPES = {
 }
 
 
+RUNWARE_CODES = {"too_large": "invalidRequestSize", "unavailable": "serviceUnavailable"}
+FAL_REQUEST_ERROR_TYPES = {"too_large": "request_too_large", "unavailable": "service_unavailable"}
+
+
 def error_body(path: str, kind: str, message: str) -> dict:
-    """An :class:`~ccsr.api.intake.IntakeError` ``kind`` other than ``bad_json`` in the path's protocol shape."""
+    """An :class:`~ccsr.api.intake.IntakeError` ``kind`` other than ``bad_json`` (or ``unavailable``: the job
+    store is down) in the path's protocol shape."""
     if is_runware(path):
-        return runware_error("invalidRequestSize" if kind == "too_large" else "invalidRequestBody", message)
-    if kind == "too_large":
-        return {"detail": message, "error_type": "request_too_large"}
+        return runware_error(RUNWARE_CODES.get(kind, "invalidRequestBody"), message)
+    if kind in FAL_REQUEST_ERROR_TYPES:
+        return {"detail": message, "error_type": FAL_REQUEST_ERROR_TYPES[kind]}
     return {"detail": [{"loc": ["body"], "msg": message, "type": FAL_BODY_ERROR_TYPES[kind]}]}
 
 
 def error_status(path: str, kind: str) -> int:
-    if kind == "too_large":
-        return 413
+    if kind in ("too_large", "unavailable"):
+        return {"too_large": 413, "unavailable": 503}[kind]
     return 400 if is_runware(path) else 422
+
+
+def error_headers(path: str, kind: str) -> dict[str, str]:
+    """Headers of an error answer: Retry-After for an outage; fal's error-type, retryable and request-id."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if kind == "unavailable" else {}
+    if not is_runware(path) and kind in FAL_REQUEST_ERROR_TYPES:
+        headers["x-fal-error-type"] = FAL_REQUEST_ERROR_TYPES[kind]
+        headers["x-fal-retryable"] = "true" if kind == "unavailable" else "false"
+        headers["x-fal-request-id"] = str(uuid.uuid4())  # ours, not an ingress error: the client does not retry
+    return headers
 
 
 Receive = Callable[[], Awaitable[dict]]
@@ -62,8 +78,7 @@ class LimitsMiddleware:
         status = error_status(path, kind)
         body = json.dumps(error_body(path, kind, message)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if not is_runware(path) and kind == "too_large":
-            headers.append((b"x-fal-error-type", b"request_too_large"))
+        headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(path, kind).items()]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -45,7 +45,16 @@ from ccsr.params import ParamError, UpscaleParams
 from .app import client_host, get_engine, get_settings, image_url, public_base
 from .auth import Denied, Principal
 from .images import parse_image_ref
-from .intake import FetchPool, IntakeError, limits_of, load_json_async, probe, request_json
+from .intake import (
+    RETRY_AFTER_S,
+    UNAVAILABLE,
+    FetchPool,
+    IntakeError,
+    limits_of,
+    load_json_async,
+    probe,
+    request_json,
+)
 from .settings import Settings
 
 log = logging.getLogger("ccsr.api.runware")
@@ -274,9 +283,12 @@ async def handle_task(task: Any, ctx: Ctx, on_ack=None) -> Reply:
         )
     except RWError as e:
         return Reply(errors=[(e.entry(tt, tu), e.status)])
-    except Exception as e:  # never let one task take the connection down
+    except ctx.engine.outages:
+        log.warning("task %s: the job store is unreachable", tu, exc_info=True)
+        return Reply(errors=[(RWError("serviceUnavailable", UNAVAILABLE, status=503).entry(tt, tu), 503)])
+    except Exception:  # never let one task take the connection down; internals stay in the log
         log.exception("task %s failed", tu)
-        err = RWError("internalServerError", f"{type(e).__name__}: {e}", status=500)
+        err = RWError("internalServerError", "internal error; the server log has the details", status=500)
         return Reply(errors=[(err.entry(tt, tu), 500)])
 
 
@@ -724,7 +736,8 @@ async def rest(request: Request) -> JSONResponse:
         if data:
             out["data"] = data
         status = errors[0][1]
-        return JSONResponse(out, status_code=status, headers={"Retry-After": "1"} if status == 429 else None)
+        retry = {429: "1", 503: str(RETRY_AFTER_S)}.get(status)
+        return JSONResponse(out, status_code=status, headers={"Retry-After": retry} if retry else None)
     return JSONResponse({"data": data})
 
 

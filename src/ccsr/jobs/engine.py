@@ -157,7 +157,12 @@ class Executor(abc.ABC):
 
 
 class JobEngine:
-    """Protocol-neutral façade over a store, an image store and an executor. Thread-safe."""
+    """Protocol-neutral façade over a store, an image store and an executor. Thread-safe.
+
+    ``outages``: the exceptions by which the store says it cannot be reached now (answered "retry later",
+    never as an internal error); none for the local SQLite store."""
+
+    outages: tuple[type[BaseException], ...] = ()
 
     def __init__(
         self,
