@@ -11,12 +11,12 @@ import uuid
 
 import pytest
 import redis
-from conftest import free_port
 from fastapi.testclient import TestClient
 
 from ccsr.api.app import create_app
 from ccsr.api.settings import Settings
 from ccsr.jobs.distributed import build_distributed_engine
+from conftest import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
