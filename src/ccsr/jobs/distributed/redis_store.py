@@ -339,9 +339,12 @@ class RedisJobStore(JobStore):
         | ``missing``."""
         return self._run("claim", job_id, token, int(lease * 1000), repr(now()), self.max_attempts, self.job_ttl)
 
+    def queued_ids(self, limit: int) -> list[str]:
+        """The first ``limit`` queued jobs, oldest first (a requeued job keeps its submission place)."""
+        return [x.decode() for x in self.redis.zrange(self.key("queue"), 0, limit - 1)]
+
     def claim_next(self) -> Job | None:
-        for raw in self.redis.zrange(self.key("queue"), 0, 9):
-            job_id = raw.decode()
+        for job_id in self.queued_ids(10):
             if self.claim(job_id, f"local:{uuid.uuid4().hex}", 3600.0) == "claimed":
                 return self.get(job_id)
         return None

@@ -107,10 +107,20 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ one job
     def process(self, job_id: str) -> str:
-        """Claim and run one job; returns the claim outcome (``claimed`` when this worker ran it)."""
+        """Claim and run one job for one message; returns the claim outcome (``claimed`` when a job ran).
+
+        Every queued job has a message, but a message is a turn, not an assignment: the queue's order decides,
+        so the oldest queued job runs first. A job requeued after its worker died is back at its old place in
+        the queue and runs next (as its queue position says), not behind the messages sent since; the message
+        naming it is spent by whichever job is last."""
         token = f"{self.name}:{uuid.uuid4().hex[:12]}"
-        outcome = self.store.claim(job_id, token, self.lease)
-        if outcome != "claimed":
+        outcome = "missing"
+        for candidate in dict.fromkeys([*self.store.queued_ids(limit=10), job_id]):
+            outcome = self.store.claim(candidate, token, self.lease)
+            if outcome == "claimed":
+                job_id = candidate
+                break
+        else:
             log.info("job %s not run here: %s", job_id, outcome)
             return outcome
         job = self.store.get(job_id)
