@@ -310,3 +310,21 @@ def test_cancel_announces_once(tmp_path):
         assert wait_until(lambda: eng.store.announcements() == [])  # no deliveries: forgotten at once
     finally:
         eng.stop()
+
+
+def test_the_log_names_how_a_job_ended(tmp_path, caplog):
+    eng, runner = make_engine(tmp_path)
+    runner.gate.clear()
+    eng.start()
+    try:
+        with caplog.at_level("INFO", logger="ccsr.jobs"):
+            job, _ = eng.submit(spec(eng))
+            assert wait_until(lambda: eng.get(job.id).status == PROCESSING)
+            eng.cancel(job.id)
+            assert wait_until(lambda: f"job {job.id} ended: cancelled" in caplog.text)
+            done, _ = eng.submit(spec(eng))
+            runner.gate.set()
+            assert wait_until(lambda: f"job {done.id} ended: success" in caplog.text)
+        assert f"job {job.id} ended: success" not in caplog.text
+    finally:
+        eng.stop()

@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import datetime as _dt
+import json
 import logging
 import math
 import os
@@ -35,7 +36,7 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ccsr import imaging
 from ccsr.jobs import (
@@ -57,7 +58,7 @@ from . import fal_storage
 from .app import client_host, get_engine, get_settings, image_url, public_base
 from .auth import Denied
 from .fal_schema import CCSRInput, FalInputError, fal_error, image_output, parse_input, to_params
-from .intake import FetchPool, IntakeError, limits_of, probe, request_json
+from .intake import UNAVAILABLE, FetchPool, IntakeError, limits_of, probe, request_json
 
 log = logging.getLogger("ccsr.api.fal")
 
@@ -65,6 +66,8 @@ PROTOCOL = "fal"
 DEFAULT_APP_IDS: tuple[str, ...] = ("fal-ai/ccsr",)
 REQUEST_ID_HEADER = "x-fal-request-id"
 LOG_SOURCE = "user"
+SSE_POLL_S = 0.5  # a status stream looks again this often (sooner when the job ends)
+SSE_KEEPALIVE_S = 15.0  # and sends a comment after this long without a change (proxies close idle streams)
 _ECHOED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 __all__ = ["DEFAULT_APP_IDS", "build_router", "router", "setup"]
@@ -545,6 +548,47 @@ async def _status(request: Request, app_id: str, request_id: str, prefixed: bool
     return _json(body, code, job.id)
 
 
+async def _status_stream(request: Request, app_id: str, request_id: str, prefixed: bool) -> Response:
+    """``GET .../status/stream``: the status as server-sent events (``data: <status JSON>``), one per change,
+    until COMPLETED (or ``--sync-timeout``; the client then asks again). Same bodies as ``.../status``."""
+    if (denied := _denied(request)) is not None:
+        return denied
+    job = _find_job(request, app_id, request_id)
+    if job is None:
+        return _not_found(request_id)
+    engine = get_engine(request)
+    settings = get_settings(request)
+    with_logs = _want_logs(request)
+    urls = _urls(_queue_base(request, app_id, prefixed), job.id)
+
+    async def events():
+        loop = asyncio.get_running_loop()
+        end = loop.time() + settings.sync_timeout
+        last, quiet_since = "", loop.time()
+        while True:
+            try:
+                cur = await run_in_threadpool(engine.get, job.id)
+            except engine.outages:
+                body = {"detail": UNAVAILABLE, "error_type": "service_unavailable"}
+                yield f"event: error\ndata: {json.dumps(body)}\n\n"
+                return
+            if cur is None:
+                return
+            text = json.dumps(_status_body(cur, engine, with_logs, urls)[0])
+            if text != last:
+                last, quiet_since = text, loop.time()
+                yield f"data: {text}\n\n"
+            elif loop.time() - quiet_since > SSE_KEEPALIVE_S:
+                quiet_since = loop.time()
+                yield ": keep-alive\n\n"
+            if cur.done or loop.time() > end:
+                return
+            await engine.wait(job.id, timeout=SSE_POLL_S)
+
+    headers = {REQUEST_ID_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
 async def _result(request: Request, app_id: str, request_id: str) -> JSONResponse:
     if (denied := _denied(request)) is not None:
         return denied
@@ -592,6 +636,12 @@ def _add_app_routes(r: APIRouter, app_id: str) -> None:
 
         return status
 
+    def status_stream_route(prefixed: bool):
+        async def status_stream(request: Request, request_id: str):
+            return await _status_stream(request, app_id, request_id, prefixed)
+
+        return status_stream
+
     async def result(request: Request, request_id: str):
         return await _result(request, app_id, request_id)
 
@@ -625,6 +675,9 @@ def _add_app_routes(r: APIRouter, app_id: str) -> None:
         for slash in ("", "/"):
             documented = {"include_in_schema": prefixed and not slash, "tags": ["fal"]}
             r.add_api_route(f"{base}/status{slash}", status_route(prefixed), methods=["GET"], **documented)
+            r.add_api_route(
+                f"{base}/status/stream{slash}", status_stream_route(prefixed), methods=["GET"], **documented
+            )
             r.add_api_route(f"{base}{slash}", result, methods=["GET"], **documented)
             r.add_api_route(f"{base}/cancel{slash}", cancel, methods=["PUT"], **documented)
 

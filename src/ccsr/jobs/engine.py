@@ -436,12 +436,13 @@ class InProcessExecutor(Executor):
             token = task_id.set(tid)  # every log line of this job, the model's included, carries it
             try:
                 log.info("job %s started (attempt %d)", job.id, job.attempts, extra={"task_id": tid})
-                self._run_one(engine, runner, job)
-                log.info("job %s finished", job.id, extra={"task_id": tid})
+                status = self._run_one(engine, runner, job)
+                log.info("job %s ended: %s", job.id, status, extra={"task_id": tid})
             finally:
                 task_id.reset(token)
 
-    def _run_one(self, engine: JobEngine, runner: Runner, job: Job) -> None:
+    def _run_one(self, engine: JobEngine, runner: Runner, job: Job) -> str:
+        """Run one claimed job to its end; returns the terminal status it was given."""
         store = engine.store
         store.append_log(job.id, f"started (attempt {job.attempts})")
         engine._notify(job.id)
@@ -475,9 +476,11 @@ class InProcessExecutor(Executor):
         try:
             result = execute(job, engine.images, runner, progress=progress, should_cancel=should_cancel, log=logline)
             engine._finish(job.id, SUCCESS, result=result)
+            return SUCCESS
         except JobCancelled:
             store.append_log(job.id, "cancelled", "WARNING")
             engine._finish(job.id, CANCELLED, error=JobError(ErrorCode.CANCELLED, "cancelled while running"))
+            return CANCELLED
         except JobFailed as e:
             store.append_log(job.id, f"failed: {e.message}", "ERROR")
             engine._finish(job.id, ERROR, error=JobError(e.code, e.message))
@@ -486,3 +489,4 @@ class InProcessExecutor(Executor):
             store.append_log(job.id, f"failed: {type(e).__name__}: {e}", "ERROR")
             code = ErrorCode.INVALID_PARAMS if isinstance(e, ValueError) else ErrorCode.INFERENCE_FAILED
             engine._finish(job.id, ERROR, error=JobError(code, f"{type(e).__name__}: {e}"))
+        return ERROR
