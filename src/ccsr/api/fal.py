@@ -22,8 +22,6 @@ Registered app ids: ``fal-ai/ccsr`` plus ``CCSR_FAL_APP_IDS`` (comma list) or
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import datetime as _dt
 import json
 import logging
@@ -32,7 +30,7 @@ import os
 import re
 import uuid
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -58,7 +56,7 @@ from . import fal_storage
 from .app import client_host, get_engine, get_settings, image_url, public_base
 from .auth import Denied
 from .fal_schema import CCSRInput, FalInputError, fal_error, image_output, parse_input, to_params
-from .intake import UNAVAILABLE, FetchPool, IntakeError, limits_of, probe, request_json
+from .intake import RETRY_AFTER_S, UNAVAILABLE, IntakeError, image_intake, request_json, shown
 
 log = logging.getLogger("ccsr.api.fal")
 
@@ -158,89 +156,23 @@ def _denied(request: Request) -> JSONResponse | None:
 # ----------------------------------------------------------------------------------------- input image
 
 
-def _decode_data_uri(uri: str) -> bytes:
-    head, sep, payload = uri.partition(",")
-    if not sep:
-        raise ValueError("malformed data URI (no comma)")
-    if head.lower().endswith(";base64"):
-        payload = "".join(payload.split())
-        try:
-            return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"malformed base64 in data URI: {e}") from None
-    return unquote_to_bytes(payload)
+# neutral image refusal -> fal model error type (docs.fal.ai/errors); imaging codes refine image_invalid
+_IMAGE_ERROR_TYPES = {"image_missing": "file_download_error", "image_url_refused": "file_download_error",
+                      "image_fetch": "file_download_error"}
+_IMAGE_REASON_TYPES = {"too_large_bytes": "file_too_large", "too_many_pixels": "image_too_large"}
 
 
-def _shown(url: str) -> str:
-    """``image_url`` as echoed in errors: data URIs can be megabytes long."""
-    return url if len(url) <= 200 else url[:200] + "..."
-
-
-def _own_image_id(request: Request, url: str) -> str | None:
-    """An image we handed out earlier (``<public base>/images/<uuid>.<ext>``): read it from the store instead
-    of fetching our own address (which the SSRF policy would block anyway)."""
-    from .images import parse_image_ref
-
-    parts = urlsplit(url)
-    base = urlsplit(public_base(request))
-    own_netlocs = {base.netloc.lower(), (request.headers.get("host") or "").lower()}
-    if parts.netloc.lower() not in own_netlocs or "/images/" not in parts.path:
-        return None
-    return parse_image_ref(parts.path)
-
-
-# imaging error code -> fal model error type (docs.fal.ai/errors)
-_IMAGE_ERROR_TYPES = {"too_large_bytes": "file_too_large", "too_many_pixels": "image_too_large"}
-
-
-async def _store_input(request: Request, image_url_value: str) -> StoredImage:
-    """Resolve ``image_url`` (data URI, our own image URL, or http(s) URL) to a record in the image store."""
-    engine = get_engine(request)
-    settings = get_settings(request)
-    url = image_url_value.strip()
-
-    def load_error(msg: str, ctx: dict | None = None, type_: str = "image_load_error") -> FalInputError:
-        return FalInputError([fal_error("image_url", msg, type_, _shown(url), ctx)])
-
-    if url.lower().startswith("data:"):
-        try:
-            data = await run_in_threadpool(_decode_data_uri, url)
-        except ValueError as e:
-            raise load_error(f"Failed to load the image: {e}") from None
-    else:
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise load_error(
-                "Failed to load the image: image_url must be an http(s) URL or a data URI",
-                type_="file_download_error",
-            )
-        own = _own_image_id(request, url)
-        if own is not None:
-            rec = engine.images.get(own)
-            if rec is None:
-                raise load_error(
-                    "Failed to load the image: it expired or does not exist on this server",
-                    type_="file_download_error",
-                )
-            return rec
-        pool: FetchPool = request.app.state.fetch_pool
-        try:
-            data = await pool.fetch(url, limits_of(settings), frozenset(settings.fetch_allow_hosts))
-        except imaging.FetchError as e:
-            raise load_error(
-                f"Failed to download the file: {e.message}", {"reason": e.code}, type_="file_download_error"
-            ) from None
+async def _store_input(request: Request, url: str) -> StoredImage:
+    """``image_url`` (data URI, http(s) URL, or one of our own image URLs) as a stored image."""
     try:
-        p = await run_in_threadpool(probe, data, limits_of(settings))
-    except imaging.ImageError as e:
-        raise load_error(
-            f"Failed to load the image: {e.message}",
-            {"reason": e.code},
-            type_=_IMAGE_ERROR_TYPES.get(e.code, "image_load_error"),
-        ) from None
-    return engine.images.put(
-        data, content_type=p.content_type, extension=p.extension, width=p.width, height=p.height, kind="input"
-    )
+        return await image_intake(request).resolve(url, "image_url", ids=False, bare_base64=False)
+    except IntakeError as e:
+        if e.kind == "unavailable":
+            raise
+        etype = _IMAGE_ERROR_TYPES.get(e.kind) or _IMAGE_REASON_TYPES.get(e.reason or "", "image_load_error")
+        lead = "Failed to download the file" if etype == "file_download_error" else "Failed to load the image"
+        ctx = {"reason": e.reason} if e.reason else None
+        raise FalInputError([fal_error("image_url", f"{lead}: {e.message}", etype, shown(url), ctx)]) from None
 
 
 def _check_output_size(rec: StoredImage, scale: float, cap: int | None) -> None:
@@ -410,11 +342,12 @@ async def _create_job(request: Request, app_id: str, *, webhook: str | None = No
         _check_output_size(rec, params.scale, settings.max_output_side)
     except FalInputError as e:
         return _input_error(e)
-    except OSError as e:  # the image store cannot take it (a full disk): the server's fault, retry later
-        msg = f"could not store the input image: {e.strerror or e}"
-        return _request_error(msg, 503, "internal_error", retryable=True)
+    except IntakeError as e:  # unavailable: the image store cannot take it (a full disk), retry later
+        resp = _request_error(e.message, 503, "service_unavailable", retryable=True)
+        resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return resp
     engine = get_engine(request)
-    meta = {"app_id": app_id, "base": public_base(request), "image_url_shown": _shown(inp.image_url)}
+    meta = {"app_id": app_id, "base": public_base(request), "image_url_shown": shown(inp.image_url)}
     if webhook:
         meta["webhook"] = webhook
     spec = JobSpec(

@@ -14,15 +14,21 @@ is valid Unicode text (``"\\ud800"`` is legal JSON but cannot be encoded, logged
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from ccsr import imaging
 from ccsr.imaging.decode import open_image
+from ccsr.jobs import StoredImage
+
+from .images import parse_image_ref
 
 MAX_JSON_ITEMS = 1 << 18  # structural bytes per body: 16 tasks of 3,000-comma prompts stay well inside
 MAX_INT_DIGITS = 40  # longer integer literals are out of every accepted range (seeds need 19 digits)
@@ -30,14 +36,21 @@ INLINE_BYTES = 1 << 16  # larger bodies are parsed off the event loop
 
 
 class IntakeError(Exception):
-    """A request refused by the intake. ``kind``: ``too_large``, ``too_deep``, ``too_many_items``,
-    ``bad_json``, ``bad_text``; ``where``: a JSON path such as ``[0].settings.seed`` when one applies."""
+    """A request refused by the intake, in neutral words each adapter renders in its protocol's shape.
 
-    def __init__(self, kind: str, message: str, where: str | None = None):
+    ``kind``: body: ``too_large``, ``too_deep``, ``too_many_items``, ``bad_json``, ``bad_text``; images:
+    ``image_unreadable`` (not a reference, bad base64), ``image_missing`` (unknown or expired id),
+    ``image_url_refused`` (scheme or address not allowed), ``image_fetch`` (the download failed),
+    ``image_invalid`` (not an accepted image); server: ``unavailable`` (retry later).
+    ``where``: the field (``inputs.image``) or JSON path (``[0].settings.seed``) concerned, when one is;
+    ``reason``: the imaging or fetch error code behind an image refusal (``too_many_pixels``, ``timeout``)."""
+
+    def __init__(self, kind: str, message: str, where: str | None = None, reason: str | None = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.where = where
+        self.reason = reason
 
 
 def _bounded_int(literal: str) -> int | float:
@@ -142,6 +155,7 @@ FORMATS = {  # sniffed format -> (content type, file extension): the one table b
     "TIFF": ("image/tiff", "tiff"),
     "AVIF": ("image/avif", "avif"),
 }
+EXTENSIONS = dict(FORMATS.values())  # content type -> file extension
 
 
 @dataclass(frozen=True)
@@ -188,3 +202,106 @@ class FetchPool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard or URL-safe base64, whitespace and missing padding tolerated; ValueError otherwise."""
+    text = "".join(text.split())
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, altchars=b"-_" if ("-" in text or "_" in text) else None, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(str(e)) from None
+
+
+def decode_data_uri(uri: str) -> bytes:
+    """``data:[<type>][;base64],<payload>``; ValueError when malformed."""
+    head, sep, payload = uri.partition(",")
+    if not sep:
+        raise ValueError("malformed data URI (no comma)")
+    if head.lower().endswith(";base64"):
+        return decode_base64(payload)
+    return unquote_to_bytes(payload)
+
+
+def shown(ref: str) -> str:
+    """A reference as echoed in errors: data URIs can be megabytes long."""
+    return ref if len(ref) <= 200 else ref[:200] + "..."
+
+
+@dataclass
+class ImageIntake:
+    """Image references of one request -> records in the image store: fetched through the bounded pool under
+    ``imaging.Limits``, probed by header, stored once. ``own_hosts``: the ``host[:port]`` forms under which
+    this server hands out image URLs (its public URL, the request's Host); such URLs are read from the store."""
+
+    engine: Any
+    settings: Any
+    fetches: FetchPool
+    own_hosts: frozenset[str]
+
+    async def resolve(self, ref: Any, where: str, *, ids: bool = True, bare_base64: bool = True) -> StoredImage:
+        """``ref``: an http(s) URL, a data URI, or (when allowed) a stored image id or bare base64."""
+        if not isinstance(ref, str) or not ref.strip():
+            raise IntakeError("image_unreadable", f"{where} must be a non-empty string", where)
+        ref = ref.strip()
+        if ids and len(ref) == 36 and (image_id := parse_image_ref(ref)) is not None:
+            return self._stored(image_id, where)
+        if ref[:5].lower() == "data:":
+            try:
+                data = await asyncio.to_thread(decode_data_uri, ref)
+            except ValueError as e:
+                raise IntakeError("image_unreadable", f"{where}: bad data URI: {e}", where) from None
+        elif ref[:8].lower().startswith(("http://", "https://")):
+            if (image_id := self._own_image_id(ref)) is not None:
+                return self._stored(image_id, where)
+            try:
+                allow = frozenset(self.settings.fetch_allow_hosts)
+                data = await self.fetches.fetch(ref, limits_of(self.settings), allow)
+            except imaging.FetchError as e:
+                kind = "image_url_refused" if e.code in ("blocked_address", "bad_url", "bad_scheme") else "image_fetch"
+                raise IntakeError(kind, f"could not fetch {where}: {e.message}", where, e.code) from None
+        elif "://" in ref[:16]:
+            raise IntakeError("image_url_refused", f"{where}: only http(s) URLs are fetched", where, "bad_scheme")
+        elif bare_base64 and len(ref) >= 16:
+            try:
+                data = await asyncio.to_thread(decode_base64, ref)
+            except ValueError:
+                raise IntakeError("image_unreadable", f"{where} is neither an image id, a URL, a data URI nor "
+                                  "valid base64", where) from None
+        else:
+            forms = "an image id, a URL, a data URI or base64" if bare_base64 else "an http(s) URL or a data URI"
+            raise IntakeError("image_unreadable", f"{where} must be {forms}", where)
+        try:
+            p = await asyncio.to_thread(probe, data, limits_of(self.settings))
+        except imaging.ImageError as e:
+            raise IntakeError("image_invalid", f"{where}: {e.message}", where, e.code) from None
+        try:
+            return await asyncio.to_thread(
+                self.engine.images.put, data, content_type=p.content_type, extension=p.extension, width=p.width,
+                height=p.height, kind="input",
+            )
+        except OSError as e:  # a full disk: the server's fault, retry later
+            raise IntakeError("unavailable", f"could not store the image: {e.strerror or e}", where) from None
+
+    def _own_image_id(self, url: str) -> str | None:
+        parts = urlsplit(url)
+        if parts.netloc.lower() not in self.own_hosts or "/images/" not in parts.path:
+            return None
+        return parse_image_ref(parts.path)
+
+    def _stored(self, image_id: str, where: str) -> StoredImage:
+        rec = self.engine.images.get(image_id)
+        if rec is None:
+            raise IntakeError("image_missing", f"{where}: image {image_id} is unknown or has expired; upload it "
+                              "again", where)
+        return rec
+
+
+def image_intake(conn) -> ImageIntake:
+    """The :class:`ImageIntake` of one request or WebSocket (``conn``)."""
+    settings = conn.app.state.settings
+    hosts = {(conn.headers.get("host") or "").lower()}
+    if settings.public_url:
+        hosts.add(urlsplit(settings.public_url).netloc.lower())
+    return ImageIntake(conn.app.state.engine, settings, conn.app.state.fetch_pool, frozenset(hosts - {""}))

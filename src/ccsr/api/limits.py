@@ -56,10 +56,12 @@ def error_status(path: str, kind: str) -> int:
 def error_headers(path: str, kind: str) -> dict[str, str]:
     """Headers of an error answer: Retry-After for an outage; fal's error-type, retryable and request-id."""
     headers = {"Retry-After": str(RETRY_AFTER_S)} if kind == "unavailable" else {}
-    if not is_runware(path) and kind in FAL_REQUEST_ERROR_TYPES:
+    if is_runware(path):
+        return headers
+    headers["x-fal-request-id"] = str(uuid.uuid4())  # ours, not an ingress error: the client does not retry
+    headers["x-fal-retryable"] = "true" if kind == "unavailable" else "false"
+    if kind in FAL_REQUEST_ERROR_TYPES:
         headers["x-fal-error-type"] = FAL_REQUEST_ERROR_TYPES[kind]
-        headers["x-fal-retryable"] = "true" if kind == "unavailable" else "false"
-        headers["x-fal-request-id"] = str(uuid.uuid4())  # ours, not an ingress error: the client does not retry
     return headers
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import logging
 import math
@@ -38,21 +37,20 @@ from ccsr.jobs import (
     JobSpec,
     OutputOptions,
     QueueFull,
+    StoredImage,
     payload_hash,
 )
 from ccsr.params import ParamError, UpscaleParams
 
 from .app import client_host, get_engine, get_settings, image_url, public_base
 from .auth import Denied, Principal
-from .images import parse_image_ref
 from .intake import (
     RETRY_AFTER_S,
     UNAVAILABLE,
-    FetchPool,
+    ImageIntake,
     IntakeError,
-    limits_of,
+    image_intake,
     load_json_async,
-    probe,
     request_json,
 )
 from .settings import Settings
@@ -133,113 +131,25 @@ class Ctx:
     engine: JobEngine
     settings: Settings
     base: str  # public base URL for image links
-    fetches: FetchPool  # input-image downloads
     principal: Principal | None = None  # the caller, for per-key queue quotas
+    images: ImageIntake | None = None  # the request's image references (None when only replying)
 
 
 # ------------------------------------------------------------------------------------------- inputs
 
 
-def _decode_b64(s: str) -> bytes:
-    s = "".join(s.split())
-    s += "=" * (-len(s) % 4)
+IMAGE_CODES = {"image_url_refused": "invalidInputImageURL", "image_fetch": "downloadFailed"}
+
+
+async def resolve_image(ref: Any, ctx: Ctx, parameter: str) -> StoredImage:
+    """A Runware image reference (image UUID, URL, data URI or bare base64) as a stored image."""
+    assert ctx.images is not None
     try:
-        return base64.b64decode(s, altchars=b"-_" if ("-" in s or "_" in s) else None, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(str(e)) from e
-
-
-def _own_image_id(ref: str, ctx: Ctx) -> str | None:
-    """The store id when ``ref`` is a URL we handed out (``…/images/<uuid>.<ext>`` on our base)."""
-    if "/images/" not in ref:
-        return None
-    image_id = parse_image_ref(ref)
-    if image_id is None:
-        return None
-    prefix = ref.split("/images/", 1)[0]
-    bases = {ctx.base.rstrip("/")}
-    if ctx.settings.public_url:
-        bases.add(ctx.settings.public_url.rstrip("/"))
-    if prefix.rstrip("/") in bases or ctx.engine.images.get(image_id) is not None:
-        return image_id
-    return None
-
-
-async def resolve_image(ref: Any, ctx: Ctx, parameter: str) -> tuple[str, bool]:
-    """Turn a Runware image reference into an image id in our store. Returns (id, newly_stored)."""
-    if not isinstance(ref, str) or not ref.strip():
-        raise RWError("invalidInputImage", f"{parameter} must be a non-empty string", parameter=parameter)
-    ref = ref.strip()
-    settings = ctx.settings
-    # 1. a UUID of an upload or an earlier output
-    try:
-        as_uuid = str(uuid.UUID(ref)) if len(ref) == 36 else None
-    except ValueError:
-        as_uuid = None
-    if as_uuid is not None:
-        if ctx.engine.images.get(as_uuid) is None:
-            raise RWError(
-                "invalidInputImage",
-                f"image {as_uuid} is unknown or has expired; upload it again",
-                parameter=parameter,
-            )
-        return as_uuid, False
-    # 2. bytes from a data URI, a URL or bare base64
-    if ref.startswith("data:"):
-        head, _, payload = ref.partition(",")
-        if ";base64" not in head:
-            raise RWError("invalidInputImage", "data URIs must be base64-encoded", parameter=parameter)
-        try:
-            data = _decode_b64(payload)
-        except ValueError as e:
-            raise RWError("invalidInputImage", f"bad base64 in data URI: {e}", parameter=parameter) from e
-    elif ref.startswith(("http://", "https://")):
-        own = _own_image_id(ref, ctx)
-        if own is not None:
-            if ctx.engine.images.get(own) is None:
-                raise RWError("invalidInputImage", f"image {own} has expired", parameter=parameter)
-            return own, False
-        from ccsr import imaging
-
-        try:
-            data = await ctx.fetches.fetch(ref, limits_of(settings), frozenset(settings.fetch_allow_hosts))
-        except imaging.FetchError as e:
-            code = getattr(e, "code", "")
-            raise RWError(
-                "invalidInputImageURL" if code in ("blocked_address", "bad_url", "bad_scheme") else "downloadFailed",
-                f"could not fetch {parameter}: {e}",
-                parameter=parameter,
-                status=400,
-            ) from e
-    else:
-        if len(ref) < 16:
-            raise RWError(
-                "invalidInputImage",
-                f"{parameter} is neither an image UUID, a URL, a data URI nor base64",
-                parameter=parameter,
-            )
-        try:
-            data = _decode_b64(ref)
-        except ValueError as e:
-            raise RWError(
-                "invalidInputImage",
-                f"{parameter} is neither an image UUID, a URL, a data URI nor valid base64",
-                parameter=parameter,
-            ) from e
-    if len(data) > settings.max_input_bytes:
-        raise RWError(
-            "invalidInputImage", f"image is larger than {settings.max_input_bytes} bytes", parameter=parameter
-        )
-    from ccsr import imaging
-
-    try:
-        p = await asyncio.to_thread(probe, data, limits_of(settings))
-    except imaging.ImageError as e:
-        raise RWError("invalidInputImage", f"{parameter}: {e.message}", parameter=parameter) from e
-    rec = ctx.engine.images.put(
-        data, content_type=p.content_type, extension=p.extension, width=p.width, height=p.height, kind="input"
-    )
-    return rec.id, True
+        return await ctx.images.resolve(ref, parameter)
+    except IntakeError as e:
+        if e.kind == "unavailable":
+            raise RWError("serviceUnavailable", e.message, status=503) from None
+        raise RWError(IMAGE_CODES.get(e.kind, "invalidInputImage"), e.message, parameter=parameter) from None
 
 
 # ------------------------------------------------------------------------------------------- tasks
@@ -296,9 +206,7 @@ async def _image_upload(task: dict, ctx: Ctx, tt: str, tu: str) -> Reply:
     ref = task.get("image")
     if ref is None:
         raise RWError("missingImage", "image is required", parameter="image")
-    image_id, _ = await resolve_image(ref, ctx, "image")
-    rec = ctx.engine.images.get(image_id)
-    assert rec is not None
+    rec = await resolve_image(ref, ctx, "image")
     return Reply(
         data=[
             {
@@ -318,9 +226,7 @@ async def _media_storage(task: dict, ctx: Ctx, tt: str, tu: str) -> Reply:
     ref = task.get("media")
     if ref is None:
         raise RWError("missingMedia", "media is required", parameter="media")
-    image_id, _ = await resolve_image(ref, ctx, "media")
-    rec = ctx.engine.images.get(image_id)
-    assert rec is not None
+    rec = await resolve_image(ref, ctx, "media")
     return Reply(
         data=[
             {
@@ -490,7 +396,7 @@ async def _upscale(task: dict, ctx: Ctx, tt: str, tu: str, on_ack=None) -> Reply
     for name, url in (("webhookURL", req.webhook), ("uploadEndpoint", req.upload_endpoint)):
         if url:
             _check_outbound(url, name, ctx)
-    image_id, _ = await resolve_image(req.image_ref, ctx, req.image_param)
+    image_id = (await resolve_image(req.image_ref, ctx, req.image_param)).id
     cap = ctx.settings.max_output_side
     spec = JobSpec(
         params=req.params,
@@ -619,7 +525,7 @@ def setup(app, engine: JobEngine, settings: Settings) -> None:
         if delivery is None:
             return
         if meta.get("webhookURL"):
-            ctx = Ctx(engine, settings, meta.get("base", ""), app.state.fetch_pool)
+            ctx = Ctx(engine, settings, meta.get("base", ""))
             reply = result_reply(job, ctx, with_status=True)
             delivery.post_json(meta["webhookURL"], reply.frame())
         if meta.get("uploadEndpoint") and job.status == SUCCESS and job.result is not None:
@@ -634,7 +540,7 @@ def setup(app, engine: JobEngine, settings: Settings) -> None:
 
 
 def _ctx(conn) -> Ctx:
-    return Ctx(get_engine(conn), get_settings(conn), public_base(conn), conn.app.state.fetch_pool)
+    return Ctx(get_engine(conn), get_settings(conn), public_base(conn), images=image_intake(conn))
 
 
 def _auth_error(message: str) -> dict:
