@@ -5,6 +5,7 @@ and test_restart*.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -25,6 +26,7 @@ from ccsr.jobs import (
     LocalImageStore,
     OutputOptions,
     QueueFull,
+    QuotaFull,
     RunOutput,
     SQLiteJobStore,
 )
@@ -328,3 +330,25 @@ def test_the_log_names_how_a_job_ended(tmp_path, caplog):
         assert f"job {job.id} ended: success" not in caplog.text
     finally:
         eng.stop()
+
+
+def test_owner_quota_is_counted_by_the_store(tmp_path):
+    eng, runner = make_engine(tmp_path)
+    runner.gate.clear()
+    eng.start()
+    try:
+        mine = dict(owner="alpha", owner_quota=1)
+        a, _ = eng.submit(dataclasses.replace(spec(eng), **mine))
+        with pytest.raises(QuotaFull):
+            eng.submit(dataclasses.replace(spec(eng), **mine))
+        eng.submit(dataclasses.replace(spec(eng), owner="bravo", owner_quota=1))
+        eng.cancel(a.id)
+        assert wait_until(lambda: eng.get(a.id).done)
+        eng.submit(dataclasses.replace(spec(eng), **mine))  # the ended job freed the place
+    finally:
+        runner.gate.set()
+        eng.stop()
+    # the count lives in the database: a restarted engine over it still sees alpha's queued job
+    again, _ = make_engine(tmp_path)
+    with pytest.raises(QuotaFull):
+        again.submit(dataclasses.replace(spec(again), **mine))

@@ -93,7 +93,6 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
     if engine.delivery is not None and hasattr(engine.delivery, "attempts"):
         engine.delivery.timeout = settings.webhook_timeout
         engine.delivery.attempts = max(1, settings.webhook_attempts)
-    engine.add_listener(lambda job: settings.quotas.done(job.id))
 
     from .limits import LimitsMiddleware, error_body, error_headers, error_status
     from .metrics import HTTPErrorCounter, Metrics

@@ -56,7 +56,7 @@ from . import fal_storage
 from .app import client_host, get_engine, get_settings, image_url, public_base
 from .auth import Denied
 from .fal_schema import CCSRInput, FalInputError, fal_error, image_output, parse_input, to_params
-from .intake import RETRY_AFTER_S, UNAVAILABLE, IntakeError, image_intake, request_json, shown
+from .intake import RETRY_AFTER_S, UNAVAILABLE, IntakeError, image_intake, request_json, shown, submit
 
 log = logging.getLogger("ccsr.api.fal")
 
@@ -358,22 +358,14 @@ async def _create_job(request: Request, app_id: str, *, webhook: str | None = No
         meta=meta,
         cost_per_second=settings.price_per_second,
     )
-    who = getattr(request.state, "principal", None)
-    if who is not None and settings.quotas.full(who):
-        msg = f"{who.id} already has {who.quota} queued or running requests"
-        resp = _request_error(msg, 429, "rate_limited", retryable=True)
-        resp.headers["Retry-After"] = "1"
-        return resp
     try:
-        job, _ = await run_in_threadpool(engine.submit, spec)
-    except QueueFull as e:
+        job, _ = await submit(engine, spec, getattr(request.state, "principal", None))
+    except QueueFull as e:  # the queue, or the caller's quota
         resp = _request_error(str(e), 429, "rate_limited", retryable=True)
         resp.headers["Retry-After"] = "1"
         return resp
     except ParamError as e:
         return _input_error(FalInputError([fal_error(e.field, e.message, "value_error")]))
-    if who is not None:
-        settings.quotas.add(who, job.id)
     return job
 
 

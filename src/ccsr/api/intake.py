@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import functools
 import json
 import math
@@ -26,8 +27,9 @@ from urllib.parse import unquote_to_bytes, urlsplit
 
 from ccsr import imaging
 from ccsr.imaging.decode import open_image
-from ccsr.jobs import StoredImage
+from ccsr.jobs import Job, JobSpec, StoredImage
 
+from .auth import Principal
 from .images import parse_image_ref
 
 MAX_JSON_ITEMS = 1 << 18  # structural bytes per body: 16 tasks of 3,000-comma prompts stay well inside
@@ -305,3 +307,12 @@ def image_intake(conn) -> ImageIntake:
     if settings.public_url:
         hosts.add(urlsplit(settings.public_url).netloc.lower())
     return ImageIntake(conn.app.state.engine, settings, conn.app.state.fetch_pool, frozenset(hosts - {""}))
+
+
+async def submit(engine, spec: JobSpec, who: Principal | None) -> tuple[Job, bool]:
+    """Queue ``spec`` for ``who``: the caller's quota is counted by the job store in the same transaction as
+    the queue bound (so it holds across replicas and restarts). Raises the engine's neutral errors:
+    ``QueueFull`` (``QuotaFull`` for the caller's quota), ``JobConflict``, ``ParamError``."""
+    if who is not None:
+        spec = dataclasses.replace(spec, owner=who.id, owner_quota=who.quota)
+    return await asyncio.to_thread(engine.submit, spec)

@@ -52,6 +52,7 @@ from .intake import (
     image_intake,
     load_json_async,
     request_json,
+    submit,
 )
 from .settings import Settings
 
@@ -417,23 +418,15 @@ async def _upscale(task: dict, ctx: Ctx, tt: str, tu: str, on_ack=None) -> Reply
         payload_hash=body_hash,
         cost_per_second=ctx.settings.price_per_second,
     )
-    if ctx.principal is not None and ctx.settings.quotas.full(ctx.principal):
-        raise RWError(
-            "rateLimitExceeded",
-            f"{ctx.principal.id} already has {ctx.principal.quota} queued or running tasks",
-            status=429,
-        )
     try:
-        job, created = ctx.engine.submit(spec)
-    except QueueFull as e:
+        job, created = await submit(ctx.engine, spec, ctx.principal)
+    except QueueFull as e:  # the queue, or the caller's quota
         raise RWError("rateLimitExceeded", str(e), status=429) from e
     except JobConflict as e:
         raise RWError("conflictTaskUUID", str(e), parameter="taskUUID") from e
     except ParamError as e:
         raise RWError("invalidParameters", str(e), parameter=PARAM_TO_FIELD.get(e.field, e.field)) from e
-    if created and ctx.principal is not None:
-        ctx.settings.quotas.add(ctx.principal, job.id)
-    return await _deliver(job, ctx, req.delivery, fresh=True, on_ack=on_ack)
+    return await _deliver(job, ctx, req.delivery, fresh=created, on_ack=on_ack)
 
 
 async def _deliver(job: Job, ctx: Ctx, delivery: str, *, fresh: bool, on_ack=None) -> Reply:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .auth import Denied, KeyRing, Principal, Quotas, RateLimiter
+from .auth import Denied, KeyRing, Principal, RateLimiter
 
 
 def default_data_dir() -> Path:
@@ -68,7 +68,6 @@ class Settings:
     # runtime state of the key policy (built on first use; never compared or shown)
     _keyring: KeyRing | None = field(default=None, repr=False, compare=False)
     _limiter: RateLimiter = field(default_factory=RateLimiter, repr=False, compare=False)
-    _quotas: Quotas = field(default_factory=Quotas, repr=False, compare=False)
 
     def body_limit(self) -> int:
         return self.max_body_bytes or self.max_input_bytes * 4 // 3 + (1 << 20)
@@ -85,10 +84,6 @@ class Settings:
             ring.add(self.api_keys)
             self.api_keys = []
         return ring
-
-    @property
-    def quotas(self) -> Quotas:
-        return self._quotas
 
     def keys_required(self) -> bool:
         return self.keyring().configured()
