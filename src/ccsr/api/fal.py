@@ -1,69 +1,66 @@
-"""The fal protocol for ``fal-ai/ccsr``: sync run, queue (submit/status/result/cancel) and webhooks.
+"""The fal protocol for ``fal-ai/ccsr`` (protocols.md B): sync run, queue (submit, status, status stream,
+result, cancel) and webhooks; a thin adapter that reads bodies with :mod:`ccsr.api.fal_schema`, takes images and
+submits through :mod:`ccsr.api.intake`, and answers in fal's shapes (pinned by tests/server/test_fal_protocol.py,
+proven with the unmodified ``fal_client`` by tests/server/test_fal_client.py).
 
-A thin adapter over the protocol-neutral job engine (``app.state.engine``); wire rules from
-shared/docs/protocols.md B, pinned by tests/server/test_fal_protocol.py and proven with the unmodified
-``fal_client`` by tests/server/test_fal_client.py:
-
-- ``POST /{owner}/{alias}[/{path}]``: sync run, answers the output (or the error) when the job is done.
-  With a ``queue.*`` Host it is a submit instead (fal's queue host).
-- ``POST /queue/{owner}/{alias}[/{path}][?fal_webhook=URL]``: submit; answers ``request_id``, ``status_url``,
-  ``response_url``, ``cancel_url`` (absolute, built from the request's scheme, Host and prefix), ``status``,
-  ``queue_position``.
-- ``GET  .../{owner}/{alias}/requests/{id}/status?logs=true|1``: IN_QUEUE / IN_PROGRESS / COMPLETED (202 until
-  done, then 200); ``requests/*`` ignore any sub-path used at submit and accept a trailing ``/``.
-- ``GET  .../requests/{id}``: the output, or the error with its status; ``PUT .../requests/{id}/cancel``.
-- Errors: 422 with a FastAPI-style ``detail`` list, 429 when the queue is full, never 409; every answer
-  carries ``x-fal-request-id`` (so the client does not take our 5xx for an ingress error and retry it).
-
-Registered app ids: ``fal-ai/ccsr`` plus ``CCSR_FAL_APP_IDS`` (comma list) or
-``settings.extra["fal_app_ids"]``.
+Routes per app id: ``POST /{app}[/{path}]`` (sync run; a ``queue.*`` Host submits instead), ``POST
+/queue/{app}[/{path}][?fal_webhook=URL]``, and under ``[/queue]/{app}/requests/{id}``: ``GET /status[/stream]``,
+``GET`` (the result), ``PUT /cancel``. Errors: 422 with a FastAPI-style ``detail`` list, 429 when the queue or the
+key's quota is full, never 409; every answer carries ``x-fal-request-id`` (our 5xx is not an ingress error to
+retry). App ids: ``fal-ai/ccsr`` plus ``CCSR_FAL_APP_IDS`` (comma list) or ``settings.extra["fal_app_ids"]``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as _dt
 import json
 import logging
-import math
 import os
 import re
 import uuid
 from typing import Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ccsr import imaging
-from ccsr.jobs import (
-    CANCELLED,
-    ERROR,
-    PROCESSING,
-    QUEUED,
-    SUCCESS,
-    ErrorCode,
-    Job,
-    JobSpec,
-    OutputOptions,
-    QueueFull,
-    StoredImage,
-)
+from ccsr.jobs import ERROR, QUEUED, SUCCESS, Job, JobSpec, OutputOptions, QueueFull, StoredImage
 from ccsr.params import ParamError
 
 from . import fal_storage
-from .app import client_host, get_engine, get_settings, image_url, public_base
+from .app import client_host, get_engine, get_settings, public_base
 from .auth import Denied
-from .fal_schema import CCSRInput, FalInputError, fal_error, image_output, parse_input, to_params
-from .intake import RETRY_AFTER_S, UNAVAILABLE, IntakeError, image_intake, request_json, shown, submit
+from .fal_schema import (
+    CCSRInput,
+    FalInputError,
+    error_of,
+    fal_error,
+    finite,
+    output_of,
+    parse_input,
+    request_urls,
+    status_body,
+    to_params,
+    webhook_payload,
+)
+from .intake import (
+    RETRY_AFTER_S,
+    UNAVAILABLE,
+    IntakeError,
+    check_outbound,
+    image_intake,
+    request_json,
+    request_key,
+    shown,
+    submit,
+)
 
 log = logging.getLogger("ccsr.api.fal")
 
 PROTOCOL = "fal"
 DEFAULT_APP_IDS: tuple[str, ...] = ("fal-ai/ccsr",)
 REQUEST_ID_HEADER = "x-fal-request-id"
-LOG_SOURCE = "user"
 SSE_POLL_S = 0.5  # a status stream looks again this often (sooner when the job ends)
 SSE_KEEPALIVE_S = 15.0  # and sends a comment after this long without a change (proxies close idle streams)
 _ECHOED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -85,17 +82,6 @@ def _app_ids_from_env() -> tuple[str, ...]:
     return tuple(ids)
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/Infinity: an echoed input such as ``"scale": Infinity`` is shown as a string."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _json(
     body: Any, status: int = 200, request_id: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
@@ -104,7 +90,7 @@ def _json(
     h = {REQUEST_ID_HEADER: echo or str(uuid.uuid4())}
     if headers:
         h.update(headers)
-    return JSONResponse(_finite(body) if status >= 400 else body, status_code=status, headers=h)
+    return JSONResponse(finite(body) if status >= 400 else body, status_code=status, headers=h)
 
 
 def _input_error(e: FalInputError, request_id: str | None = None) -> JSONResponse:
@@ -128,22 +114,16 @@ def _is_queue_host(request: Request) -> bool:
     return host.startswith("queue.")
 
 
-def _request_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization") or ""
-    scheme, _, key = auth.partition(" ")
-    return (key.strip() or None) if scheme.lower() in ("key", "bearer") else None
-
-
 def _authorized(request: Request) -> bool:
     """The key policy alone (no rate limit): used by :mod:`ccsr.api.fal_storage`."""
-    return get_settings(request).key_ok(_request_key(request), client_host(request))
+    return get_settings(request).key_ok(request_key(request), client_host(request))
 
 
 def _denied(request: Request) -> JSONResponse | None:
     """``Authorization: Key <k>`` (fal_client) or ``Bearer <k>``; the server's key policy and the key's rate
     limit decide. None when admitted (the caller is kept in ``request.state.principal``), else the error."""
     try:
-        request.state.principal = get_settings(request).admit(_request_key(request), client_host(request))
+        request.state.principal = get_settings(request).admit(request_key(request), client_host(request))
     except Denied as e:
         if e.status == 429:
             resp = _request_error(e.message, 429, "rate_limited", retryable=True)
@@ -203,63 +183,8 @@ def _check_output_size(rec: StoredImage, scale: float, cap: int | None) -> None:
 # ----------------------------------------------------------------------------------------- job <-> wire
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).replace(tzinfo=None).isoformat()
-
-
-def _logs(job: Job) -> list[dict]:
-    return [
-        {"message": ln.message, "level": ln.level, "source": LOG_SOURCE, "timestamp": _iso(ln.timestamp)}
-        for ln in job.logs
-    ]
-
-
-def _output(job: Job) -> dict:
-    r = job.result
-    assert r is not None
-    base = job.meta.get("base") or ""
-    name = f"{r.image_id}.{r.extension}"
-    seed = r.seed if r.seed is not None else job.params.seed
-    return image_output(
-        image_url(base, r.image_id, r.extension), r.content_type, name, r.size, r.width, r.height, seed
-    )
-
-
-# neutral ErrorCode -> (HTTP status, fal error type) for request errors (``{"detail": str}``)
-_REQUEST_ERRORS = {
-    ErrorCode.CANCELLED: (499, "client_cancelled"),
-    ErrorCode.TIMEOUT: (504, "request_timeout"),
-    ErrorCode.INTERRUPTED: (503, "runner_disconnected"),
-    ErrorCode.INFERENCE_FAILED: (500, "internal_error"),
-    ErrorCode.INTERNAL: (500, "internal_error"),
-}
-
-
-def _error_of(job: Job) -> tuple[int, Any, str]:
-    """(HTTP status, ``detail`` body value, error_type) of a failed or cancelled job."""
-    err = job.error
-    code = err.code if err else (ErrorCode.CANCELLED if job.status == CANCELLED else ErrorCode.INTERNAL)
-    message = err.message if err else ""
-    if job.status == CANCELLED or code == ErrorCode.CANCELLED:
-        return 499, "Request cancelled by the client", "client_cancelled"
-    if code in (ErrorCode.INVALID_INPUT, ErrorCode.INPUT_MISSING):
-        url = job.meta.get("image_url_shown")
-        return (
-            422,
-            [fal_error("image_url", f"Failed to load the image: {message}", "image_load_error", url)],
-            "image_load_error",
-        )
-    if code == ErrorCode.INVALID_PARAMS:
-        return 422, [fal_error(None, message, "value_error")], "value_error"
-    status, etype = _REQUEST_ERRORS.get(code, (500, "internal_error"))
-    detail = "Internal Server Error" if status == 500 else message or etype
-    return status, detail, etype
-
-
 def _error_response(job: Job) -> JSONResponse:
-    status, detail, etype = _error_of(job)
+    status, detail, etype = error_of(job)
     headers = {"x-fal-error-type": etype, "x-fal-retryable": "true" if status in (503, 504) else "false"}
     body: dict[str, Any] = {"detail": detail}
     if not isinstance(detail, list):
@@ -267,37 +192,6 @@ def _error_response(job: Job) -> JSONResponse:
     else:
         headers["x-fal-billable-units"] = "0"
     return _json(body, status, job.id, headers)
-
-
-def _status_body(job: Job, engine, with_logs: bool, urls: dict | None) -> tuple[dict, int]:
-    logs = _logs(job) if with_logs else None
-    if job.status == QUEUED:
-        pos = engine.queue_position(job.id)
-        body: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": 0 if pos is None else pos}
-        code = 202
-    elif job.status == PROCESSING:
-        body = {"status": "IN_PROGRESS", "logs": logs}
-        code = 202
-    else:
-        body = {"status": "COMPLETED", "logs": logs}
-        if job.result is not None:
-            body["metrics"] = {"inference_time": job.result.inference_seconds}
-        else:
-            body["metrics"] = {}
-        if job.status != SUCCESS:
-            status, detail, etype = _error_of(job)
-            body["error"] = detail if isinstance(detail, str) else f"Invalid status code: {status}"
-            body["error_type"] = etype
-        code = 200
-    if urls:
-        body.update(urls)
-    body["request_id"] = job.id
-    return body, code
-
-
-def _urls(base: str, request_id: str) -> dict:
-    r = f"{base}/requests/{request_id}"
-    return {"response_url": r, "status_url": f"{r}/status", "cancel_url": f"{r}/cancel"}
 
 
 def _queue_base(request: Request, app_id: str, prefixed: bool) -> str:
@@ -419,7 +313,7 @@ async def _sync_run(request: Request, app_id: str) -> JSONResponse:
                 f"request timed out after {settings.sync_timeout:.0f}s", 504, "request_timeout", job.id
             )
     if cur.status == SUCCESS:
-        return _json(_output(cur), 200, cur.id)
+        return _json(output_of(cur), 200, cur.id)
     return _error_response(cur)
 
 
@@ -427,21 +321,11 @@ async def _submit(request: Request, app_id: str, prefixed: bool) -> JSONResponse
     if (denied := _denied(request)) is not None:
         return denied
     webhook = request.query_params.get("fal_webhook")
-    if webhook is not None:
-        scheme = urlsplit(webhook).scheme.lower()
-        if scheme not in ("http", "https"):
-            return _input_error(
-                FalInputError(
-                    [
-                        {
-                            "loc": ["query", "fal_webhook"],
-                            "msg": "must be an http(s) URL",
-                            "type": "value_error",
-                            "input": webhook,
-                        }
-                    ]
-                )
-            )
+    try:
+        check_outbound(webhook, get_settings(request), "fal_webhook")
+    except IntakeError as e:
+        return _input_error(FalInputError([{"loc": ["query", "fal_webhook"], "msg": e.message, "type": "value_error",
+                                            "input": webhook}]))
     job = await _create_job(request, app_id, webhook=webhook)
     if isinstance(job, JSONResponse):
         return job
@@ -451,7 +335,7 @@ async def _submit(request: Request, app_id: str, prefixed: bool) -> JSONResponse
         "status": "IN_QUEUE",
         "request_id": job.id,
         "gateway_request_id": job.id,
-        **_urls(_queue_base(request, app_id, prefixed), job.id),
+        **request_urls(_queue_base(request, app_id, prefixed), job.id),
         "queue_position": 0 if pos is None else pos,
     }
     return _json(body, 200, job.id)
@@ -461,15 +345,19 @@ def _want_logs(request: Request) -> bool:
     return (request.query_params.get("logs") or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _status_of(request: Request, app_id: str, job: Job, prefixed: bool) -> tuple[dict, int]:
+    position = get_engine(request).queue_position(job.id) if job.status == QUEUED else None
+    urls = request_urls(_queue_base(request, app_id, prefixed), job.id)
+    return status_body(job, position, _want_logs(request), urls)
+
+
 async def _status(request: Request, app_id: str, request_id: str, prefixed: bool) -> JSONResponse:
     if (denied := _denied(request)) is not None:
         return denied
     job = _find_job(request, app_id, request_id)
     if job is None:
         return _not_found(request_id)
-    body, code = _status_body(
-        job, get_engine(request), _want_logs(request), _urls(_queue_base(request, app_id, prefixed), job.id)
-    )
+    body, code = _status_of(request, app_id, job, prefixed)
     return _json(body, code, job.id)
 
 
@@ -483,8 +371,6 @@ async def _status_stream(request: Request, app_id: str, request_id: str, prefixe
         return _not_found(request_id)
     engine = get_engine(request)
     settings = get_settings(request)
-    with_logs = _want_logs(request)
-    urls = _urls(_queue_base(request, app_id, prefixed), job.id)
 
     async def events():
         loop = asyncio.get_running_loop()
@@ -499,7 +385,7 @@ async def _status_stream(request: Request, app_id: str, request_id: str, prefixe
                 return
             if cur is None:
                 return
-            text = json.dumps(_status_body(cur, engine, with_logs, urls)[0])
+            text = json.dumps(_status_of(request, app_id, cur, prefixed)[0])
             if text != last:
                 last, quiet_since = text, loop.time()
                 yield f"data: {text}\n\n"
@@ -523,7 +409,7 @@ async def _result(request: Request, app_id: str, request_id: str) -> JSONRespons
     if not job.done:
         return _json({"detail": "Request is still in progress"}, 400, job.id)
     if job.status == SUCCESS:
-        return _json(_output(job), 200, job.id)
+        return _json(output_of(job), 200, job.id)
     return _error_response(job)
 
 
@@ -555,56 +441,30 @@ def _add_app_routes(r: APIRouter, app_id: str) -> None:
     async def submit(request: Request):
         return await _submit(request, app_id, prefixed=True)
 
-    def status_route(prefixed: bool):
-        async def status(request: Request, request_id: str):
-            return await _status(request, app_id, request_id, prefixed)
+    def by_id(handler, **kw):
+        async def endpoint(request: Request, request_id: str):
+            return await handler(request, app_id, request_id, **kw)
 
-        return status
-
-    def status_stream_route(prefixed: bool):
-        async def status_stream(request: Request, request_id: str):
-            return await _status_stream(request, app_id, request_id, prefixed)
-
-        return status_stream
-
-    async def result(request: Request, request_id: str):
-        return await _result(request, app_id, request_id)
-
-    async def cancel(request: Request, request_id: str):
-        return await _cancel(request, app_id, request_id)
+        return endpoint
 
     body_schema = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": CCSRInput.model_json_schema()}},
-        }
+        "requestBody": {"required": True, "content": {"application/json": {"schema": CCSRInput.model_json_schema()}}}
     }
     for sub in ("", "/{path:path}"):
         documented = {"include_in_schema": not sub, "tags": ["fal"], "openapi_extra": body_schema}
-        r.add_api_route(
-            f"/{app_id}{sub}",
-            run_or_submit,
-            methods=["POST"],
-            **documented,
-            summary=f"fal sync run of {app_id} (a queue.* Host submits instead)",
-        )
-        r.add_api_route(
-            f"/queue/{app_id}{sub}",
-            submit,
-            methods=["POST"],
-            **documented,
-            summary=f"fal queue submit of {app_id} (?fal_webhook=URL)",
-        )
+        r.add_api_route(f"/{app_id}{sub}", run_or_submit, methods=["POST"], **documented,
+                        summary=f"fal sync run of {app_id} (a queue.* Host submits instead)")
+        r.add_api_route(f"/queue/{app_id}{sub}", submit, methods=["POST"], **documented,
+                        summary=f"fal queue submit of {app_id} (?fal_webhook=URL)")
     for prefix, prefixed in (("/queue", True), ("", False)):
         base = f"{prefix}/{app_id}/requests/{{request_id}}"
+        routes = (("/status", _status, "GET", {"prefixed": prefixed}),
+                  ("/status/stream", _status_stream, "GET", {"prefixed": prefixed}),
+                  ("", _result, "GET", {}), ("/cancel", _cancel, "PUT", {}))
         for slash in ("", "/"):
-            documented = {"include_in_schema": prefixed and not slash, "tags": ["fal"]}
-            r.add_api_route(f"{base}/status{slash}", status_route(prefixed), methods=["GET"], **documented)
-            r.add_api_route(
-                f"{base}/status/stream{slash}", status_stream_route(prefixed), methods=["GET"], **documented
-            )
-            r.add_api_route(f"{base}{slash}", result, methods=["GET"], **documented)
-            r.add_api_route(f"{base}/cancel{slash}", cancel, methods=["PUT"], **documented)
+            for tail, handler, method, kw in routes:
+                r.add_api_route(f"{base}{tail}{slash}", by_id(handler, **kw), methods=[method], tags=["fal"],
+                                include_in_schema=prefixed and not slash)
 
 
 def build_router(app_ids: tuple[str, ...] | list[str] = DEFAULT_APP_IDS) -> APIRouter:
@@ -620,18 +480,6 @@ router.include_router(fal_storage.router)  # optional upload endpoints (fal_clie
 
 
 # ============================================================================================ webhooks
-
-
-def webhook_payload(job: Job) -> dict:
-    """fal's webhook body (protocols.md B.1): OK + output, or ERROR + the error body."""
-    base = {"request_id": job.id, "gateway_request_id": job.id}
-    if job.status == SUCCESS:
-        return {**base, "status": "OK", "payload": _output(job), "error": None}
-    status, detail, etype = _error_of(job)
-    payload: dict[str, Any] = {"detail": detail}
-    if not isinstance(detail, list):
-        payload["error_type"] = etype
-    return {**base, "status": "ERROR", "error": f"Invalid status code: {status}", "payload": payload}
 
 
 def _on_terminal(engine) -> Any:

@@ -43,7 +43,8 @@ class IntakeError(Exception):
     ``kind``: body: ``too_large``, ``too_deep``, ``too_many_items``, ``bad_json``, ``bad_text``; images:
     ``image_unreadable`` (not a reference, bad base64), ``image_missing`` (unknown or expired id),
     ``image_url_refused`` (scheme or address not allowed), ``image_fetch`` (the download failed),
-    ``image_invalid`` (not an accepted image); server: ``unavailable`` (retry later).
+    ``image_invalid`` (not an accepted image); callbacks: ``url_refused`` (a webhook the SSRF rules refuse);
+    server: ``unavailable`` (retry later).
     ``where``: the field (``inputs.image``) or JSON path (``[0].settings.seed``) concerned, when one is;
     ``reason``: the imaging or fetch error code behind an image refusal (``too_many_pixels``, ``timeout``)."""
 
@@ -316,3 +317,20 @@ async def submit(engine, spec: JobSpec, who: Principal | None) -> tuple[Job, boo
     if who is not None:
         spec = dataclasses.replace(spec, owner=who.id, owner_quota=who.quota)
     return await asyncio.to_thread(engine.submit, spec)
+
+
+def request_key(conn) -> str | None:
+    """The API key of ``Authorization: Bearer <key>`` (Runware, fal) or ``Key <key>`` (fal_client)."""
+    scheme, _, key = (conn.headers.get("authorization") or "").partition(" ")
+    return (key.strip() or None) if scheme.lower() in ("key", "bearer") else None
+
+
+def check_outbound(url: str | None, settings, where: str) -> None:
+    """A URL the server will call back (webhook, upload endpoint) must pass the fetcher's SSRF rules now, at
+    submit, not only at delivery: IntakeError ``url_refused`` otherwise. None passes."""
+    if url is None:
+        return
+    try:
+        imaging.check_url(url, allow_hosts=frozenset(settings.fetch_allow_hosts))
+    except imaging.FetchError as e:
+        raise IntakeError("url_refused", f"{where} is not allowed: {e.message}", where, e.code) from None
