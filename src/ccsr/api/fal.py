@@ -7,7 +7,7 @@ Routes per app id: ``POST /{app}[/{path}]`` (sync run; a ``queue.*`` Host submit
 /queue/{app}[/{path}][?fal_webhook=URL]``, and under ``[/queue]/{app}/requests/{id}``: ``GET /status[/stream]``,
 ``GET`` (the result), ``PUT /cancel``. Errors: 422 with a FastAPI-style ``detail`` list, 429 when the queue or the
 key's quota is full, never 409; every answer carries ``x-fal-request-id`` (our 5xx is not an ingress error to
-retry). App ids: ``fal-ai/ccsr`` plus ``CCSR_FAL_APP_IDS`` (comma list) or ``settings.extra["fal_app_ids"]``.
+retry). App ids: each served model's (:data:`ccsr.api.intake.MODELS`) plus ``--fal-app-id`` / ``CCSR_FAL_APP_IDS``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import re
 import uuid
 from typing import Any
@@ -45,6 +44,7 @@ from .fal_schema import (
     webhook_payload,
 )
 from .intake import (
+    MODELS,
     RETRY_AFTER_S,
     UNAVAILABLE,
     IntakeError,
@@ -59,7 +59,7 @@ from .intake import (
 log = logging.getLogger("ccsr.api.fal")
 
 PROTOCOL = "fal"
-DEFAULT_APP_IDS: tuple[str, ...] = ("fal-ai/ccsr",)
+DEFAULT_APP_IDS: tuple[str, ...] = tuple(m.fal_app_id for m in MODELS)
 REQUEST_ID_HEADER = "x-fal-request-id"
 SSE_POLL_S = 0.5  # a status stream looks again this often (sooner when the job ends)
 SSE_KEEPALIVE_S = 15.0  # and sends a comment after this long without a change (proxies close idle streams)
@@ -69,17 +69,6 @@ __all__ = ["DEFAULT_APP_IDS", "build_router", "router", "setup"]
 
 
 # ============================================================================================ helpers
-
-
-def _app_ids_from_env() -> tuple[str, ...]:
-    extra = [
-        x.strip().strip("/") for x in os.environ.get("CCSR_FAL_APP_IDS", "").replace(";", ",").split(",")
-    ]
-    ids = list(DEFAULT_APP_IDS)
-    for x in extra:
-        if x and x.count("/") == 1 and x not in ids:
-            ids.append(x)
-    return tuple(ids)
 
 
 def _json(
@@ -474,9 +463,7 @@ def build_router(app_ids: tuple[str, ...] | list[str] = DEFAULT_APP_IDS) -> APIR
     return r
 
 
-router = build_router(_app_ids_from_env())
-
-router.include_router(fal_storage.router)  # optional upload endpoints (fal_client.upload_file)
+router = fal_storage.router  # optional upload endpoints (fal_client.upload_file); app routes come from setup
 
 
 # ============================================================================================ webhooks
@@ -503,10 +490,8 @@ def _on_terminal(engine) -> Any:
 
 
 def setup(app: FastAPI, engine, settings) -> None:
-    """Called once by :func:`ccsr.api.app.create_app`: webhook listener, extra app ids from settings."""
+    """Called once by :func:`ccsr.api.app.create_app`: the routes of every served app id (the models' own plus
+    ``--fal-app-id``), and the webhook listener."""
     engine.add_listener(_on_terminal(engine))
-    extra = [a.strip("/") for a in (settings.extra or {}).get("fal_app_ids", []) or []]
-    have = set(_app_ids_from_env())
-    more = [a for a in extra if a.count("/") == 1 and a not in have]
-    if more:
-        app.include_router(build_router(more))
+    extra = [a.strip("/") for a in settings.fal_app_ids if a.strip("/").count("/") == 1]
+    app.include_router(build_router(list(dict.fromkeys([*DEFAULT_APP_IDS, *extra]))))

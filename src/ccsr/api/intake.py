@@ -37,6 +37,18 @@ MAX_INT_DIGITS = 40  # longer integer literals are out of every accepted range (
 INLINE_BYTES = 1 << 16  # larger bodies are parsed off the event loop
 
 
+@dataclass(frozen=True)
+class Model:
+    """A model this server runs, and the ids each protocol names it by."""
+
+    name: str  # the pipeline the job runs
+    runware_ids: tuple[str, ...]  # Runware ``model`` values (AIR ids)
+    fal_app_id: str  # fal endpoint, ``owner/alias``
+
+
+MODELS: tuple[Model, ...] = (Model("ccsr-v1", ("runware:501@1", "ccsr"), "fal-ai/ccsr"),)  # a model id -> pipeline
+
+
 class IntakeError(Exception):
     """A request refused by the intake, in neutral words each adapter renders in its protocol's shape.
 

@@ -21,9 +21,10 @@ from ccsr.params import ParamError, UpscaleParams
 
 from .app import image_url
 from .auth import Denied
+from .intake import MODELS
 from .settings import Settings
 
-CCSR_MODELS = frozenset({"runware:501@1", "ccsr"})
+CCSR_MODELS = frozenset(air for m in MODELS for air in m.runware_ids)
 UPSCALE_TYPES = frozenset({"upscale", "imageUpscale"})
 OUTPUT_TYPES = {"url": "URL", "base64data": "base64Data", "datauri": "dataURI"}
 OUTPUT_FORMATS = {"JPG": "jpeg", "JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
