@@ -203,6 +203,13 @@ def _find_job(request: Request, app_id: str, request_id: str) -> Job | None:
     return job
 
 
+def _admitted_job(request: Request, app_id: str, request_id: str) -> Job | Response:
+    """The caller's key admitted and the request found under ``app_id``, or the answer saying why not."""
+    if (denied := _denied(request)) is not None:
+        return denied
+    return _find_job(request, app_id, request_id) or _not_found(request_id)
+
+
 def _not_found(request_id: str) -> JSONResponse:
     return _json({"detail": "Request not found"}, 404, request_id)
 
@@ -341,11 +348,9 @@ def _status_of(request: Request, app_id: str, job: Job, prefixed: bool) -> tuple
 
 
 async def _status(request: Request, app_id: str, request_id: str, prefixed: bool) -> JSONResponse:
-    if (denied := _denied(request)) is not None:
-        return denied
-    job = _find_job(request, app_id, request_id)
-    if job is None:
-        return _not_found(request_id)
+    job = _admitted_job(request, app_id, request_id)
+    if isinstance(job, Response):
+        return job
     body, code = _status_of(request, app_id, job, prefixed)
     return _json(body, code, job.id)
 
@@ -353,11 +358,9 @@ async def _status(request: Request, app_id: str, request_id: str, prefixed: bool
 async def _status_stream(request: Request, app_id: str, request_id: str, prefixed: bool) -> Response:
     """``GET .../status/stream``: the status as server-sent events (``data: <status JSON>``), one per change,
     until COMPLETED (or ``--sync-timeout``; the client then asks again). Same bodies as ``.../status``."""
-    if (denied := _denied(request)) is not None:
-        return denied
-    job = _find_job(request, app_id, request_id)
-    if job is None:
-        return _not_found(request_id)
+    job = _admitted_job(request, app_id, request_id)
+    if isinstance(job, Response):
+        return job
     engine = get_engine(request)
     settings = get_settings(request)
 
@@ -390,11 +393,9 @@ async def _status_stream(request: Request, app_id: str, request_id: str, prefixe
 
 
 async def _result(request: Request, app_id: str, request_id: str) -> JSONResponse:
-    if (denied := _denied(request)) is not None:
-        return denied
-    job = _find_job(request, app_id, request_id)
-    if job is None:
-        return _not_found(request_id)
+    job = _admitted_job(request, app_id, request_id)
+    if isinstance(job, Response):
+        return job
     if not job.done:
         return _json({"detail": "Request is still in progress"}, 400, job.id)
     if job.status == SUCCESS:
