@@ -1,4 +1,8 @@
-"""The protocol-neutral intake under the Runware and fal adapters: reading request bodies and frames.
+"""The protocol-neutral intake under the Runware and fal adapters: what both protocols do with a request between
+their wire schemas. Bodies and frames are read under bounds (:func:`load_json`); image references are resolved,
+downloaded on a bounded pool (:class:`FetchPool`), probed by header and stored once (:class:`ImageIntake`);
+jobs are submitted with the caller's quota counted by the store (:func:`submit`); :data:`MODELS` maps the
+protocols' model ids to the pipeline a job runs.
 
 Everything here raises :class:`IntakeError`, a neutral refusal (``kind`` + message) that each adapter renders in
 its own protocol's shape; nothing here knows a wire format.
