@@ -134,11 +134,15 @@ def load_json(raw: bytes | str, *, max_depth: int) -> Any:
     return value
 
 
+async def _offload(size: int, fn, *args):
+    """``fn(*args)`` on the event loop for small inputs (no thread hop), off it for large ones (``/healthz`` and
+    every other request keep being answered)."""
+    return fn(*args) if size <= INLINE_BYTES else await asyncio.to_thread(fn, *args)
+
+
 async def load_json_async(raw: bytes | str, *, max_depth: int) -> Any:
-    """:func:`load_json`, off the event loop for large inputs (so ``/healthz`` keeps answering)."""
-    if len(raw) <= INLINE_BYTES:
-        return load_json(raw, max_depth=max_depth)
-    return await asyncio.to_thread(load_json, raw, max_depth=max_depth)
+    """:func:`load_json`, off the event loop for large inputs."""
+    return await _offload(len(raw), functools.partial(load_json, max_depth=max_depth), raw)
 
 
 UNAVAILABLE = "the job store cannot be reached right now; retry later"  # never the store's own message
@@ -268,7 +272,7 @@ class ImageIntake:
             return self._stored(image_id, where)
         if ref[:5].lower() == "data:":
             try:
-                data = await asyncio.to_thread(decode_data_uri, ref)
+                data = await _offload(len(ref), decode_data_uri, ref)
             except ValueError as e:
                 raise IntakeError("image_unreadable", f"{where}: bad data URI: {e}", where) from None
         elif ref[:8].lower().startswith(("http://", "https://")):
@@ -284,7 +288,7 @@ class ImageIntake:
             raise IntakeError("image_url_refused", f"{where}: only http(s) URLs are fetched", where, "bad_scheme")
         elif bare_base64 and len(ref) >= 16:
             try:
-                data = await asyncio.to_thread(decode_base64, ref)
+                data = await _offload(len(ref), decode_base64, ref)
             except ValueError:
                 raise IntakeError("image_unreadable", f"{where} is neither an image id, a URL, a data URI nor "
                                   "valid base64", where) from None
@@ -292,13 +296,14 @@ class ImageIntake:
             forms = "an image id, a URL, a data URI or base64" if bare_base64 else "an http(s) URL or a data URI"
             raise IntakeError("image_unreadable", f"{where} must be {forms}", where)
         try:
-            p = await asyncio.to_thread(probe, data, limits_of(self.settings))
+            p = await _offload(len(data), probe, data, limits_of(self.settings))
         except imaging.ImageError as e:
             raise IntakeError("image_invalid", f"{where}: {e.message}", where, e.code) from None
         try:
-            return await asyncio.to_thread(
-                self.engine.images.put, data, content_type=p.content_type, extension=p.extension, width=p.width,
-                height=p.height, kind="input",
+            return await _offload(
+                len(data), functools.partial(self.engine.images.put, content_type=p.content_type,
+                                             extension=p.extension, width=p.width, height=p.height, kind="input"),
+                data,
             )
         except OSError as e:  # a full disk: the server's fault, retry later
             raise IntakeError("unavailable", f"could not store the image: {e.strerror or e}", where) from None
