@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import time
 import uuid
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from ccsr.api.app import create_app
 from ccsr.api.settings import Settings
 from ccsr.jobs.distributed import build_distributed_engine
-from conftest import free_port
+from conftest import start_redis
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,19 +26,7 @@ def doomed_redis(tmp_path):
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("this test needs the redis-server binary")
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.05)
+    proc, url, port = start_redis(binary, tmp_path)
     yield url, proc, port
     if proc.poll() is None:
         proc.kill()
