@@ -26,6 +26,7 @@ from typing import Literal
 
 import torch
 
+from ccsr.geometry import REFERENCE_MIN_SIDE as GEOMETRY_MIN_SIDE
 from ccsr.geometry import Geometry, plan_geometry
 from ccsr.model import ModelDescriptor
 from ccsr.params import ParamError, UpscaleParams
@@ -40,6 +41,7 @@ VAE_TILE_PAD = 11  # latent pixels of context around each decoder tile (the refe
 VAE_TILES = (128, 96, 64, 48, 32, 24, 16)  # decoder tile sizes tried, in latent pixels
 MIN_TILE = 256  # smallest diffusion tile the planner picks (pixels)
 COVERAGE = 1.25  # how many times planned diffusion windows cover each axis (the overlap that is blended)
+REFERENCE_WORK_PX = 4096 * 4096  # the processing area of the largest output (imaging.Limits.max_output_side)
 
 
 class MemoryBudgetError(ParamError):
@@ -166,7 +168,7 @@ class Planner:
     def plan(self, size: tuple[int, int], requested: UpscaleParams, budget: int | None = None) -> Plan:
         """Resolve ``requested`` for an input of ``size``. Without ``budget`` (the free memory now), a plan that
         cannot fit at all raises :class:`MemoryBudgetError`; with one, the best effort is returned."""
-        p = requested.validate()
+        p = self._bounded(size, requested.validate())
         check = budget is None
         budget = self.budget() if budget is None else budget
         native = self.d.native_size
@@ -188,6 +190,18 @@ class Planner:
             p = p.replace(tile_diffusion_size=tile * f, tile_diffusion_stride=p.tile_diffusion_stride or stride * f
                           ).validate()
         return self._checked(self._resolve(size, p, budget), requested, check)
+
+    def _bounded(self, size: tuple[int, int], p: UpscaleParams) -> UpscaleParams:
+        """The reference stretches the short side to the model's minimum, so a degenerate aspect ratio (a 1x256
+        image) would be processed at 512x131072. Such inputs are planned in ``pad`` mode instead: the reference's
+        geometry is kept only while it costs no more than the larger of the target and the largest output."""
+        if p.size_mode != "reference":
+            return p
+        min_side = max(GEOMETRY_MIN_SIDE, p.tile_diffusion_size or 0)
+        g = plan_geometry(size, p.scale, mode="reference", min_side=min_side)
+        w, h = g.auto_resized
+        target = math.ceil(size[0] * p.scale) * math.ceil(size[1] * p.scale)
+        return p if w * h <= max(target, REFERENCE_WORK_PX) else p.replace(size_mode="pad")
 
     def _checked(self, plan: Plan, requested: UpscaleParams, check: bool) -> Plan:
         """Refuse what cannot fit even in all the free memory (automatic choices shrink to fit first)."""

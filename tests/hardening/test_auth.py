@@ -166,11 +166,11 @@ def test_per_key_queue_quota(make_client, runner, tmp_path, protocol):
         assert r.json()["error_type"] == "rate_limited"
     assert submit(KEY_B).status_code == 200  # quotas are per key
     runner.gate.set()
-    quotas = c.app.state.settings.quotas
+    engine = c.app.state.engine
     import time
 
     deadline = time.monotonic() + 10
-    while quotas.count("alpha") and time.monotonic() < deadline:
+    while engine.store.active_count() and time.monotonic() < deadline:
         time.sleep(0.02)
     assert submit(KEY_A).status_code == 200  # the finished job freed the slot
 
@@ -202,3 +202,27 @@ def test_keys_file_parsing_ignores_bad_lines():
     assert len(entries) == 1
     e = entries[0]
     assert (e.name, e.rate, e.burst, e.quota) == ("ci", 3.0, 5, 2)
+
+
+def test_every_setting_is_reached_by_its_flag_and_its_variable(monkeypatch):
+    """One table declares each setting: its flag and its CCSR_* variable give the same value, and --help names both."""
+    import argparse
+
+    from ccsr.api.serve import add_arguments, settings_from_args
+    from ccsr.api.settings import OPTIONS, Settings
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = parser.format_help()
+    for opt in OPTIONS:
+        kind = str(Settings.__dataclass_fields__[opt.name].type)
+        raw = opt.choices[-1] if opt.choices else "a.example:1,b.example:2" if opt.many else (
+            "7" if kind.startswith("int") else "2.5" if kind.startswith("float") else "/tmp/x")
+        from_env = getattr(Settings.from_env({opt.env_names[0]: raw}), opt.name)
+        argv = [a for v in raw.split(",") for a in (opt.flag_name, v)] if opt.many else [opt.flag_name, raw]
+        for name in opt.env_names:
+            monkeypatch.delenv(name, raising=False)
+        from_flag = getattr(settings_from_args(parser.parse_args(argv)), opt.name)
+        assert from_env == from_flag != getattr(Settings(), opt.name), opt.name
+        if not opt.hidden:
+            assert opt.flag_name in text and opt.env_names[0] in text, opt.name

@@ -228,7 +228,7 @@ def test_client_leaves_sighup_revokes_sigterm_drains(tmp_path):
         http.close()
         srv.stop()
     lines = [json.loads(x) for x in srv.log_path.read_text().splitlines()]  # every line is JSON
-    done = [x for x in lines if x["msg"].endswith("finished") and x.get("task_id") == long_task["taskUUID"]]
+    done = [x for x in lines if x["msg"].endswith("ended: success") and x.get("task_id") == long_task["taskUUID"]]
     assert done, srv.log()  # the job ran to its end before the process exited
     from ccsr.jobs import SQLiteJobStore
 

@@ -32,29 +32,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_redis(binary: str, workdir) -> tuple[subprocess.Popen, str, int]:
+    """A redis-server of our own on a free port (no persistence), answering pings: (process, URL, port)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(100):
+        try:
+            client.ping()
+            return proc, url, port
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"redis-server did not start on port {port}")
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary:
-        port = free_port()
-        workdir = tmp_path_factory.mktemp("redis")
-        proc = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            cwd=workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        client = redis.Redis.from_url(url)
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        else:
-            proc.kill()
-            pytest.fail(f"redis-server did not start on port {port}")
+        proc, url, _ = start_redis(binary, tmp_path_factory.mktemp("redis"))
         yield url
         proc.terminate()
         proc.wait(10)

@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = build_distributed_engine(
-        args.broker,
-        args.store,
+        settings.broker_url,
+        settings.store_url,
         max_queue=settings.max_queue,
         image_ttl=settings.image_ttl,
         fetch_allow_hosts=settings.fetch_allow_hosts,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ccsr.jobs import ErrorCode, JobConflict, JobResult, JobSpec, QueueFull
+from ccsr.jobs import ErrorCode, JobConflict, JobResult, JobSpec, QueueFull, QuotaFull
 from ccsr.jobs.distributed import RedisJobStore
 from ccsr.params import UpscaleParams
 
@@ -119,3 +119,20 @@ def test_terminal_jobs_and_keys_expire(rclient, prefix):
     assert store.get(job.id) is None and store.get_by_key("ttl") is None
     fresh, created = store.create(spec("ttl", h="new"))  # an expired key can be used again
     assert created and fresh.id != job.id
+
+
+def test_owner_quota_holds_across_replicas(two):
+    """Two replicas count one owner's queued+running jobs in the same Redis, in the create script itself."""
+    a, b = two
+    mine = dict(owner="alpha", owner_quota=2)
+    first, _ = a.create(spec(**mine))
+    b.create(spec(**mine))
+    with pytest.raises(QuotaFull):
+        a.create(spec(**mine))
+    with pytest.raises(QuotaFull):
+        b.create(spec(**mine))
+    b.create(spec(owner="bravo", owner_quota=2))  # another owner is not affected
+    a.finish(first.id, "cancelled")
+    b.create(spec(**mine))  # an ended job frees its place, whichever replica sees the end
+    with pytest.raises(QuotaFull):
+        a.create(spec(**mine))

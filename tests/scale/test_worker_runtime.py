@@ -188,3 +188,20 @@ def test_worker_cli_needs_broker_and_store(monkeypatch, capsys):
         ["--broker", "redis://127.0.0.1:1/0", "--store", "/tmp/x", "--time-limit", "10", "--visibility-timeout", "5"]
     )
     assert worker.run(args) == 2 and "visibility_timeout" in capsys.readouterr().err
+
+
+def test_requeued_job_keeps_its_place(parts):
+    """A job whose worker died goes back to its old place: the next message, whichever job it names, runs it."""
+    store, images = parts
+    first, second = submit(store, images, seed=1), submit(store, images, seed=2)
+    assert store.claim(first.id, "dead-worker", 0.05) == "claimed"  # a worker takes it, then dies
+    time.sleep(0.2)
+    assert store.reap(first.id) == "requeued"
+    assert store.queue_position(first.id) == 0 and store.queue_position(second.id) == 1
+    rt = runtime(store, images)
+    assert rt.process(second.id) == "claimed"  # the message sent for the second job
+    assert store.get(first.id).status == "success" and store.get(second.id).status == "queued"
+    assert store.queue_position(second.id) == 0
+    assert rt.process(first.id) == "claimed"  # the requeue's own message runs what is left
+    assert store.get(second.id).status == "success"
+    rt.stop()

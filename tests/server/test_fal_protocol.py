@@ -502,7 +502,7 @@ def test_storage_needs_key_when_keys_are_set(tmp_path):
 
 
 def test_registered_alias_app_id(tmp_path):
-    c, _ = make_client(tmp_path, FakeRunner(), extra={"fal_app_ids": ["me/upscaler"]})
+    c, _ = make_client(tmp_path, FakeRunner(), fal_app_ids=["me/upscaler"])
     with c:
         body = {"image_url": png_data_uri(), "steps": 10}
         assert c.post("/me/upscaler", json=body, headers=AUTH).status_code == 200

@@ -5,6 +5,7 @@ and test_restart*.py."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -25,6 +26,7 @@ from ccsr.jobs import (
     LocalImageStore,
     OutputOptions,
     QueueFull,
+    QuotaFull,
     RunOutput,
     SQLiteJobStore,
 )
@@ -310,3 +312,43 @@ def test_cancel_announces_once(tmp_path):
         assert wait_until(lambda: eng.store.announcements() == [])  # no deliveries: forgotten at once
     finally:
         eng.stop()
+
+
+def test_the_log_names_how_a_job_ended(tmp_path, caplog):
+    eng, runner = make_engine(tmp_path)
+    runner.gate.clear()
+    eng.start()
+    try:
+        with caplog.at_level("INFO", logger="ccsr.jobs"):
+            job, _ = eng.submit(spec(eng))
+            assert wait_until(lambda: eng.get(job.id).status == PROCESSING)
+            eng.cancel(job.id)
+            assert wait_until(lambda: f"job {job.id} ended: cancelled" in caplog.text)
+            done, _ = eng.submit(spec(eng))
+            runner.gate.set()
+            assert wait_until(lambda: f"job {done.id} ended: success" in caplog.text)
+        assert f"job {job.id} ended: success" not in caplog.text
+    finally:
+        eng.stop()
+
+
+def test_owner_quota_is_counted_by_the_store(tmp_path):
+    eng, runner = make_engine(tmp_path)
+    runner.gate.clear()
+    eng.start()
+    try:
+        mine = dict(owner="alpha", owner_quota=1)
+        a, _ = eng.submit(dataclasses.replace(spec(eng), **mine))
+        with pytest.raises(QuotaFull):
+            eng.submit(dataclasses.replace(spec(eng), **mine))
+        eng.submit(dataclasses.replace(spec(eng), owner="bravo", owner_quota=1))
+        eng.cancel(a.id)
+        assert wait_until(lambda: eng.get(a.id).done)
+        eng.submit(dataclasses.replace(spec(eng), **mine))  # the ended job freed the place
+    finally:
+        runner.gate.set()
+        eng.stop()
+    # the count lives in the database: a restarted engine over it still sees alpha's queued job
+    again, _ = make_engine(tmp_path)
+    with pytest.raises(QuotaFull):
+        again.submit(dataclasses.replace(spec(again), **mine))

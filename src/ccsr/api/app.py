@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ccsr.jobs import JobEngine, build_embedded_engine
 
+from .intake import UNAVAILABLE, FetchPool
 from .settings import Settings
 
 log = logging.getLogger("ccsr.api")
@@ -65,6 +66,8 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
     settings = settings or Settings.from_env()
     engine = engine or build_engine(settings)
 
+    fetch_pool = FetchPool(settings.fetch_workers)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
             yield
         finally:
             log.info("shutting down: waiting up to %.0fs for the running job", settings.drain_timeout)
+            fetch_pool.close()
             engine.stop(settings.drain_timeout)
 
     app = FastAPI(
@@ -82,15 +86,15 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
     )
     app.state.settings = settings
     app.state.engine = engine
+    app.state.fetch_pool = fetch_pool
     if hasattr(engine, "shared_secret"):  # replicas must agree on the fal storage upload-token key
         app.state.fal_storage_key = engine.shared_secret("fal_storage")
     settings.keyring()  # hash configured keys now; the plaintext is dropped
     if engine.delivery is not None and hasattr(engine.delivery, "attempts"):
         engine.delivery.timeout = settings.webhook_timeout
         engine.delivery.attempts = max(1, settings.webhook_attempts)
-    engine.add_listener(lambda job: settings.quotas.done(job.id))
 
-    from .limits import LimitsMiddleware
+    from .limits import LimitsMiddleware, error_body, error_headers, error_status
     from .metrics import HTTPErrorCounter, Metrics
 
     metrics = Metrics(engine)
@@ -105,6 +109,15 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
             return JSONResponse({"detail": "Unauthorized"}, status_code=401)
         body, ctype = metrics.exposition()
         return Response(body, media_type=ctype)
+
+    async def store_outage(request: Request, exc: Exception) -> Response:
+        log.warning("%s %s: the job store is unreachable: %s", request.method, request.url.path, exc)
+        path = request.url.path
+        body = error_body(path, "unavailable", UNAVAILABLE)
+        return JSONResponse(body, error_status(path, "unavailable"), headers=error_headers(path, "unavailable"))
+
+    for outage in engine.outages:
+        app.add_exception_handler(outage, store_outage)
 
     from . import images
 

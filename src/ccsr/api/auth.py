@@ -1,4 +1,4 @@
-"""API keys, hashed at rest, plus per-key rate limits and queue quotas.
+"""API keys, hashed at rest, plus per-key rate limits and queue quotas (counted by the job store).
 
 Keys are kept only as SHA-256 digests: keys given on the command line are hashed at startup and the
 plaintext dropped; ``--api-keys-file`` holds digests, one per line::
@@ -20,7 +20,7 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("ccsr.api.auth")
@@ -168,31 +168,6 @@ class RateLimiter:
                 return 0.0
             self._buckets[who.id] = (tokens, now)
             return (1.0 - tokens) / who.rate
-
-
-@dataclass
-class Quotas:
-    """Queued+running jobs per principal id (in memory: jobs recovered after a restart are not counted)."""
-
-    active: dict[str, set[str]] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def full(self, who: Principal) -> bool:
-        with self.lock:
-            return who.quota > 0 and len(self.active.get(who.id, ())) >= who.quota
-
-    def add(self, who: Principal, job_id: str) -> None:
-        with self.lock:
-            self.active.setdefault(who.id, set()).add(job_id)
-
-    def done(self, job_id: str) -> None:
-        with self.lock:
-            for jobs in self.active.values():
-                jobs.discard(job_id)
-
-    def count(self, who_id: str) -> int:
-        with self.lock:
-            return len(self.active.get(who_id, ()))
 
 
 class Denied(Exception):

@@ -1,70 +1,69 @@
-"""The fal protocol for ``fal-ai/ccsr``: sync run, queue (submit/status/result/cancel) and webhooks.
+"""The fal protocol for ``fal-ai/ccsr`` (protocols.md B): sync run, queue (submit, status, status stream,
+result, cancel) and webhooks; a thin adapter that reads bodies with :mod:`ccsr.api.fal_schema`, takes images and
+submits through :mod:`ccsr.api.intake`, and answers in fal's shapes (pinned by tests/server/test_fal_protocol.py,
+proven with the unmodified ``fal_client`` by tests/server/test_fal_client.py).
 
-A thin adapter over the protocol-neutral job engine (``app.state.engine``); wire rules from
-shared/docs/protocols.md B, pinned by tests/server/test_fal_protocol.py and proven with the unmodified
-``fal_client`` by tests/server/test_fal_client.py:
-
-- ``POST /{owner}/{alias}[/{path}]``: sync run, answers the output (or the error) when the job is done.
-  With a ``queue.*`` Host it is a submit instead (fal's queue host).
-- ``POST /queue/{owner}/{alias}[/{path}][?fal_webhook=URL]``: submit; answers ``request_id``, ``status_url``,
-  ``response_url``, ``cancel_url`` (absolute, built from the request's scheme, Host and prefix), ``status``,
-  ``queue_position``.
-- ``GET  .../{owner}/{alias}/requests/{id}/status?logs=true|1``: IN_QUEUE / IN_PROGRESS / COMPLETED (202 until
-  done, then 200); ``requests/*`` ignore any sub-path used at submit and accept a trailing ``/``.
-- ``GET  .../requests/{id}``: the output, or the error with its status; ``PUT .../requests/{id}/cancel``.
-- Errors: 422 with a FastAPI-style ``detail`` list, 429 when the queue is full, never 409; every answer
-  carries ``x-fal-request-id`` (so the client does not take our 5xx for an ingress error and retry it).
-
-Registered app ids: ``fal-ai/ccsr`` plus ``CCSR_FAL_APP_IDS`` (comma list) or
-``settings.extra["fal_app_ids"]``.
+Routes per app id: ``POST /{app}[/{path}]`` (sync run; a ``queue.*`` Host submits instead), ``POST
+/queue/{app}[/{path}][?fal_webhook=URL]``, and under ``[/queue]/{app}/requests/{id}``: ``GET /status[/stream]``,
+``GET`` (the result), ``PUT /cancel``. Errors: 422 with a FastAPI-style ``detail`` list, 429 when the queue or the
+key's quota is full, never 409; every answer carries ``x-fal-request-id`` (our 5xx is not an ingress error to
+retry). App ids: each served model's (:data:`ccsr.api.intake.MODELS`) plus ``--fal-app-id`` / ``CCSR_FAL_APP_IDS``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import datetime as _dt
+import json
 import logging
-import math
-import os
+import re
 import uuid
 from typing import Any
-from urllib.parse import unquote_to_bytes, urlsplit
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
-from PIL import Image
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ccsr import imaging
-from ccsr.imaging.decode import open_image
-from ccsr.jobs import (
-    CANCELLED,
-    ERROR,
-    PROCESSING,
-    QUEUED,
-    SUCCESS,
-    ErrorCode,
-    Job,
-    JobSpec,
-    OutputOptions,
-    QueueFull,
-    StoredImage,
-)
+from ccsr.jobs import ERROR, QUEUED, SUCCESS, Job, JobSpec, OutputOptions, QueueFull, StoredImage
 from ccsr.params import ParamError
 
 from . import fal_storage
-from .app import client_host, get_engine, get_settings, image_url, public_base
+from .app import client_host, get_engine, get_settings, public_base
 from .auth import Denied
-from .fal_schema import CCSRInput, FalInputError, fal_error, image_output, parse_input, to_params
+from .fal_schema import (
+    CCSRInput,
+    FalInputError,
+    error_of,
+    fal_error,
+    finite,
+    output_of,
+    parse_input,
+    request_urls,
+    status_body,
+    to_params,
+    webhook_payload,
+)
+from .intake import (
+    MODELS,
+    RETRY_AFTER_S,
+    UNAVAILABLE,
+    IntakeError,
+    check_outbound,
+    image_intake,
+    request_json,
+    request_key,
+    shown,
+    submit,
+)
 
 log = logging.getLogger("ccsr.api.fal")
 
 PROTOCOL = "fal"
-DEFAULT_APP_IDS: tuple[str, ...] = ("fal-ai/ccsr",)
+DEFAULT_APP_IDS: tuple[str, ...] = tuple(m.fal_app_id for m in MODELS)
 REQUEST_ID_HEADER = "x-fal-request-id"
-LOG_SOURCE = "user"
+SSE_POLL_S = 0.5  # a status stream looks again this often (sooner when the job ends)
+SSE_KEEPALIVE_S = 15.0  # and sends a comment after this long without a change (proxies close idle streams)
+_ECHOED_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 __all__ = ["DEFAULT_APP_IDS", "build_router", "router", "setup"]
 
@@ -72,36 +71,15 @@ __all__ = ["DEFAULT_APP_IDS", "build_router", "router", "setup"]
 # ============================================================================================ helpers
 
 
-def _app_ids_from_env() -> tuple[str, ...]:
-    extra = [
-        x.strip().strip("/") for x in os.environ.get("CCSR_FAL_APP_IDS", "").replace(";", ",").split(",")
-    ]
-    ids = list(DEFAULT_APP_IDS)
-    for x in extra:
-        if x and x.count("/") == 1 and x not in ids:
-            ids.append(x)
-    return tuple(ids)
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/Infinity: an echoed input such as ``"scale": Infinity`` is shown as a string."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def _json(
     body: Any, status: int = 200, request_id: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
-    echo = request_id if request_id and request_id.isascii() and request_id.isprintable() else None
-    h = {REQUEST_ID_HEADER: echo or str(uuid.uuid4())}  # a header cannot carry what a URL path can
+    # a header cannot carry what a URL path can (spaces, controls, non-ASCII): only an id-shaped value is echoed
+    echo = request_id if request_id and _ECHOED_ID.fullmatch(request_id) else None
+    h = {REQUEST_ID_HEADER: echo or str(uuid.uuid4())}
     if headers:
         h.update(headers)
-    return JSONResponse(_finite(body) if status >= 400 else body, status_code=status, headers=h)
+    return JSONResponse(finite(body) if status >= 400 else body, status_code=status, headers=h)
 
 
 def _input_error(e: FalInputError, request_id: str | None = None) -> JSONResponse:
@@ -125,22 +103,16 @@ def _is_queue_host(request: Request) -> bool:
     return host.startswith("queue.")
 
 
-def _request_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization") or ""
-    scheme, _, key = auth.partition(" ")
-    return (key.strip() or None) if scheme.lower() in ("key", "bearer") else None
-
-
 def _authorized(request: Request) -> bool:
     """The key policy alone (no rate limit): used by :mod:`ccsr.api.fal_storage`."""
-    return get_settings(request).key_ok(_request_key(request), client_host(request))
+    return get_settings(request).key_ok(request_key(request), client_host(request))
 
 
 def _denied(request: Request) -> JSONResponse | None:
     """``Authorization: Key <k>`` (fal_client) or ``Bearer <k>``; the server's key policy and the key's rate
     limit decide. None when admitted (the caller is kept in ``request.state.principal``), else the error."""
     try:
-        request.state.principal = get_settings(request).admit(_request_key(request), client_host(request))
+        request.state.principal = get_settings(request).admit(request_key(request), client_host(request))
     except Denied as e:
         if e.status == 429:
             resp = _request_error(e.message, 429, "rate_limited", retryable=True)
@@ -153,99 +125,23 @@ def _denied(request: Request) -> JSONResponse | None:
 # ----------------------------------------------------------------------------------------- input image
 
 
-def _decode_data_uri(uri: str) -> bytes:
-    head, sep, payload = uri.partition(",")
-    if not sep:
-        raise ValueError("malformed data URI (no comma)")
-    if head.lower().endswith(";base64"):
-        payload = "".join(payload.split())
-        try:
-            return base64.b64decode(payload + "=" * (-len(payload) % 4), validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"malformed base64 in data URI: {e}") from None
-    return unquote_to_bytes(payload)
+# neutral image refusal -> fal model error type (docs.fal.ai/errors); imaging codes refine image_invalid
+_IMAGE_ERROR_TYPES = {"image_missing": "file_download_error", "image_url_refused": "file_download_error",
+                      "image_fetch": "file_download_error"}
+_IMAGE_REASON_TYPES = {"too_large_bytes": "file_too_large", "too_many_pixels": "image_too_large"}
 
 
-def _shown(url: str) -> str:
-    """``image_url`` as echoed in errors: data URIs can be megabytes long."""
-    return url if len(url) <= 200 else url[:200] + "..."
-
-
-def _own_image_id(request: Request, url: str) -> str | None:
-    """An image we handed out earlier (``<public base>/images/<uuid>.<ext>``): read it from the store instead
-    of fetching our own address (which the SSRF policy would block anyway)."""
-    from .images import parse_image_ref
-
-    parts = urlsplit(url)
-    base = urlsplit(public_base(request))
-    own_netlocs = {base.netloc.lower(), (request.headers.get("host") or "").lower()}
-    if parts.netloc.lower() not in own_netlocs or "/images/" not in parts.path:
-        return None
-    return parse_image_ref(parts.path)
-
-
-# imaging error code -> fal model error type (docs.fal.ai/errors)
-_IMAGE_ERROR_TYPES = {"too_large_bytes": "file_too_large", "too_many_pixels": "image_too_large"}
-
-
-def _probe(data: bytes, max_bytes: int) -> tuple[str, int, int]:
-    """(content type, width, height) from the header only, under the imaging module's limits (format
-    allow-list, byte and pixel caps, animation); :class:`ccsr.imaging.ImageError` otherwise."""
-    im = open_image(data, imaging.Limits(max_input_bytes=max_bytes))
-    return Image.MIME.get(im.format or "", "application/octet-stream"), int(im.width), int(im.height)
-
-
-async def _store_input(request: Request, image_url_value: str) -> StoredImage:
-    """Resolve ``image_url`` (data URI, our own image URL, or http(s) URL) to a record in the image store."""
-    engine = get_engine(request)
-    settings = get_settings(request)
-    url = image_url_value.strip()
-
-    def load_error(msg: str, ctx: dict | None = None, type_: str = "image_load_error") -> FalInputError:
-        return FalInputError([fal_error("image_url", msg, type_, _shown(url), ctx)])
-
-    if url.lower().startswith("data:"):
-        try:
-            data = await run_in_threadpool(_decode_data_uri, url)
-        except ValueError as e:
-            raise load_error(f"Failed to load the image: {e}") from None
-    else:
-        scheme = urlsplit(url).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise load_error(
-                "Failed to load the image: image_url must be an http(s) URL or a data URI",
-                type_="file_download_error",
-            )
-        own = _own_image_id(request, url)
-        if own is not None:
-            rec = engine.images.get(own)
-            if rec is None:
-                raise load_error(
-                    "Failed to load the image: it expired or does not exist on this server",
-                    type_="file_download_error",
-                )
-            return rec
-        limits = imaging.Limits(
-            max_input_bytes=settings.max_input_bytes, fetch_timeout=settings.fetch_timeout
-        )
-        try:
-            data = await run_in_threadpool(
-                imaging.fetch_image, url, limits, allow_hosts=frozenset(settings.fetch_allow_hosts)
-            )
-        except imaging.FetchError as e:
-            raise load_error(
-                f"Failed to download the file: {e.message}", {"reason": e.code}, type_="file_download_error"
-            ) from None
+async def _store_input(request: Request, url: str) -> StoredImage:
+    """``image_url`` (data URI, http(s) URL, or one of our own image URLs) as a stored image."""
     try:
-        ctype, w, h = await run_in_threadpool(_probe, data, settings.max_input_bytes)
-    except imaging.ImageError as e:
-        raise load_error(
-            f"Failed to load the image: {e.message}",
-            {"reason": e.code},
-            type_=_IMAGE_ERROR_TYPES.get(e.code, "image_load_error"),
-        ) from None
-    rec = engine.images.put(data, content_type=ctype, width=w, height=h, kind="input")
-    return rec
+        return await image_intake(request).resolve(url, "image_url", ids=False, bare_base64=False)
+    except IntakeError as e:
+        if e.kind == "unavailable":
+            raise
+        etype = _IMAGE_ERROR_TYPES.get(e.kind) or _IMAGE_REASON_TYPES.get(e.reason or "", "image_load_error")
+        lead = "Failed to download the file" if etype == "file_download_error" else "Failed to load the image"
+        ctx = {"reason": e.reason} if e.reason else None
+        raise FalInputError([fal_error("image_url", f"{lead}: {e.message}", etype, shown(url), ctx)]) from None
 
 
 def _check_output_size(rec: StoredImage, scale: float, cap: int | None) -> None:
@@ -276,63 +172,8 @@ def _check_output_size(rec: StoredImage, scale: float, cap: int | None) -> None:
 # ----------------------------------------------------------------------------------------- job <-> wire
 
 
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).replace(tzinfo=None).isoformat()
-
-
-def _logs(job: Job) -> list[dict]:
-    return [
-        {"message": ln.message, "level": ln.level, "source": LOG_SOURCE, "timestamp": _iso(ln.timestamp)}
-        for ln in job.logs
-    ]
-
-
-def _output(job: Job) -> dict:
-    r = job.result
-    assert r is not None
-    base = job.meta.get("base") or ""
-    name = f"{r.image_id}.{r.extension}"
-    seed = r.seed if r.seed is not None else job.params.seed
-    return image_output(
-        image_url(base, r.image_id, r.extension), r.content_type, name, r.size, r.width, r.height, seed
-    )
-
-
-# neutral ErrorCode -> (HTTP status, fal error type) for request errors (``{"detail": str}``)
-_REQUEST_ERRORS = {
-    ErrorCode.CANCELLED: (499, "client_cancelled"),
-    ErrorCode.TIMEOUT: (504, "request_timeout"),
-    ErrorCode.INTERRUPTED: (503, "runner_disconnected"),
-    ErrorCode.INFERENCE_FAILED: (500, "internal_error"),
-    ErrorCode.INTERNAL: (500, "internal_error"),
-}
-
-
-def _error_of(job: Job) -> tuple[int, Any, str]:
-    """(HTTP status, ``detail`` body value, error_type) of a failed or cancelled job."""
-    err = job.error
-    code = err.code if err else (ErrorCode.CANCELLED if job.status == CANCELLED else ErrorCode.INTERNAL)
-    message = err.message if err else ""
-    if job.status == CANCELLED or code == ErrorCode.CANCELLED:
-        return 499, "Request cancelled by the client", "client_cancelled"
-    if code in (ErrorCode.INVALID_INPUT, ErrorCode.INPUT_MISSING):
-        url = job.meta.get("image_url_shown")
-        return (
-            422,
-            [fal_error("image_url", f"Failed to load the image: {message}", "image_load_error", url)],
-            "image_load_error",
-        )
-    if code == ErrorCode.INVALID_PARAMS:
-        return 422, [fal_error(None, message, "value_error")], "value_error"
-    status, etype = _REQUEST_ERRORS.get(code, (500, "internal_error"))
-    detail = "Internal Server Error" if status == 500 else message or etype
-    return status, detail, etype
-
-
 def _error_response(job: Job) -> JSONResponse:
-    status, detail, etype = _error_of(job)
+    status, detail, etype = error_of(job)
     headers = {"x-fal-error-type": etype, "x-fal-retryable": "true" if status in (503, 504) else "false"}
     body: dict[str, Any] = {"detail": detail}
     if not isinstance(detail, list):
@@ -340,37 +181,6 @@ def _error_response(job: Job) -> JSONResponse:
     else:
         headers["x-fal-billable-units"] = "0"
     return _json(body, status, job.id, headers)
-
-
-def _status_body(job: Job, engine, with_logs: bool, urls: dict | None) -> tuple[dict, int]:
-    logs = _logs(job) if with_logs else None
-    if job.status == QUEUED:
-        pos = engine.queue_position(job.id)
-        body: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": 0 if pos is None else pos}
-        code = 202
-    elif job.status == PROCESSING:
-        body = {"status": "IN_PROGRESS", "logs": logs}
-        code = 202
-    else:
-        body = {"status": "COMPLETED", "logs": logs}
-        if job.result is not None:
-            body["metrics"] = {"inference_time": job.result.inference_seconds}
-        else:
-            body["metrics"] = {}
-        if job.status != SUCCESS:
-            status, detail, etype = _error_of(job)
-            body["error"] = detail if isinstance(detail, str) else f"Invalid status code: {status}"
-            body["error_type"] = etype
-        code = 200
-    if urls:
-        body.update(urls)
-    body["request_id"] = job.id
-    return body, code
-
-
-def _urls(base: str, request_id: str) -> dict:
-    r = f"{base}/requests/{request_id}"
-    return {"response_url": r, "status_url": f"{r}/status", "cancel_url": f"{r}/cancel"}
 
 
 def _queue_base(request: Request, app_id: str, prefixed: bool) -> str:
@@ -393,6 +203,13 @@ def _find_job(request: Request, app_id: str, request_id: str) -> Job | None:
     return job
 
 
+def _admitted_job(request: Request, app_id: str, request_id: str) -> Job | Response:
+    """The caller's key admitted and the request found under ``app_id``, or the answer saying why not."""
+    if (denied := _denied(request)) is not None:
+        return denied
+    return _find_job(request, app_id, request_id) or _not_found(request_id)
+
+
 def _not_found(request_id: str) -> JSONResponse:
     return _json({"detail": "Request not found"}, 404, request_id)
 
@@ -403,23 +220,24 @@ def _not_found(request_id: str) -> JSONResponse:
 async def _create_job(request: Request, app_id: str, *, webhook: str | None = None) -> Job | JSONResponse:
     """Validate, store the input, submit. Returns the job or the error response."""
     settings = get_settings(request)
-    # a data URI of the largest accepted image, plus room for the other fields
-    limit = settings.max_input_bytes * 4 // 3 + (1 << 20)
-    declared = request.headers.get("content-length") or ""
-    if declared.isdigit() and int(declared) > limit:
-        return _request_error(f"request body over {limit} bytes", 413, "bad_request")
     try:
-        inp = await run_in_threadpool(parse_input, await request.body())
+        try:
+            body = await request_json(request)
+        except IntakeError as e:  # the limits middleware answered every other kind already
+            detail = {"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}}
+            raise FalInputError([detail | {"ctx": {"error": e.message}}]) from None
+        inp = parse_input(body)
         params = to_params(inp, size_mode=settings.size_mode, default_steps=settings.default_steps)
         rec = await _store_input(request, inp.image_url)
         _check_output_size(rec, params.scale, settings.max_output_side)
     except FalInputError as e:
         return _input_error(e)
-    except OSError as e:  # the image store cannot take it (a full disk): the server's fault, retry later
-        msg = f"could not store the input image: {e.strerror or e}"
-        return _request_error(msg, 503, "internal_error", retryable=True)
+    except IntakeError as e:  # unavailable: the image store cannot take it (a full disk), retry later
+        resp = _request_error(e.message, 503, "service_unavailable", retryable=True)
+        resp.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return resp
     engine = get_engine(request)
-    meta = {"app_id": app_id, "base": public_base(request), "image_url_shown": _shown(inp.image_url)}
+    meta = {"app_id": app_id, "base": public_base(request), "image_url_shown": shown(inp.image_url)}
     if webhook:
         meta["webhook"] = webhook
     spec = JobSpec(
@@ -430,22 +248,14 @@ async def _create_job(request: Request, app_id: str, *, webhook: str | None = No
         meta=meta,
         cost_per_second=settings.price_per_second,
     )
-    who = getattr(request.state, "principal", None)
-    if who is not None and settings.quotas.full(who):
-        msg = f"{who.id} already has {who.quota} queued or running requests"
-        resp = _request_error(msg, 429, "rate_limited", retryable=True)
-        resp.headers["Retry-After"] = "1"
-        return resp
     try:
-        job, _ = await run_in_threadpool(engine.submit, spec)
-    except QueueFull as e:
+        job, _ = await submit(engine, spec, getattr(request.state, "principal", None))
+    except QueueFull as e:  # the queue, or the caller's quota
         resp = _request_error(str(e), 429, "rate_limited", retryable=True)
         resp.headers["Retry-After"] = "1"
         return resp
     except ParamError as e:
         return _input_error(FalInputError([fal_error(e.field, e.message, "value_error")]))
-    if who is not None:
-        settings.quotas.add(who, job.id)
     return job
 
 
@@ -499,7 +309,7 @@ async def _sync_run(request: Request, app_id: str) -> JSONResponse:
                 f"request timed out after {settings.sync_timeout:.0f}s", 504, "request_timeout", job.id
             )
     if cur.status == SUCCESS:
-        return _json(_output(cur), 200, cur.id)
+        return _json(output_of(cur), 200, cur.id)
     return _error_response(cur)
 
 
@@ -507,21 +317,11 @@ async def _submit(request: Request, app_id: str, prefixed: bool) -> JSONResponse
     if (denied := _denied(request)) is not None:
         return denied
     webhook = request.query_params.get("fal_webhook")
-    if webhook is not None:
-        scheme = urlsplit(webhook).scheme.lower()
-        if scheme not in ("http", "https"):
-            return _input_error(
-                FalInputError(
-                    [
-                        {
-                            "loc": ["query", "fal_webhook"],
-                            "msg": "must be an http(s) URL",
-                            "type": "value_error",
-                            "input": webhook,
-                        }
-                    ]
-                )
-            )
+    try:
+        check_outbound(webhook, get_settings(request), "fal_webhook")
+    except IntakeError as e:
+        return _input_error(FalInputError([{"loc": ["query", "fal_webhook"], "msg": e.message, "type": "value_error",
+                                            "input": webhook}]))
     job = await _create_job(request, app_id, webhook=webhook)
     if isinstance(job, JSONResponse):
         return job
@@ -531,7 +331,7 @@ async def _submit(request: Request, app_id: str, prefixed: bool) -> JSONResponse
         "status": "IN_QUEUE",
         "request_id": job.id,
         "gateway_request_id": job.id,
-        **_urls(_queue_base(request, app_id, prefixed), job.id),
+        **request_urls(_queue_base(request, app_id, prefixed), job.id),
         "queue_position": 0 if pos is None else pos,
     }
     return _json(body, 200, job.id)
@@ -541,28 +341,65 @@ def _want_logs(request: Request) -> bool:
     return (request.query_params.get("logs") or "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _status_of(request: Request, app_id: str, job: Job, prefixed: bool) -> tuple[dict, int]:
+    position = get_engine(request).queue_position(job.id) if job.status == QUEUED else None
+    urls = request_urls(_queue_base(request, app_id, prefixed), job.id)
+    return status_body(job, position, _want_logs(request), urls)
+
+
 async def _status(request: Request, app_id: str, request_id: str, prefixed: bool) -> JSONResponse:
-    if (denied := _denied(request)) is not None:
-        return denied
-    job = _find_job(request, app_id, request_id)
-    if job is None:
-        return _not_found(request_id)
-    body, code = _status_body(
-        job, get_engine(request), _want_logs(request), _urls(_queue_base(request, app_id, prefixed), job.id)
-    )
+    job = _admitted_job(request, app_id, request_id)
+    if isinstance(job, Response):
+        return job
+    body, code = _status_of(request, app_id, job, prefixed)
     return _json(body, code, job.id)
 
 
+async def _status_stream(request: Request, app_id: str, request_id: str, prefixed: bool) -> Response:
+    """``GET .../status/stream``: the status as server-sent events (``data: <status JSON>``), one per change,
+    until COMPLETED (or ``--sync-timeout``; the client then asks again). Same bodies as ``.../status``."""
+    job = _admitted_job(request, app_id, request_id)
+    if isinstance(job, Response):
+        return job
+    engine = get_engine(request)
+    settings = get_settings(request)
+
+    async def events():
+        loop = asyncio.get_running_loop()
+        end = loop.time() + settings.sync_timeout
+        last, quiet_since = "", loop.time()
+        while True:
+            try:
+                cur = await run_in_threadpool(engine.get, job.id)
+            except engine.outages:
+                body = {"detail": UNAVAILABLE, "error_type": "service_unavailable"}
+                yield f"event: error\ndata: {json.dumps(body)}\n\n"
+                return
+            if cur is None:
+                return
+            text = json.dumps(_status_of(request, app_id, cur, prefixed)[0])
+            if text != last:
+                last, quiet_since = text, loop.time()
+                yield f"data: {text}\n\n"
+            elif loop.time() - quiet_since > SSE_KEEPALIVE_S:
+                quiet_since = loop.time()
+                yield ": keep-alive\n\n"
+            if cur.done or loop.time() > end:
+                return
+            await engine.wait(job.id, timeout=SSE_POLL_S)
+
+    headers = {REQUEST_ID_HEADER: job.id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
 async def _result(request: Request, app_id: str, request_id: str) -> JSONResponse:
-    if (denied := _denied(request)) is not None:
-        return denied
-    job = _find_job(request, app_id, request_id)
-    if job is None:
-        return _not_found(request_id)
+    job = _admitted_job(request, app_id, request_id)
+    if isinstance(job, Response):
+        return job
     if not job.done:
         return _json({"detail": "Request is still in progress"}, 400, job.id)
     if job.status == SUCCESS:
-        return _json(_output(job), 200, job.id)
+        return _json(output_of(job), 200, job.id)
     return _error_response(job)
 
 
@@ -594,47 +431,30 @@ def _add_app_routes(r: APIRouter, app_id: str) -> None:
     async def submit(request: Request):
         return await _submit(request, app_id, prefixed=True)
 
-    def status_route(prefixed: bool):
-        async def status(request: Request, request_id: str):
-            return await _status(request, app_id, request_id, prefixed)
+    def by_id(handler, **kw):
+        async def endpoint(request: Request, request_id: str):
+            return await handler(request, app_id, request_id, **kw)
 
-        return status
-
-    async def result(request: Request, request_id: str):
-        return await _result(request, app_id, request_id)
-
-    async def cancel(request: Request, request_id: str):
-        return await _cancel(request, app_id, request_id)
+        return endpoint
 
     body_schema = {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": CCSRInput.model_json_schema()}},
-        }
+        "requestBody": {"required": True, "content": {"application/json": {"schema": CCSRInput.model_json_schema()}}}
     }
     for sub in ("", "/{path:path}"):
         documented = {"include_in_schema": not sub, "tags": ["fal"], "openapi_extra": body_schema}
-        r.add_api_route(
-            f"/{app_id}{sub}",
-            run_or_submit,
-            methods=["POST"],
-            **documented,
-            summary=f"fal sync run of {app_id} (a queue.* Host submits instead)",
-        )
-        r.add_api_route(
-            f"/queue/{app_id}{sub}",
-            submit,
-            methods=["POST"],
-            **documented,
-            summary=f"fal queue submit of {app_id} (?fal_webhook=URL)",
-        )
+        r.add_api_route(f"/{app_id}{sub}", run_or_submit, methods=["POST"], **documented,
+                        summary=f"fal sync run of {app_id} (a queue.* Host submits instead)")
+        r.add_api_route(f"/queue/{app_id}{sub}", submit, methods=["POST"], **documented,
+                        summary=f"fal queue submit of {app_id} (?fal_webhook=URL)")
     for prefix, prefixed in (("/queue", True), ("", False)):
         base = f"{prefix}/{app_id}/requests/{{request_id}}"
+        routes = (("/status", _status, "GET", {"prefixed": prefixed}),
+                  ("/status/stream", _status_stream, "GET", {"prefixed": prefixed}),
+                  ("", _result, "GET", {}), ("/cancel", _cancel, "PUT", {}))
         for slash in ("", "/"):
-            documented = {"include_in_schema": prefixed and not slash, "tags": ["fal"]}
-            r.add_api_route(f"{base}/status{slash}", status_route(prefixed), methods=["GET"], **documented)
-            r.add_api_route(f"{base}{slash}", result, methods=["GET"], **documented)
-            r.add_api_route(f"{base}/cancel{slash}", cancel, methods=["PUT"], **documented)
+            for tail, handler, method, kw in routes:
+                r.add_api_route(f"{base}{tail}{slash}", by_id(handler, **kw), methods=[method], tags=["fal"],
+                                include_in_schema=prefixed and not slash)
 
 
 def build_router(app_ids: tuple[str, ...] | list[str] = DEFAULT_APP_IDS) -> APIRouter:
@@ -644,24 +464,10 @@ def build_router(app_ids: tuple[str, ...] | list[str] = DEFAULT_APP_IDS) -> APIR
     return r
 
 
-router = build_router(_app_ids_from_env())
-
-router.include_router(fal_storage.router)  # optional upload endpoints (fal_client.upload_file)
+router = fal_storage.router  # optional upload endpoints (fal_client.upload_file); app routes come from setup
 
 
 # ============================================================================================ webhooks
-
-
-def webhook_payload(job: Job) -> dict:
-    """fal's webhook body (protocols.md B.1): OK + output, or ERROR + the error body."""
-    base = {"request_id": job.id, "gateway_request_id": job.id}
-    if job.status == SUCCESS:
-        return {**base, "status": "OK", "payload": _output(job), "error": None}
-    status, detail, etype = _error_of(job)
-    payload: dict[str, Any] = {"detail": detail}
-    if not isinstance(detail, list):
-        payload["error_type"] = etype
-    return {**base, "status": "ERROR", "error": f"Invalid status code: {status}", "payload": payload}
 
 
 def _on_terminal(engine) -> Any:
@@ -685,10 +491,8 @@ def _on_terminal(engine) -> Any:
 
 
 def setup(app: FastAPI, engine, settings) -> None:
-    """Called once by :func:`ccsr.api.app.create_app`: webhook listener, extra app ids from settings."""
+    """Called once by :func:`ccsr.api.app.create_app`: the routes of every served app id (the models' own plus
+    ``--fal-app-id``), and the webhook listener."""
     engine.add_listener(_on_terminal(engine))
-    extra = [a.strip("/") for a in (settings.extra or {}).get("fal_app_ids", []) or []]
-    have = set(_app_ids_from_env())
-    more = [a for a in extra if a.count("/") == 1 and a not in have]
-    if more:
-        app.include_router(build_router(more))
+    extra = [a.strip("/") for a in settings.fal_app_ids if a.strip("/").count("/") == 1]
+    app.include_router(build_router(list(dict.fromkeys([*DEFAULT_APP_IDS, *extra]))))

@@ -1,4 +1,5 @@
-"""The ``fal-ai/ccsr`` app schema (input, output, errors), independent of HTTP routing and of the job engine.
+"""The ``fal-ai/ccsr`` app schema (input, output, errors, queue status, webhook body), independent of HTTP
+routing and of the job engine: a request body in, a job out as the wire shows it.
 
 Ranges and defaults mirror fal's model page (shared/docs/hosted/001_*.txt); errors mirror what a FastAPI/fal
 app answers (protocols.md B.4): HTTP 422 with ``{"detail": [{"loc": ["body", field], "msg", "type", ...}]}``.
@@ -6,22 +7,32 @@ app answers (protocols.md B.4): HTTP 422 with ``{"detail": [{"loc": ["body", fie
 
 from __future__ import annotations
 
-import json
+import datetime as _dt
+import math
 import secrets
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ccsr.jobs import CANCELLED, PROCESSING, QUEUED, SUCCESS, ErrorCode, Job
 from ccsr.params import ParamError, UpscaleParams
+
+from .app import image_url
 
 __all__ = [
     "ERROR_DOCS",
     "CCSRInput",
     "FalInputError",
+    "error_of",
     "fal_error",
+    "finite",
     "image_output",
+    "output_of",
     "parse_input",
+    "request_urls",
+    "status_body",
     "to_params",
+    "webhook_payload",
 ]
 
 ERROR_DOCS = "https://docs.fal.ai/errors"
@@ -111,26 +122,9 @@ def _validation_detail(exc: ValidationError) -> list[dict]:
     return out
 
 
-def parse_input(raw: bytes | str | dict | Any) -> CCSRInput:
-    """Body bytes (or an already decoded object) -> :class:`CCSRInput`, else :class:`FalInputError` (422)."""
-    if isinstance(raw, bytes | bytearray | str):
-        try:
-            data = json.loads(raw) if raw else None
-        except (ValueError, UnicodeDecodeError) as e:
-            pos = getattr(e, "pos", 0)
-            raise FalInputError(
-                [
-                    {
-                        "type": "json_invalid",
-                        "loc": ["body", pos],
-                        "msg": "JSON decode error",
-                        "input": {},
-                        "ctx": {"error": getattr(e, "msg", str(e))},
-                    }
-                ]
-            ) from None
-    else:
-        data = raw
+def parse_input(data: Any) -> CCSRInput:
+    """A decoded JSON body (see :func:`ccsr.api.intake.load_json`) -> :class:`CCSRInput`, else
+    :class:`FalInputError` (422)."""
     if data is None:
         raise FalInputError([{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}])
     try:
@@ -202,3 +196,121 @@ def image_output(
         },
         "seed": int(seed),
     }
+
+
+# ============================================================================================ job -> wire
+
+LOG_SOURCE = "user"
+
+
+def finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity: an echoed input such as ``"scale": Infinity`` is shown as a string."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def iso_time(ts: float | None) -> str | None:
+    """fal's timestamps: naive ISO 8601 in UTC."""
+    if ts is None:
+        return None
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).replace(tzinfo=None).isoformat()
+
+
+def logs_of(job: Job) -> list[dict]:
+    """The job's log lines as fal log entries."""
+    return [
+        {"message": ln.message, "level": ln.level, "source": LOG_SOURCE, "timestamp": iso_time(ln.timestamp)}
+        for ln in job.logs
+    ]
+
+
+def output_of(job: Job) -> dict:
+    """A successful job as the app's output object."""
+    r = job.result
+    assert r is not None
+    base = job.meta.get("base") or ""
+    name = f"{r.image_id}.{r.extension}"
+    seed = r.seed if r.seed is not None else job.params.seed
+    return image_output(
+        image_url(base, r.image_id, r.extension), r.content_type, name, r.size, r.width, r.height, seed
+    )
+
+
+# neutral ErrorCode -> (HTTP status, fal error type) for request errors (``{"detail": str}``)
+REQUEST_ERRORS = {
+    ErrorCode.CANCELLED: (499, "client_cancelled"),
+    ErrorCode.TIMEOUT: (504, "request_timeout"),
+    ErrorCode.INTERRUPTED: (503, "runner_disconnected"),
+    ErrorCode.INFERENCE_FAILED: (500, "internal_error"),
+    ErrorCode.INTERNAL: (500, "internal_error"),
+}
+
+
+def error_of(job: Job) -> tuple[int, Any, str]:
+    """(HTTP status, ``detail`` body value, error_type) of a failed or cancelled job."""
+    err = job.error
+    code = err.code if err else (ErrorCode.CANCELLED if job.status == CANCELLED else ErrorCode.INTERNAL)
+    message = err.message if err else ""
+    if job.status == CANCELLED or code == ErrorCode.CANCELLED:
+        return 499, "Request cancelled by the client", "client_cancelled"
+    if code in (ErrorCode.INVALID_INPUT, ErrorCode.INPUT_MISSING):
+        url = job.meta.get("image_url_shown")
+        return (
+            422,
+            [fal_error("image_url", f"Failed to load the image: {message}", "image_load_error", url)],
+            "image_load_error",
+        )
+    if code == ErrorCode.INVALID_PARAMS:
+        return 422, [fal_error(None, message, "value_error")], "value_error"
+    status, etype = REQUEST_ERRORS.get(code, (500, "internal_error"))
+    detail = "Internal Server Error" if status == 500 else message or etype
+    return status, detail, etype
+
+
+def status_body(job: Job, position: int | None, with_logs: bool, urls: dict | None) -> tuple[dict, int]:
+    """The queue status of ``job`` (``position``: its place in the queue) and the HTTP status it goes with."""
+    logs = logs_of(job) if with_logs else None
+    if job.status == QUEUED:
+        body: dict[str, Any] = {"status": "IN_QUEUE", "queue_position": 0 if position is None else position}
+        code = 202
+    elif job.status == PROCESSING:
+        body = {"status": "IN_PROGRESS", "logs": logs}
+        code = 202
+    else:
+        body = {"status": "COMPLETED", "logs": logs}
+        if job.result is not None:
+            body["metrics"] = {"inference_time": job.result.inference_seconds}
+        else:
+            body["metrics"] = {}
+        if job.status != SUCCESS:
+            status, detail, etype = error_of(job)
+            body["error"] = detail if isinstance(detail, str) else f"Invalid status code: {status}"
+            body["error_type"] = etype
+        code = 200
+    if urls:
+        body.update(urls)
+    body["request_id"] = job.id
+    return body, code
+
+
+def request_urls(base: str, request_id: str) -> dict:
+    """Where a queued request is found again, under ``base`` (``…/queue/<app id>``)."""
+    r = f"{base}/requests/{request_id}"
+    return {"response_url": r, "status_url": f"{r}/status", "cancel_url": f"{r}/cancel"}
+
+
+def webhook_payload(job: Job) -> dict:
+    """fal's webhook body (protocols.md B.1): OK + output, or ERROR + the error body."""
+    base = {"request_id": job.id, "gateway_request_id": job.id}
+    if job.status == SUCCESS:
+        return {**base, "status": "OK", "payload": output_of(job), "error": None}
+    status, detail, etype = error_of(job)
+    payload: dict[str, Any] = {"detail": detail}
+    if not isinstance(detail, list):
+        payload["error_type"] = etype
+    return {**base, "status": "ERROR", "error": f"Invalid status code: {status}", "payload": payload}

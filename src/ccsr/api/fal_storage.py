@@ -18,6 +18,7 @@ Multipart uploads (files over 100 MB) are not offered: inputs are capped far bel
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import hashlib
 import hmac
@@ -32,19 +33,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from .app import get_engine, get_settings, image_url, public_base
+from .intake import EXTENSIONS, Probed, limits_of, probe
 
 router = APIRouter(tags=["fal storage"])
 
 TOKEN_TTL = 3600.0
 UPLOAD_URL_TTL = 3600.0
-_EXT = {
-    "image/png": "png",
-    "image/jpeg": "jpg",
-    "image/webp": "webp",
-    "image/gif": "gif",
-    "image/tiff": "tiff",
-    "image/avif": "avif",
-}
 
 
 def _secret(request: Request) -> bytes:
@@ -95,13 +89,12 @@ def _err(detail: str, status: int) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
 
-async def _read_image(request: Request) -> tuple[bytes, str, int, int] | JSONResponse:
-    """Body -> (bytes, content type, width, height), under the input byte cap; images only."""
+async def _read_image(request: Request) -> tuple[bytes, Probed] | JSONResponse:
+    """Body -> (bytes, what the header says), under the input byte cap; images only."""
     from ccsr.imaging import ImageError
 
-    from .fal import _probe
-
-    limit = get_settings(request).max_input_bytes
+    settings = get_settings(request)
+    limit = settings.max_input_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         return _err(f"file is larger than {limit} bytes", 413)
@@ -109,10 +102,9 @@ async def _read_image(request: Request) -> tuple[bytes, str, int, int] | JSONRes
     if len(data) > limit:
         return _err(f"file is larger than {limit} bytes", 413)
     try:
-        ctype, w, h = _probe(data, limit)
+        return data, await asyncio.to_thread(probe, data, limits_of(settings))
     except ImageError as e:
         return _err(f"only images can be stored here: {e.message}", 415)
-    return data, ctype, w, h
 
 
 def _ttl(request: Request) -> float | None:
@@ -151,13 +143,14 @@ async def files_upload(request: Request):
     got = await _read_image(request)
     if isinstance(got, JSONResponse):
         return got
-    data, ctype, w, h = got
+    data, p = got
     rec = get_engine(request).images.put(
-        data, content_type=ctype, width=w, height=h, ttl=_ttl(request), kind="input"
+        data, content_type=p.content_type, extension=p.extension, width=p.width, height=p.height,
+        ttl=_ttl(request), kind="input",
     )
     return {
         "access_url": image_url(public_base(request), rec.id, rec.extension),
-        "content_type": ctype,
+        "content_type": p.content_type,
         "file_name": request.headers.get("x-fal-file-name") or rec.filename,
         "file_size": rec.size,
     }
@@ -178,7 +171,7 @@ async def upload_initiate(request: Request):
     sig = _sign(request, "put", upload_id, exp)
     return {
         "upload_url": f"{base}/storage/upload/{upload_id}?expires={exp}&signature={sig}",
-        "file_url": image_url(base, upload_id, _EXT.get(ctype, "png")),
+        "file_url": image_url(base, upload_id, EXTENSIONS.get(ctype, "png")),
     }
 
 
@@ -196,8 +189,9 @@ async def upload_put(request: Request, upload_id: str):
     got = await _read_image(request)
     if isinstance(got, JSONResponse):
         return got
-    data, ctype, w, h = got
+    data, p = got
     get_engine(request).images.put(
-        data, content_type=ctype, width=w, height=h, image_id=upload_id, kind="input"
+        data, content_type=p.content_type, extension=p.extension, width=p.width, height=p.height,
+        image_id=upload_id, kind="input",
     )
     return JSONResponse({}, status_code=200)

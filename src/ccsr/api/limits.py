@@ -1,34 +1,21 @@
 """Request limits applied before any handler runs, answered in each protocol's own error shape.
 
 The ASGI middleware buffers a request body up to the body limit (413 past it, whether announced by
-Content-Length or discovered while streaming) and refuses JSON nested deeper than the depth limit (the
-stdlib parser would otherwise raise RecursionError on a few thousand brackets). Runware paths (``/``,
+Content-Length or discovered while streaming), then reads a JSON body once under the intake's bounds
+(:func:`ccsr.api.intake.load_json`: depth, element count, text) and leaves it for the handler. Runware paths (``/``,
 ``/v1``) answer ``{"errors": [{code, message}]}``; every other path answers fal/FastAPI-style ``detail``.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKET = re.compile(rb"[\[\]{}]")
+from .intake import RETRY_AFTER_S, STATE_KEY, IntakeError, load_json_async
+
 RUNWARE_PATHS = frozenset({"/", "/v1", "/v1/"})
-
-
-def json_depth(raw: bytes | str) -> int:
-    """Deepest bracket nesting of a JSON text, ignoring brackets inside strings (regex speed, no recursion)."""
-    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-    depth = deepest = 0
-    for m in _BRACKET.finditer(_STRING.sub(b'""', data)):
-        if m.group() in (b"[", b"{"):
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
 
 
 def is_runware(path: str) -> bool:
@@ -39,14 +26,43 @@ def runware_error(code: str, message: str, **extra: Any) -> dict:
     return {"errors": [{"code": code, "message": message, **extra}]}
 
 
-def error_body(path: str, status: int, kind: str, message: str) -> dict:
-    """``kind``: ``too_large`` or ``too_deep``."""
+FAL_BODY_ERROR_TYPES = {
+    "too_deep": "value_error.json_depth",
+    "too_many_items": "value_error.json_items",
+    "bad_text": "string_unicode",
+}
+
+
+RUNWARE_CODES = {"too_large": "invalidRequestSize", "unavailable": "serviceUnavailable"}
+FAL_REQUEST_ERROR_TYPES = {"too_large": "request_too_large", "unavailable": "service_unavailable"}
+
+
+def error_body(path: str, kind: str, message: str) -> dict:
+    """An :class:`~ccsr.api.intake.IntakeError` ``kind`` other than ``bad_json`` (or ``unavailable``: the job
+    store is down) in the path's protocol shape."""
     if is_runware(path):
-        code = {"too_large": "invalidRequestSize", "too_deep": "invalidRequestBody"}[kind]
-        return runware_error(code, message)
-    if kind == "too_deep":
-        return {"detail": [{"loc": ["body"], "msg": message, "type": "value_error.json_depth"}]}
-    return {"detail": message, "error_type": "request_too_large"}
+        return runware_error(RUNWARE_CODES.get(kind, "invalidRequestBody"), message)
+    if kind in FAL_REQUEST_ERROR_TYPES:
+        return {"detail": message, "error_type": FAL_REQUEST_ERROR_TYPES[kind]}
+    return {"detail": [{"loc": ["body"], "msg": message, "type": FAL_BODY_ERROR_TYPES[kind]}]}
+
+
+def error_status(path: str, kind: str) -> int:
+    if kind in ("too_large", "unavailable"):
+        return {"too_large": 413, "unavailable": 503}[kind]
+    return 400 if is_runware(path) else 422
+
+
+def error_headers(path: str, kind: str) -> dict[str, str]:
+    """Headers of an error answer: Retry-After for an outage; fal's error-type, retryable and request-id."""
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if kind == "unavailable" else {}
+    if is_runware(path):
+        return headers
+    headers["x-fal-request-id"] = str(uuid.uuid4())  # ours, not an ingress error: the client does not retry
+    headers["x-fal-retryable"] = "true" if kind == "unavailable" else "false"
+    if kind in FAL_REQUEST_ERROR_TYPES:
+        headers["x-fal-error-type"] = FAL_REQUEST_ERROR_TYPES[kind]
+    return headers
 
 
 Receive = Callable[[], Awaitable[dict]]
@@ -60,11 +76,11 @@ class LimitsMiddleware:
         self.app = app
         self.settings = settings
 
-    async def _reply(self, send: Send, path: str, status: int, kind: str, message: str) -> None:
-        body = json.dumps(error_body(path, status, kind, message)).encode()
+    async def _reply(self, send: Send, path: str, kind: str, message: str) -> None:
+        status = error_status(path, kind)
+        body = json.dumps(error_body(path, kind, message)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if not is_runware(path) and kind == "too_large":
-            headers.append((b"x-fal-error-type", b"request_too_large"))
+        headers += [(k.lower().encode(), v.encode()) for k, v in error_headers(path, kind).items()]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -78,7 +94,7 @@ class LimitsMiddleware:
         declared = headers.get(b"content-length", b"")
         too_large = f"request body over {limit} bytes"
         if declared.isdigit() and int(declared) > limit:
-            await self._reply(send, path, 413, "too_large", too_large)
+            await self._reply(send, path, "too_large", too_large)
             return
         chunks: list[bytes] = []
         size = 0
@@ -89,7 +105,7 @@ class LimitsMiddleware:
             chunk = msg.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._reply(send, path, 413, "too_large", too_large)
+                await self._reply(send, path, "too_large", too_large)
                 return
             chunks.append(chunk)
             if not msg.get("more_body"):
@@ -97,11 +113,14 @@ class LimitsMiddleware:
         body = b"".join(chunks)
         ctype = headers.get(b"content-type", b"").lower()
         if body.lstrip()[:1] in (b"[", b"{") and b"multipart" not in ctype:
-            depth = json_depth(body)
-            if depth > self.settings.max_json_depth:
-                msg = f"JSON nested {depth} deep; at most {self.settings.max_json_depth} allowed"
-                await self._reply(send, path, 400 if is_runware(path) else 422, "too_deep", msg)
-                return
+            try:
+                value = await load_json_async(body, max_depth=self.settings.max_json_depth)
+            except IntakeError as e:
+                if e.kind != "bad_json":
+                    await self._reply(send, path, e.kind, e.message)
+                    return
+                value = e  # the adapter answers "not JSON" in its own words
+            scope.setdefault("state", {})[STATE_KEY] = value
         sent = False
 
         async def replay() -> dict:

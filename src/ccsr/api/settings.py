@@ -1,18 +1,23 @@
-"""Server settings: one dataclass filled from command-line options and ``CCSR_*`` environment variables."""
+"""Server settings: one dataclass, declared once; :data:`OPTIONS` names each setting on the command line
+(``ccsr serve --flag``), in the environment (``CCSR_*``) and in ``--help``."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .auth import Denied, KeyRing, Principal, Quotas, RateLimiter
+from .auth import Denied, KeyRing, Principal, RateLimiter
 
 
-def _env_list(name: str) -> list[str]:
-    raw = os.environ.get(name, "")
-    return [x.strip() for x in raw.replace(";", ",").split(",") if x.strip()]
+def default_data_dir() -> Path:
+    """``$CCSR_DATA_DIR``, else the per-user data directory (``$XDG_DATA_HOME/ccsr``, ``~/.local/share/ccsr``):
+    never the working directory, so a server started anywhere finds its jobs and images again."""
+    if os.environ.get("CCSR_DATA_DIR"):
+        return Path(os.environ["CCSR_DATA_DIR"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "ccsr"
 
 
 @dataclass
@@ -23,7 +28,7 @@ class Settings:
     config: str | None = None
     device: str = "auto"
     dtype: str = "auto"
-    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("CCSR_DATA_DIR", "./ccsr-data")))
+    data_dir: Path = field(default_factory=default_data_dir)
     api_keys: list[str] = field(default_factory=list)  # empty: open on loopback only; hashed, then cleared
     api_keys_file: str | None = None  # sha256 digests, one per line (see ccsr.api.auth); re-read on change
     rate_limit: float = 0.0  # requests per second per key (0: off); a keys-file line may override it
@@ -46,6 +51,7 @@ class Settings:
     price_per_second: float = 0.0  # includeCost: inference seconds x this
     fetch_allow_hosts: list[str] = field(default_factory=list)  # host[:port] allowed despite SSRF rules
     fetch_timeout: float = 30.0
+    fetch_workers: int = 8  # concurrent input-image downloads (their own threads); more wait up to fetch_timeout
     max_input_bytes: int = 50 * 1024 * 1024
     max_output_side: int = 4096  # Runware cap (width and height)
     default_steps: int | None = None  # None: UpscaleParams' default
@@ -54,11 +60,11 @@ class Settings:
     quantize: str | None = None
     broker_url: str | None = None  # redis://...: this server is one API replica; jobs run on `ccsr worker`s
     store_url: str | None = None  # with broker_url: s3://bucket/prefix[?endpoint_url=...] or a shared directory
+    fal_app_ids: list[str] = field(default_factory=list)  # more fal ``owner/alias`` ids served, besides the models'
     extra: dict = field(default_factory=dict)  # room for other adapters' options (fal: tls files, …)
     # runtime state of the key policy (built on first use; never compared or shown)
     _keyring: KeyRing | None = field(default=None, repr=False, compare=False)
     _limiter: RateLimiter = field(default_factory=RateLimiter, repr=False, compare=False)
-    _quotas: Quotas = field(default_factory=Quotas, repr=False, compare=False)
 
     def body_limit(self) -> int:
         return self.max_body_bytes or self.max_input_bytes * 4 // 3 + (1 << 20)
@@ -75,10 +81,6 @@ class Settings:
             ring.add(self.api_keys)
             self.api_keys = []
         return ring
-
-    @property
-    def quotas(self) -> Quotas:
-        return self._quotas
 
     def keys_required(self) -> bool:
         return self.keyring().configured()
@@ -117,43 +119,114 @@ class Settings:
             raise Denied(429, f"rate limit of {who.rate:g} requests/s exceeded for {who.id}", retry_after=wait)
 
     @classmethod
-    def from_env(cls, **overrides) -> Settings:
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
+        """Defaults, then every :data:`OPTIONS` variable set in ``env`` (``os.environ``), then ``overrides``."""
         s = cls()
-        env = os.environ
-        if env.get("CCSR_HOST"):
-            s.host = env["CCSR_HOST"]
-        if env.get("CCSR_PORT"):
-            s.port = int(env["CCSR_PORT"])
-        s.weights = env.get("CCSR_WEIGHTS") or s.weights
-        s.config = env.get("CCSR_CONFIG") or s.config
-        s.device = env.get("CCSR_DEVICE") or s.device
-        s.dtype = env.get("CCSR_DTYPE") or s.dtype
-        s.broker_url = env.get("CCSR_BROKER_URL") or s.broker_url
-        s.store_url = env.get("CCSR_STORE") or s.store_url
-        s.api_keys = _env_list("CCSR_API_KEYS") or _env_list("CCSR_API_KEY")
-        s.public_url = env.get("CCSR_PUBLIC_URL") or None
-        if env.get("CCSR_MAX_QUEUE"):
-            s.max_queue = int(env["CCSR_MAX_QUEUE"])
-        if env.get("CCSR_IMAGE_TTL"):
-            s.image_ttl = float(env["CCSR_IMAGE_TTL"])
-        if env.get("CCSR_SYNC_TIMEOUT"):
-            s.sync_timeout = float(env["CCSR_SYNC_TIMEOUT"])
-        if env.get("CCSR_PRICE_PER_SECOND"):
-            s.price_per_second = float(env["CCSR_PRICE_PER_SECOND"])
-        s.fetch_allow_hosts = _env_list("CCSR_ALLOW_FETCH_HOSTS")
-        if env.get("CCSR_MAX_OUTPUT_SIDE"):
-            s.max_output_side = int(env["CCSR_MAX_OUTPUT_SIDE"])
-        if env.get("CCSR_DEFAULT_STEPS"):
-            s.default_steps = int(env["CCSR_DEFAULT_STEPS"])
-        s.size_mode = env.get("CCSR_SIZE_MODE") or s.size_mode
-        s.api_keys_file = env.get("CCSR_API_KEYS_FILE") or s.api_keys_file
-        for name, conv in (("rate_limit", float), ("rate_burst", int), ("key_max_queue", int), ("max_tasks", int)):
-            if env.get(f"CCSR_{name.upper()}"):
-                setattr(s, name, conv(env[f"CCSR_{name.upper()}"]))
-        s.log_format = env.get("CCSR_LOG_FORMAT") or s.log_format
+        env = os.environ if env is None else env
+        for opt in OPTIONS:
+            raw = next((env[name] for name in opt.env_names if env.get(name)), None)
+            if raw is not None:
+                setattr(s, opt.name, opt.parse(raw))
         for k, v in overrides.items():
             setattr(s, k, v)
         return s
+
+
+@dataclass(frozen=True)
+class Option:
+    """One server setting as the outside names it: the :class:`Settings` field it fills (its type and default
+    come from there), the ``--flag`` and the ``CCSR_*`` variable (both derived from the name unless given), and
+    the help line. ``ccsr serve`` flags, the environment and ``--help`` are all made from :data:`OPTIONS`."""
+
+    name: str
+    help: str
+    group: str = "server"
+    flag: str | None = None
+    env: tuple[str, ...] = ()
+    choices: tuple[str, ...] | None = None
+    shown_default: str | None = None  # how --help names a default that is computed
+    hidden: bool = False
+
+    @property
+    def flag_name(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def env_names(self) -> tuple[str, ...]:
+        return self.env or ("CCSR_" + self.name.upper(),)
+
+    @property
+    def many(self) -> bool:
+        """A list: a repeatable flag, a comma-separated variable."""
+        return _FIELD_TYPES[self.name].startswith("list")
+
+    def convert(self, text: str):
+        kind = _FIELD_TYPES[self.name].split("|")[0].strip()
+        return {"int": int, "float": float, "Path": Path}.get(kind, str)(text)
+
+    def parse(self, raw: str):
+        if self.many:
+            return [x.strip() for x in raw.replace(";", ",").split(",") if x.strip()]
+        return self.convert(raw)
+
+    def help_text(self) -> str:
+        default = self.shown_default
+        if default is None:
+            value = getattr(Settings(), self.name)
+            default = "" if value in (None, []) else f", {value:g}" if isinstance(value, float) else f", {value}"
+        else:
+            default = f", {default}"
+        return f"{self.help} [{'/'.join(self.env_names)}{default}]"
+
+
+_FIELD_TYPES = {f.name: str(f.type) for f in fields(Settings)}
+
+OPTIONS: tuple[Option, ...] = (
+    Option("host", "bind address"),
+    Option("port", "port"),
+    Option("data_dir", "job database and image store", shown_default="$XDG_DATA_HOME/ccsr or ~/.local/share/ccsr"),
+    Option("api_keys", "accepted API key; repeat for several (comma-separated in the variable). Without any, only "
+           "loopback clients are served", flag="--api-key", env=("CCSR_API_KEYS", "CCSR_API_KEY")),
+    Option("api_keys_file", "file of sha256 key digests, one per line, optionally 'name rate=R burst=B quota=Q'; "
+           "re-read when it changes or on SIGHUP (revocation). Digest: printf %%s KEY | sha256sum"),
+    Option("rate_limit", "requests per second per key, 429 + Retry-After past it; 0: off"),
+    Option("rate_burst", "rate-limit bucket size; 0: the rate"),
+    Option("key_max_queue", "queued+running jobs per key before 429, counted by the job store; 0: only --max-queue"),
+    Option("max_body_bytes", "largest request body / WebSocket frame",
+           shown_default="a data URI of --max-input-bytes + 1 MiB"),
+    Option("max_json_depth", "deepest JSON nesting accepted"),
+    Option("max_tasks", "Runware tasks per request or frame"),
+    Option("ws_idle_timeout", "close a WebSocket silent this long with no task pending"),
+    Option("webhook_timeout", "seconds per webhook / upload attempt"),
+    Option("webhook_attempts", "attempts (with backoff) before a delivery gives up"),
+    Option("drain_timeout", "on SIGTERM, longest wait for the running job"),
+    Option("log_format", "json: one object per line with the task id", choices=("text", "json")),
+    Option("broker_url", "Redis URL: run as one API replica of the distributed backend (jobs run on `ccsr worker`)",
+           flag="--broker"),
+    Option("store_url", "with --broker: image store shared with the workers, s3://bucket/prefix or a shared "
+           "directory", flag="--store", env=("CCSR_STORE",)),
+    Option("public_url", "base URL of links to images (default: the request's scheme and Host)"),
+    Option("max_queue", "queued+running jobs before 429"),
+    Option("image_ttl", "seconds uploads and outputs are kept"),
+    Option("sync_timeout", "longest wait of a sync request"),
+    Option("price_per_second", "cost reported with includeCost = inference seconds x this"),
+    Option("fetch_allow_hosts", "HOST[:PORT] the URL fetcher / webhooks may reach despite the SSRF rules (e.g. a "
+           "loopback sink); repeatable", flag="--allow-fetch-host", env=("CCSR_ALLOW_FETCH_HOSTS",)),
+    Option("fetch_timeout", "seconds per input-image download (connect, each read; four times that in all)"),
+    Option("fetch_workers", "concurrent input-image downloads, on threads of their own"),
+    Option("max_input_bytes", "largest accepted input file"),
+    Option("default_steps", "steps when a request gives none", shown_default="the model default"),
+    Option("max_output_side", "Runware output cap (both sides); larger requests shrink the input first"),
+    Option("size_mode", "reference: the original resize path (bit parity); pad: reflect-pad, no second resample, "
+           "faster on small inputs", choices=("reference", "pad")),
+    Option("log_level", "debug, info, warning, error"),
+    Option("fal_app_ids", "another fal app id (owner/alias) served like fal-ai/ccsr; repeatable", flag="--fal-app-id"),
+    Option("weights", "checkpoint file or hub reference", group="model", shown_default="the default CCSR-v1 model"),
+    Option("config", "model YAML", group="model", shown_default="bundled"),
+    Option("device", "cpu, cuda, cuda:1, …", group="model"),
+    Option("dtype", "float32, float16, bfloat16", group="model"),
+    Option("quantize", "", group="model", hidden=True),
+)
 
 
 def is_loopback(host: str | None) -> bool:

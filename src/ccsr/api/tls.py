@@ -2,7 +2,7 @@
 
 Why: ``fal_client`` hard-codes ``https://`` and is redirected only by ``FAL_RUN_HOST`` /
 ``FAL_QUEUE_RUN_HOST`` read at import time, so an unmodified client can talk to us only over TLS, trusting our
-certificate through ``SSL_CERT_FILE`` (protocols.md B.2). The certificate made here carries SAN
+certificate through ``SSL_CERT_FILE`` (README, "Server"). The certificate made here carries SAN
 ``DNS:localhost``, ``IP:127.0.0.1`` and ``IP:::1`` and is its own CA, so the same PEM file serves as the
 server certificate and as the client's trust store.
 """
@@ -106,7 +106,7 @@ def ensure_self_signed(
 
 def add_tls_arguments(parser) -> None:
     """Add ``--tls-cert/--tls-key/--tls-self-signed DIR`` to an argparse parser (``ccsr serve``)."""
-    g = parser.add_argument_group("TLS (optional; needed for an unmodified fal_client, see protocols.md B.2)")
+    g = parser.add_argument_group("TLS (optional; an unmodified fal_client speaks only https: README, Server)")
     g.add_argument("--tls-cert", default=None, help="PEM certificate: serve HTTPS instead of HTTP")
     g.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     g.add_argument(

@@ -25,7 +25,7 @@ Jobs::
                    output=OutputOptions(format="png"|"jpeg"|"webp", quality=None, ttl=None),
                    max_output=(4096, 4096) or None, protocol="fal", meta={...json...},
                    idempotency_key="fal:<id>" or None, payload_hash=payload_hash(body), cost_per_second=0.0)
-    job, created = engine.submit(spec)    # raises QueueFull (-> 429), JobConflict, ccsr.params.ParamError
+    job, created = engine.submit(spec)    # raises QueueFull / QuotaFull (-> 429), JobConflict, ParamError
     engine.get(job.id) / engine.get_by_key("fal:<id>") -> Job | None
     engine.queue_position(job.id) -> int | None          # 0 = next; None when not queued
     engine.cancel(job.id) -> Job                          # queued: cancelled now; running: stops at a step
@@ -89,6 +89,7 @@ from .types import (
     LogLine,
     OutputOptions,
     QueueFull,
+    QuotaFull,
     payload_hash,
 )
 
@@ -155,6 +156,7 @@ __all__ = [
     "OnceDelivery",
     "OutputOptions",
     "QueueFull",
+    "QuotaFull",
     "RunOutput",
     "Runner",
     "SQLiteJobStore",

@@ -134,6 +134,75 @@ def execute(
         input_height=out.input_height,
     )
 
+CANCEL_POLL_S = 0.2  # how often an attempt asks the store whether its job was cancelled
+PROGRESS_LOG_S = 1.0  # and how often a progress line goes into the job's log
+
+
+def attempt(
+    job: Job,
+    store: JobStore,
+    images: ImageStore,
+    runner: Runner,
+    *,
+    cancel_requested: Callable[[], bool],
+    finish: Callable[..., object],
+    lost: Callable[[], bool] = lambda: False,
+    time_limits: tuple[type[BaseException], ...] = (),
+) -> str:
+    """One attempt at a claimed job, the same for every executor (in-process or Celery): progress into the store
+    (a log line at most every :data:`PROGRESS_LOG_S`), cancellation polled through ``cancel_requested``, the
+    outcome handed to ``finish(status, result=|error=)``. ``lost``: the job is no longer this worker's (its lease
+    ran out), so nothing is finished; ``time_limits``: exceptions that mean the worker's time limit. Returns the
+    terminal status given (or ``lost``)."""
+    last = [-1, 0.0]
+
+    def progress(frac: float) -> None:
+        p = min(99, int(max(0.0, min(1.0, frac)) * 100))  # 100 means stored
+        if p != last[0]:
+            last[0] = p
+            store.set_progress(job.id, p)
+            if time.monotonic() - last[1] > PROGRESS_LOG_S:
+                last[1] = time.monotonic()
+                store.append_log(job.id, f"progress {p}%")
+
+    checked = [0.0, False]
+
+    def should_cancel() -> bool:
+        if lost():
+            return True
+        if time.monotonic() - checked[0] > CANCEL_POLL_S:
+            checked[0] = time.monotonic()
+            checked[1] = cancel_requested()
+        return checked[1]
+
+    def outcome(status: str, level: str, line: str, **kw) -> str:
+        store.append_log(job.id, line, level)
+        finish(status, **kw)
+        return status
+
+    try:
+        result = execute(job, images, runner, progress=progress, should_cancel=should_cancel,
+                         log=lambda m: store.append_log(job.id, m))
+    except JobCancelled:
+        if lost():
+            log.warning("job %s: lease lost, stopped", job.id)
+            return "lost"
+        error = JobError(ErrorCode.CANCELLED, "cancelled while running")
+        return outcome(CANCELLED, "WARNING", "cancelled", error=error)
+    except time_limits:
+        return outcome(ERROR, "ERROR", "time limit exceeded",
+                       error=JobError(ErrorCode.TIMEOUT, "the job ran past the worker's time limit"))
+    except JobFailed as e:
+        return outcome(ERROR, "ERROR", f"failed: {e.message}", error=JobError(e.code, e.message))
+    except Exception as e:
+        log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+        code = ErrorCode.INVALID_PARAMS if isinstance(e, ValueError) else ErrorCode.INFERENCE_FAILED
+        text = f"{type(e).__name__}: {e}"
+        return outcome(ERROR, "ERROR", f"failed: {text}", error=JobError(code, text))
+    finish(SUCCESS, result=result)
+    return SUCCESS
+
+
 class Executor(abc.ABC):
     """Who runs queued jobs. Started by :meth:`JobEngine.start` with the engine as its context."""
 
@@ -157,7 +226,12 @@ class Executor(abc.ABC):
 
 
 class JobEngine:
-    """Protocol-neutral façade over a store, an image store and an executor. Thread-safe."""
+    """Protocol-neutral façade over a store, an image store and an executor. Thread-safe.
+
+    ``outages``: the exceptions by which the store says it cannot be reached now (answered "retry later",
+    never as an internal error); none for the local SQLite store."""
+
+    outages: tuple[type[BaseException], ...] = ()
 
     def __init__(
         self,
@@ -431,53 +505,20 @@ class InProcessExecutor(Executor):
             token = task_id.set(tid)  # every log line of this job, the model's included, carries it
             try:
                 log.info("job %s started (attempt %d)", job.id, job.attempts, extra={"task_id": tid})
-                self._run_one(engine, runner, job)
-                log.info("job %s finished", job.id, extra={"task_id": tid})
+                status = self._run_one(engine, runner, job)
+                log.info("job %s ended: %s", job.id, status, extra={"task_id": tid})
             finally:
                 task_id.reset(token)
 
-    def _run_one(self, engine: JobEngine, runner: Runner, job: Job) -> None:
+    def _run_one(self, engine: JobEngine, runner: Runner, job: Job) -> str:
+        """Run one claimed job to its end; returns the terminal status it was given."""
         store = engine.store
         store.append_log(job.id, f"started (attempt {job.attempts})")
         engine._notify(job.id)
-        last = [-1, 0.0]
 
-        def progress(frac: float) -> None:
-            p = int(max(0.0, min(1.0, frac)) * 100)
-            if p >= 100:
-                p = 99  # 100 means stored
-            if p != last[0]:
-                last[0] = p
-                store.set_progress(job.id, p)
-                t = time.monotonic()
-                if t - last[1] > 1.0:
-                    last[1] = t
-                    store.append_log(job.id, f"progress {p}%")
+        def cancel_requested() -> bool:
+            cur = store.get(job.id)
+            return bool(cur is None or cur.cancel_requested)
 
-        cancel_checked = [0.0, False]
-
-        def should_cancel() -> bool:
-            t = time.monotonic()
-            if t - cancel_checked[0] > 0.2:
-                cancel_checked[0] = t
-                cur = store.get(job.id)
-                cancel_checked[1] = bool(cur is None or cur.cancel_requested)
-            return cancel_checked[1]
-
-        def logline(msg: str) -> None:
-            store.append_log(job.id, msg)
-
-        try:
-            result = execute(job, engine.images, runner, progress=progress, should_cancel=should_cancel, log=logline)
-            engine._finish(job.id, SUCCESS, result=result)
-        except JobCancelled:
-            store.append_log(job.id, "cancelled", "WARNING")
-            engine._finish(job.id, CANCELLED, error=JobError(ErrorCode.CANCELLED, "cancelled while running"))
-        except JobFailed as e:
-            store.append_log(job.id, f"failed: {e.message}", "ERROR")
-            engine._finish(job.id, ERROR, error=JobError(e.code, e.message))
-        except Exception as e:
-            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-            store.append_log(job.id, f"failed: {type(e).__name__}: {e}", "ERROR")
-            code = ErrorCode.INVALID_PARAMS if isinstance(e, ValueError) else ErrorCode.INFERENCE_FAILED
-            engine._finish(job.id, ERROR, error=JobError(code, f"{type(e).__name__}: {e}"))
+        return attempt(job, store, engine.images, runner, cancel_requested=cancel_requested,
+                       finish=lambda status, **kw: engine._finish(job.id, status, **kw))

@@ -34,6 +34,7 @@ from .types import (
     LogLine,
     OutputOptions,
     QueueFull,
+    QuotaFull,
     now,
 )
 
@@ -48,7 +49,8 @@ class JobStore(abc.ABC):
         """Insert a queued job; returns ``(job, created)``.
 
         With ``spec.idempotency_key`` already present: same ``payload_hash`` -> ``(existing, False)``,
-        else :class:`JobConflict`. ``max_active`` bounds queued+processing jobs (:class:`QueueFull`).
+        else :class:`JobConflict`. ``max_active`` bounds queued+processing jobs (:class:`QueueFull`), and
+        ``spec.owner_quota`` those of ``spec.owner`` (:class:`QuotaFull`), checked in the same transaction.
         """
 
     @abc.abstractmethod
@@ -128,7 +130,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL,
     finished_at REAL,
     updated_at REAL NOT NULL,
-    logs TEXT NOT NULL DEFAULT '[]'
+    logs TEXT NOT NULL DEFAULT '[]',
+    owner TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 -- written with every terminal status, deleted once the job's webhooks / uploads have ended
@@ -158,6 +161,10 @@ class SQLiteJobStore(JobStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            if "owner" not in columns:  # a database from before per-owner quotas
+                self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+            self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, status)")
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -228,11 +235,18 @@ class SQLiteJobStore(JobStore):
                     if depth >= max_active:
                         self._db.execute("COMMIT")
                         raise QueueFull(depth, max_active)
+                if spec.owner and spec.owner_quota > 0:
+                    mine = self._db.execute(
+                        "SELECT COUNT(*) FROM jobs WHERE owner=? AND status IN (?, ?)", (spec.owner, QUEUED, PROCESSING)
+                    ).fetchone()[0]
+                    if mine >= spec.owner_quota:
+                        self._db.execute("COMMIT")
+                        raise QuotaFull(spec.owner, mine, spec.owner_quota)
                 job_id = str(uuid.uuid4())
                 self._db.execute(
                     "INSERT INTO jobs (id, idem_key, payload_hash, protocol, status, params, input_image_id,"
-                    " output, output_image_id, max_output, meta, cost_per_second, created_at, updated_at)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " output, output_image_id, max_output, meta, cost_per_second, created_at, updated_at, owner)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         job_id,
                         spec.idempotency_key,
@@ -248,6 +262,7 @@ class SQLiteJobStore(JobStore):
                         float(spec.cost_per_second),
                         t,
                         t,
+                        spec.owner,
                     ),
                 )
                 self._db.execute("COMMIT")

@@ -67,6 +67,17 @@ class QueueFull(JobsError):
         self.limit = limit
 
 
+class QuotaFull(QueueFull):
+    """The submitting owner already has its quota of queued+running jobs (counted by the store, atomically,
+    so the quota holds across API replicas): answer 429 / the protocol's rate-limit error."""
+
+    def __init__(self, owner: str, depth: int, limit: int):
+        JobsError.__init__(self, f"{owner} already has {depth} of {limit} jobs waiting or running; retry later")
+        self.owner = owner
+        self.depth = depth
+        self.limit = limit
+
+
 class JobConflict(JobsError):
     """The idempotency key is already used by a job with a different payload."""
 
@@ -120,6 +131,8 @@ class JobSpec:
     - ``idempotency_key`` / ``payload_hash``: same key + same hash -> the existing job is returned; same key +
       different hash -> :class:`JobConflict`. Keys are global: prefix them with the protocol.
     - ``cost_per_second``: price multiplied by inference seconds into ``JobResult.cost``.
+    - ``owner`` / ``owner_quota``: who submits (an API key's name) and how many of its jobs may be queued or
+      running at once (0: no limit beyond the engine's queue bound); :class:`QuotaFull` past it.
     """
 
     params: UpscaleParams
@@ -131,6 +144,8 @@ class JobSpec:
     idempotency_key: str | None = None
     payload_hash: str | None = None
     cost_per_second: float = 0.0
+    owner: str | None = None
+    owner_quota: int = 0
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,7 @@ class DistributedEngine(JobEngine):
 
     executor: CeleryExecutor
     store: RedisJobStore
+    outages = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
     def recover(self) -> list[Job]:
         return []  # workers' leases and Maintenance recover jobs; a replica restart changes nothing

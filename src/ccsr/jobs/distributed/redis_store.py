@@ -2,8 +2,9 @@
 
 Each transition is one Lua script, so replicas and workers never race: a job is a hash ``<p>job:<id>``, its
 log a list ``<p>logs:<id>``; ``<p>queue`` (sorted by submission sequence) gives queue positions,
-``<p>processing`` the running set, ``<p>lease:<id>`` the running worker's lease (renewed while it works; a
-lease that runs out means the worker died). Every terminal transition is appended to the stream
+``<p>processing`` the running set, ``<p>owner:<name>`` an owner's queued and running jobs (its quota),
+``<p>lease:<id>`` the running worker's lease (renewed while it works; a lease that runs out means the worker
+died). Every terminal transition is appended to the stream
 ``<p>terminal`` (consumed by exactly one API replica, which sends webhooks) and every change is published on
 ``<p>events`` (every replica wakes its waiters, so progress stays live). Terminal jobs, their logs and their
 idempotency keys expire after ``job_ttl`` seconds.
@@ -31,6 +32,7 @@ from ..types import (
     LogLine,
     OutputOptions,
     QueueFull,
+    QuotaFull,
     now,
 )
 
@@ -45,6 +47,8 @@ local function finish(p, id, status, result, ecode, emsg, t, ttl)
   if ecode ~= '' then redis.call('HSET', jk, 'error_code', ecode, 'error_message', emsg) end
   if status == 'success' then redis.call('HSET', jk, 'progress', 100) end
   redis.call('HDEL', jk, 'token')
+  local owner = redis.call('HGET', jk, 'owner')
+  if owner then redis.call('SREM', p .. 'owner:' .. owner, id) end
   redis.call('ZREM', p .. 'queue', id)
   redis.call('ZREM', p .. 'undispatched', id)
   redis.call('SREM', p .. 'processing', id)
@@ -74,6 +78,11 @@ if max_active >= 0 then
   local depth = redis.call('ZCARD', p .. 'queue') + redis.call('SCARD', p .. 'processing')
   if depth >= max_active then return {'full', tostring(depth)} end
 end
+local owner, owner_max = ARGV[7], tonumber(ARGV[8])
+if owner ~= '' and owner_max > 0 then
+  local mine = redis.call('SCARD', p .. 'owner:' .. owner)
+  if mine >= owner_max then return {'quota', tostring(mine)} end
+end
 local seq = redis.call('INCR', p .. 'seq')
 local fields = cjson.decode(ARGV[6])
 local args = {}
@@ -82,6 +91,7 @@ redis.call('HSET', p .. 'job:' .. id, 'seq', seq, unpack(args))
 redis.call('ZADD', p .. 'queue', seq, id)
 redis.call('ZADD', p .. 'undispatched', t, id)
 if key ~= '' then redis.call('SET', p .. 'idem:' .. key, id) end
+if owner ~= '' then redis.call('SADD', p .. 'owner:' .. owner, id) end
 log(p, id, t, 'queued', 'INFO')
 redis.call('PUBLISH', p .. 'events', id)
 return {'created', id}
@@ -273,6 +283,8 @@ class RedisJobStore(JobStore):
             f["payload_hash"] = spec.payload_hash
         if spec.max_output:
             f["max_output"] = json.dumps(list(spec.max_output))
+        if spec.owner:
+            f["owner"] = spec.owner
         return f
 
     @staticmethod
@@ -311,9 +323,14 @@ class RedisJobStore(JobStore):
         job_id = str(uuid.uuid4())
         fields = self._fields(job_id, spec, t)
         limit = -1 if max_active is None else max_active
-        what, value = self._run("create", job_id, spec.idempotency_key or "", limit, repr(t), json.dumps(fields))
+        what, value = self._run(
+            "create", job_id, spec.idempotency_key or "", limit, repr(t), json.dumps(fields), spec.owner or "",
+            spec.owner_quota,
+        )
         if what == "full":
             raise QueueFull(int(value), limit)
+        if what == "quota":
+            raise QuotaFull(spec.owner or "", int(value), spec.owner_quota)
         job = self.get(value)
         if job is None:  # expired between the script and this read: vanishingly rare, treat as conflict
             raise JobConflict(spec.idempotency_key or "", value)
@@ -339,9 +356,12 @@ class RedisJobStore(JobStore):
         | ``missing``."""
         return self._run("claim", job_id, token, int(lease * 1000), repr(now()), self.max_attempts, self.job_ttl)
 
+    def queued_ids(self, limit: int) -> list[str]:
+        """The first ``limit`` queued jobs, oldest first (a requeued job keeps its submission place)."""
+        return [x.decode() for x in self.redis.zrange(self.key("queue"), 0, limit - 1)]
+
     def claim_next(self) -> Job | None:
-        for raw in self.redis.zrange(self.key("queue"), 0, 9):
-            job_id = raw.decode()
+        for job_id in self.queued_ids(10):
             if self.claim(job_id, f"local:{uuid.uuid4().hex}", 3600.0) == "claimed":
                 return self.get(job_id)
         return None

@@ -13,16 +13,15 @@ import io
 import logging
 import threading
 import time
-import traceback
 import uuid
 
 from celery.exceptions import SoftTimeLimitExceeded
 
 from ccsr.params import UpscaleParams
 
-from ..engine import JobCancelled, JobFailed, Runner, execute
+from ..engine import Runner, attempt
 from ..images import ImageStore
-from ..types import CANCELLED, ERROR, PROCESSING, SUCCESS, ErrorCode, Job, JobError, OutputOptions, now
+from ..types import PROCESSING, SUCCESS, Job, OutputOptions, now
 from .engine import Maintenance
 from .redis_store import RedisJobStore
 
@@ -107,10 +106,20 @@ class WorkerRuntime:
 
     # ------------------------------------------------------------------ one job
     def process(self, job_id: str) -> str:
-        """Claim and run one job; returns the claim outcome (``claimed`` when this worker ran it)."""
+        """Claim and run one job for one message; returns the claim outcome (``claimed`` when a job ran).
+
+        Every queued job has a message, but a message is a turn, not an assignment: the queue's order decides,
+        so the oldest queued job runs first. A job requeued after its worker died is back at its old place in
+        the queue and runs next (as its queue position says), not behind the messages sent since; the message
+        naming it is spent by whichever job is last."""
         token = f"{self.name}:{uuid.uuid4().hex[:12]}"
-        outcome = self.store.claim(job_id, token, self.lease)
-        if outcome != "claimed":
+        outcome = "missing"
+        for candidate in dict.fromkeys([*self.store.queued_ids(limit=10), job_id]):
+            outcome = self.store.claim(candidate, token, self.lease)
+            if outcome == "claimed":
+                job_id = candidate
+                break
+        else:
             log.info("job %s not run here: %s", job_id, outcome)
             return outcome
         job = self.store.get(job_id)
@@ -138,56 +147,18 @@ class WorkerRuntime:
 
     def _run(self, job: Job, token: str, lost: threading.Event) -> None:
         store = self.store
-        last = [-1, 0.0]
 
-        def progress(frac: float) -> None:
-            p = min(99, int(max(0.0, min(1.0, frac)) * 100))  # 100 means stored
-            if p != last[0]:
-                last[0] = p
-                store.set_progress(job.id, p)
-                if time.monotonic() - last[1] > 1.0:
-                    last[1] = time.monotonic()
-                    store.append_log(job.id, f"progress {p}%")
-
-        checked = [0.0, False]
-
-        def should_cancel() -> bool:
-            if lost.is_set():
-                return True
-            if time.monotonic() - checked[0] > 0.2:
-                checked[0] = time.monotonic()
-                flag = store.redis.hget(store.key("job", job.id), "cancel_requested")
-                checked[1] = flag in (None, b"1")
-            return checked[1]
+        def cancel_requested() -> bool:
+            return store.redis.hget(store.key("job", job.id), "cancel_requested") in (None, b"1")
 
         def finish(status: str, **kw) -> None:
+            if status == SUCCESS:
+                store.append_log(job.id, f"ran on {self.name}")
             if store.finish_claimed(job.id, token, status, **kw) is None:
                 log.warning("job %s was taken from this worker; its result is dropped", job.id)
 
-        try:
-            result = execute(
-                job, self.images, self.runner, progress=progress, should_cancel=should_cancel,
-                log=lambda m: store.append_log(job.id, m),
-            )
-            store.append_log(job.id, f"ran on {self.name}")
-            finish(SUCCESS, result=result)
-        except JobCancelled:
-            if lost.is_set():
-                log.warning("job %s: lease lost, stopped", job.id)
-                return
-            store.append_log(job.id, "cancelled", "WARNING")
-            finish(CANCELLED, error=JobError(ErrorCode.CANCELLED, "cancelled while running"))
-        except SoftTimeLimitExceeded:
-            store.append_log(job.id, "time limit exceeded", "ERROR")
-            finish(ERROR, error=JobError(ErrorCode.TIMEOUT, "the job ran past the worker's time limit"))
-        except JobFailed as e:
-            store.append_log(job.id, f"failed: {e.message}", "ERROR")
-            finish(ERROR, error=JobError(e.code, e.message))
-        except Exception as e:
-            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-            store.append_log(job.id, f"failed: {type(e).__name__}: {e}", "ERROR")
-            code = ErrorCode.INVALID_PARAMS if isinstance(e, ValueError) else ErrorCode.INFERENCE_FAILED
-            finish(ERROR, error=JobError(code, f"{type(e).__name__}: {e}"))
+        attempt(job, store, self.images, self.runner, cancel_requested=cancel_requested, finish=finish,
+                lost=lost.is_set, time_limits=(SoftTimeLimitExceeded,))
 
 
 __all__ = ["WorkerRuntime", "warm_up"]

@@ -1,0 +1,357 @@
+"""The protocol-neutral intake under the Runware and fal adapters: what both protocols do with a request between
+their wire schemas. Bodies and frames are read under bounds (:func:`load_json`); image references are resolved,
+downloaded on a bounded pool (:class:`FetchPool`), probed by header and stored once (:class:`ImageIntake`);
+jobs are submitted with the caller's quota counted by the store (:func:`submit`); :data:`MODELS` maps the
+protocols' model ids to the pipeline a job runs.
+
+Everything here raises :class:`IntakeError`, a neutral refusal (``kind`` + message) that each adapter renders in
+its own protocol's shape; nothing here knows a wire format.
+
+JSON is read by :func:`load_json`, bounded before any Python-level work: the number of structural bytes
+(``[``, ``{``, ``,``) is counted at C speed first, so a body of millions of tiny elements is refused without being
+materialised; the C parser then reads what is left (its own recursion guard turns pathological nesting into
+"too deep"); integers longer than any field accepts are read as infinities (every numeric range refuses them,
+nothing converts them); finally one walk over the (bounded) tree checks the depth limit and that every string
+is valid Unicode text (``"\\ud800"`` is legal JSON but cannot be encoded, logged or stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import functools
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_to_bytes, urlsplit
+
+from ccsr import imaging
+from ccsr.imaging.decode import open_image
+from ccsr.jobs import Job, JobSpec, StoredImage
+
+from .auth import Principal
+from .images import parse_image_ref
+
+MAX_JSON_ITEMS = 1 << 18  # structural bytes per body: 16 tasks of 3,000-comma prompts stay well inside
+MAX_INT_DIGITS = 40  # longer integer literals are out of every accepted range (seeds need 19 digits)
+INLINE_BYTES = 1 << 16  # larger bodies are parsed off the event loop
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model this server runs, and the ids each protocol names it by."""
+
+    name: str  # the pipeline the job runs
+    runware_ids: tuple[str, ...]  # Runware ``model`` values (AIR ids)
+    fal_app_id: str  # fal endpoint, ``owner/alias``
+
+
+MODELS: tuple[Model, ...] = (Model("ccsr-v1", ("runware:501@1", "ccsr"), "fal-ai/ccsr"),)  # a model id -> pipeline
+
+
+class IntakeError(Exception):
+    """A request refused by the intake, in neutral words each adapter renders in its protocol's shape.
+
+    ``kind``: body: ``too_large``, ``too_deep``, ``too_many_items``, ``bad_json``, ``bad_text``; images:
+    ``image_unreadable`` (not a reference, bad base64), ``image_missing`` (unknown or expired id),
+    ``image_url_refused`` (scheme or address not allowed), ``image_fetch`` (the download failed),
+    ``image_invalid`` (not an accepted image); callbacks: ``url_refused`` (a webhook the SSRF rules refuse);
+    server: ``unavailable`` (retry later).
+    ``where``: the field (``inputs.image``) or JSON path (``[0].settings.seed``) concerned, when one is;
+    ``reason``: the imaging or fetch error code behind an image refusal (``too_many_pixels``, ``timeout``)."""
+
+    def __init__(self, kind: str, message: str, where: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.where = where
+        self.reason = reason
+
+
+def _bounded_int(literal: str) -> int | float:
+    if len(literal) - literal.startswith("-") <= MAX_INT_DIGITS:
+        return int(literal)
+    return -math.inf if literal.startswith("-") else math.inf
+
+
+def _path(parts: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "(body)"
+
+
+def _is_text(s: str) -> bool:
+    if s.isascii():
+        return True
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_tree(value: Any, max_depth: int) -> None:
+    stack: list[tuple[Any, int, tuple]] = [(value, 0, ())]
+    while stack:
+        node, depth, where = stack.pop()
+        if isinstance(node, str):
+            if not _is_text(node):
+                msg = f"{_path(where)} is not valid Unicode text (a lone surrogate)"
+                raise IntakeError("bad_text", msg, _path(where))
+            continue
+        if isinstance(node, dict):
+            if depth + 1 > max_depth:
+                raise IntakeError("too_deep", f"JSON nested deeper than {max_depth}")
+            for k, v in node.items():
+                if not _is_text(k):
+                    raise IntakeError("bad_text", f"a key in {_path(where)} is not valid Unicode text", _path(where))
+                stack.append((v, depth + 1, (*where, k)))
+        elif isinstance(node, list):
+            if depth + 1 > max_depth:
+                raise IntakeError("too_deep", f"JSON nested deeper than {max_depth}")
+            stack.extend((v, depth + 1, (*where, i)) for i, v in enumerate(node))
+
+
+def load_json(raw: bytes | str, *, max_depth: int) -> Any:
+    """Parse one JSON text under the intake's bounds; raises :class:`IntakeError`."""
+    items = raw.count(b"[" if isinstance(raw, bytes) else "[")
+    items += raw.count(b"{" if isinstance(raw, bytes) else "{")
+    items += raw.count(b"," if isinstance(raw, bytes) else ",")
+    if items > MAX_JSON_ITEMS:
+        raise IntakeError("too_many_items", f"JSON with over {MAX_JSON_ITEMS} elements")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw  # strict: JSON is UTF-8 (RFC 8259)
+        value = json.loads(text, parse_int=_bounded_int)
+    except RecursionError:
+        raise IntakeError("too_deep", f"JSON nested deeper than {max_depth}") from None
+    except UnicodeDecodeError as e:
+        raise IntakeError("bad_json", f"the body is not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise IntakeError("bad_json", f"the body is not JSON: {e}") from None
+    _check_tree(value, max_depth)
+    return value
+
+
+async def _offload(size: int, fn, *args):
+    """``fn(*args)`` on the event loop for small inputs (no thread hop), off it for large ones (``/healthz`` and
+    every other request keep being answered)."""
+    return fn(*args) if size <= INLINE_BYTES else await asyncio.to_thread(fn, *args)
+
+
+async def load_json_async(raw: bytes | str, *, max_depth: int) -> Any:
+    """:func:`load_json`, off the event loop for large inputs."""
+    return await _offload(len(raw), functools.partial(load_json, max_depth=max_depth), raw)
+
+
+UNAVAILABLE = "the job store cannot be reached right now; retry later"  # never the store's own message
+RETRY_AFTER_S = 5  # what an outage answer asks the client to wait
+
+
+STATE_KEY = "ccsr.json"  # where the limits middleware leaves a parsed body (or its IntakeError) in the scope
+
+
+async def request_json(request) -> Any:
+    """The request's JSON body, parsed once under the intake's bounds; raises :class:`IntakeError`."""
+    state = request.scope.setdefault("state", {})
+    if STATE_KEY not in state:
+        try:
+            state[STATE_KEY] = await load_json_async(
+                await request.body() or b"null", max_depth=request.app.state.settings.max_json_depth
+            )
+        except IntakeError as e:
+            state[STATE_KEY] = e
+    value = state[STATE_KEY]
+    if isinstance(value, IntakeError):
+        raise value
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+FORMATS = {  # sniffed format -> (content type, file extension): the one table both protocols use
+    "PNG": ("image/png", "png"),
+    "JPEG": ("image/jpeg", "jpg"),
+    "WEBP": ("image/webp", "webp"),
+    "GIF": ("image/gif", "gif"),
+    "TIFF": ("image/tiff", "tiff"),
+    "AVIF": ("image/avif", "avif"),
+}
+EXTENSIONS = dict(FORMATS.values())  # content type -> file extension
+
+
+@dataclass(frozen=True)
+class Probed:
+    content_type: str
+    extension: str
+    width: int
+    height: int
+
+
+def limits_of(settings) -> imaging.Limits:
+    return imaging.Limits(max_input_bytes=settings.max_input_bytes, fetch_timeout=settings.fetch_timeout)
+
+
+def probe(data: bytes, limits: imaging.Limits) -> Probed:
+    """Format and size from the header only, under ``limits`` (format allow-list, byte and pixel caps,
+    animation); the pixels are decoded once, by the job. Raises :class:`ccsr.imaging.ImageError`."""
+    im = open_image(data, limits)
+    ctype, ext = FORMATS.get(im.format or "", ("application/octet-stream", "bin"))
+    return Probed(ctype, ext, int(im.width), int(im.height))
+
+
+class FetchPool:
+    """Input-image downloads on threads of their own: slow image hosts queue behind each other, never in
+    front of the server's other work. A download waits at most ``fetch_timeout`` for a free thread, then
+    runs under the fetcher's own total time limit."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="ccsr-fetch")
+        self._slots = asyncio.Semaphore(workers)
+
+    async def fetch(self, url: str, limits: imaging.Limits, allow_hosts: frozenset[str]) -> bytes:
+        try:
+            await asyncio.wait_for(self._slots.acquire(), limits.fetch_timeout)
+        except asyncio.TimeoutError:
+            raise imaging.FetchError("timeout", "every image download slot is busy; try again") from None
+        try:
+            loop = asyncio.get_running_loop()
+            job = functools.partial(imaging.fetch_image, url, limits, allow_hosts=allow_hosts)
+            return await loop.run_in_executor(self._executor, job)
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def decode_base64(text: str) -> bytes:
+    """Standard or URL-safe base64, whitespace and missing padding tolerated; ValueError otherwise."""
+    text = "".join(text.split())
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, altchars=b"-_" if ("-" in text or "_" in text) else None, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(str(e)) from None
+
+
+def decode_data_uri(uri: str) -> bytes:
+    """``data:[<type>][;base64],<payload>``; ValueError when malformed."""
+    head, sep, payload = uri.partition(",")
+    if not sep:
+        raise ValueError("malformed data URI (no comma)")
+    if head.lower().endswith(";base64"):
+        return decode_base64(payload)
+    return unquote_to_bytes(payload)
+
+
+def shown(ref: str) -> str:
+    """A reference as echoed in errors: data URIs can be megabytes long."""
+    return ref if len(ref) <= 200 else ref[:200] + "..."
+
+
+@dataclass
+class ImageIntake:
+    """Image references of one request -> records in the image store: fetched through the bounded pool under
+    ``imaging.Limits``, probed by header, stored once. ``own_hosts``: the ``host[:port]`` forms under which
+    this server hands out image URLs (its public URL, the request's Host); such URLs are read from the store."""
+
+    engine: Any
+    settings: Any
+    fetches: FetchPool
+    own_hosts: frozenset[str]
+
+    async def resolve(self, ref: Any, where: str, *, ids: bool = True, bare_base64: bool = True) -> StoredImage:
+        """``ref``: an http(s) URL, a data URI, or (when allowed) a stored image id or bare base64."""
+        if not isinstance(ref, str) or not ref.strip():
+            raise IntakeError("image_unreadable", f"{where} must be a non-empty string", where)
+        ref = ref.strip()
+        if ids and len(ref) == 36 and (image_id := parse_image_ref(ref)) is not None:
+            return self._stored(image_id, where)
+        if ref[:5].lower() == "data:":
+            try:
+                data = await _offload(len(ref), decode_data_uri, ref)
+            except ValueError as e:
+                raise IntakeError("image_unreadable", f"{where}: bad data URI: {e}", where) from None
+        elif ref[:8].lower().startswith(("http://", "https://")):
+            if (image_id := self._own_image_id(ref)) is not None:
+                return self._stored(image_id, where)
+            try:
+                allow = frozenset(self.settings.fetch_allow_hosts)
+                data = await self.fetches.fetch(ref, limits_of(self.settings), allow)
+            except imaging.FetchError as e:
+                kind = "image_url_refused" if e.code in ("blocked_address", "bad_url", "bad_scheme") else "image_fetch"
+                raise IntakeError(kind, f"could not fetch {where}: {e.message}", where, e.code) from None
+        elif "://" in ref[:16]:
+            raise IntakeError("image_url_refused", f"{where}: only http(s) URLs are fetched", where, "bad_scheme")
+        elif bare_base64 and len(ref) >= 16:
+            try:
+                data = await _offload(len(ref), decode_base64, ref)
+            except ValueError:
+                raise IntakeError("image_unreadable", f"{where} is neither an image id, a URL, a data URI nor "
+                                  "valid base64", where) from None
+        else:
+            forms = "an image id, a URL, a data URI or base64" if bare_base64 else "an http(s) URL or a data URI"
+            raise IntakeError("image_unreadable", f"{where} must be {forms}", where)
+        try:
+            p = await _offload(len(data), probe, data, limits_of(self.settings))
+        except imaging.ImageError as e:
+            raise IntakeError("image_invalid", f"{where}: {e.message}", where, e.code) from None
+        try:
+            return await _offload(
+                len(data), functools.partial(self.engine.images.put, content_type=p.content_type,
+                                             extension=p.extension, width=p.width, height=p.height, kind="input"),
+                data,
+            )
+        except OSError as e:  # a full disk: the server's fault, retry later
+            raise IntakeError("unavailable", f"could not store the image: {e.strerror or e}", where) from None
+
+    def _own_image_id(self, url: str) -> str | None:
+        parts = urlsplit(url)
+        if parts.netloc.lower() not in self.own_hosts or "/images/" not in parts.path:
+            return None
+        return parse_image_ref(parts.path)
+
+    def _stored(self, image_id: str, where: str) -> StoredImage:
+        rec = self.engine.images.get(image_id)
+        if rec is None:
+            raise IntakeError("image_missing", f"{where}: image {image_id} is unknown or has expired; upload it "
+                              "again", where)
+        return rec
+
+
+def image_intake(conn) -> ImageIntake:
+    """The :class:`ImageIntake` of one request or WebSocket (``conn``)."""
+    settings = conn.app.state.settings
+    hosts = {(conn.headers.get("host") or "").lower()}
+    if settings.public_url:
+        hosts.add(urlsplit(settings.public_url).netloc.lower())
+    return ImageIntake(conn.app.state.engine, settings, conn.app.state.fetch_pool, frozenset(hosts - {""}))
+
+
+async def submit(engine, spec: JobSpec, who: Principal | None) -> tuple[Job, bool]:
+    """Queue ``spec`` for ``who``: the caller's quota is counted by the job store in the same transaction as
+    the queue bound (so it holds across replicas and restarts). Raises the engine's neutral errors:
+    ``QueueFull`` (``QuotaFull`` for the caller's quota), ``JobConflict``, ``ParamError``."""
+    if who is not None:
+        spec = dataclasses.replace(spec, owner=who.id, owner_quota=who.quota)
+    return await asyncio.to_thread(engine.submit, spec)
+
+
+def request_key(conn) -> str | None:
+    """The API key of ``Authorization: Bearer <key>`` (Runware, fal) or ``Key <key>`` (fal_client)."""
+    scheme, _, key = (conn.headers.get("authorization") or "").partition(" ")
+    return (key.strip() or None) if scheme.lower() in ("key", "bearer") else None
+
+
+def check_outbound(url: str | None, settings, where: str) -> None:
+    """A URL the server will call back (webhook, upload endpoint) must pass the fetcher's SSRF rules now, at
+    submit, not only at delivery: IntakeError ``url_refused`` otherwise. None passes."""
+    if url is None:
+        return
+    try:
+        imaging.check_url(url, allow_hosts=frozenset(settings.fetch_allow_hosts))
+    except imaging.FetchError as e:
+        raise IntakeError("url_refused", f"{where} is not allowed: {e.message}", where, e.code) from None
