@@ -232,7 +232,6 @@ def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits: imaging.Limit
 
     device = torch.device(a.device) if a.device else default_device()
     dtype = parse_dtype(None if a.dtype == "auto" else a.dtype, device)
-    vae_dtype = torch.float32 if dtype == torch.float16 else dtype  # as CCSRPipeline
     if max_memory is None and os.environ.get("CCSR_MAX_MEMORY"):
         from ccsr.pipeline import parse_bytes
 
@@ -241,7 +240,7 @@ def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits: imaging.Limit
     if max_memory is None:  # the budget as it will be once the weights (not loaded here) take their share
         weights = descriptor.parameters * torch.finfo(dtype).bits // 8
         max_memory = max(int((free_memory(device) - weights) * SAFETY), 1)
-    planner = Planner(descriptor, device, dtype, vae_dtype, max_memory)
+    planner = Planner(descriptor, device, dtype, max_memory)
     plans = []
     for src, dst, in_size in work:
         size = imaging.fit_scale(in_size, float(params.scale), limits).input_size  # --max-output-side
