@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +79,8 @@ class ModelDescriptor:
     supports_tiling: bool = True
     supports_prompts: bool = True
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    defaults: Mapping[str, object] = field(default_factory=dict)  # parameters that differ from UpscaleParams'
+    presets: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # documented starting points
 
 
 @dataclass

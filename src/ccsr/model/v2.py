@@ -1,0 +1,241 @@
+"""CCSR-v2: the released folder layout (an SD-2.1-base diffusers folder, ``controlnet/``, ``vae/``), loaded into
+diffusers / transformers classes with strict key checks.
+
+The layout is what the reference scripts point at (``preset/models``)::
+
+    stable-diffusion-2-1-base/{unet, text_encoder, tokenizer, scheduler}/   (its vae/ is NOT used)
+    controlnet/{config.json, diffusion_pytorch_model.safetensors}           CCSR ControlNet
+    vae/{config.json, diffusion_pytorch_model.safetensors}                  CCSR VAE: condition encode and decode
+
+The ControlNet has no hint network: its ``condition_conv_in`` (a 3x3 conv, 4 -> first width) takes the condition
+latent, and is loaded as the conditioning embedding of :class:`~ccsr.model.components.CCSRControlNet`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ccsr.model.components import CCSRControlNet, fill
+from ccsr.model.convert import CheckpointKeyError
+from ccsr.model.loading import WeightsError
+
+SD_FOLDER = "stable-diffusion-2-1-base"
+SD_HUB_REPO = "stabilityai/stable-diffusion-2-1-base"
+SD_PARTS = ("unet", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors",
+                "controlnet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
+CONDITION_CONV = "condition_conv_in."
+CONDITION_EMBEDDING = "controlnet_cond_embedding."
+
+DEFAULT_PROMPT = "clean, high-resolution, 8k"
+DEFAULT_NEGATIVE_PROMPT = "blurry, dotted, noise, raster lines, unclear, lowres, over-smoothed"
+
+PRESETS: dict[str, dict[str, object]] = {
+    # the reference's one-step script (scripts/test/test_ccsr_onestep.sh): t_max stays its argparse default
+    "one-step": {"steps": 1, "t_max": 0.6666, "t_min": 0.0, "cfg_scale": 1.0, "scale": 4.0, "process_size": 512,
+                 "start_point": "lr", "start_steps": 999, "color_fix": "adain",
+                 "prompt": DEFAULT_PROMPT, "negative_prompt": DEFAULT_NEGATIVE_PROMPT},
+    # its multi-step script (scripts/test/test_ccsr_multistep.sh): 6 spaced steps of which 2 run
+    "two-step": {"steps": 6, "t_max": 0.6667, "t_min": 0.5, "cfg_scale": 4.5, "scale": 4.0, "process_size": 512,
+                 "start_point": "lr", "start_steps": 999, "color_fix": "adain",
+                 "prompt": DEFAULT_PROMPT, "negative_prompt": DEFAULT_NEGATIVE_PROMPT},
+}
+DEFAULT_PRESET = "one-step"
+
+
+def is_v2_folder(path: Path) -> bool:
+    """True for the v2 layout: ``controlnet/`` and ``vae/`` configs beside an SD-2.1-base folder (or its hub
+    reference in ``CCSR_SD21_BASE``)."""
+    return path.is_dir() and (path / "controlnet" / "config.json").is_file() and (path / "vae" / "config.json").is_file()
+
+
+def _offline_help(root: Path) -> str:
+    files = ", ".join(f"{p}/" for p in SD_PARTS)
+    return (
+        f"{root}: the CCSR-v2 folder has no {SD_FOLDER}/ and it could not be downloaded (offline or refused). "
+        f"Download {files} of https://huggingface.co/{SD_HUB_REPO} (for example `huggingface-cli download "
+        f"{SD_HUB_REPO} --local-dir {root / SD_FOLDER}`) into {root / SD_FOLDER}; the CCSR-v2 ControlNet and VAE "
+        "(controlnet/, vae/) are distributed outside the hub, with the CCSR-v2 release (csslc/CCSR, branch CCSR-v2.0)."
+    )
+
+
+def resolve_sd_folder(root: Path) -> Path:
+    """The SD-2.1-base folder: ``root/stable-diffusion-2-1-base`` when present, else ``$CCSR_SD21_BASE`` (a folder
+    or ``hf://owner/repo``), else the hub repo (downloaded once, cached; offline: what to fetch and where)."""
+    local = root / SD_FOLDER
+    if local.is_dir():
+        return local
+    ref = os.environ.get("CCSR_SD21_BASE", f"hf://{SD_HUB_REPO}")
+    if Path(ref).is_dir():
+        return Path(ref)
+    from huggingface_hub import snapshot_download
+
+    patterns = [f"{p}/*" for p in SD_PARTS if p != "text_encoder"] + ["text_encoder/config.json",
+                                                                      "text_encoder/model.safetensors",
+                                                                      "unet/diffusion_pytorch_model.safetensors"]
+    try:
+        return Path(snapshot_download(ref.removeprefix("hf://"), allow_patterns=patterns))
+    except Exception as exc:  # offline, DNS, refused: the same advice
+        raise WeightsError(_offline_help(root)) from exc
+
+
+def _read_config(folder: Path) -> dict:
+    f = folder / "config.json"
+    if not f.is_file():
+        raise WeightsError(f"{folder}: config.json is missing")
+    return json.loads(f.read_text())
+
+
+def _read_weights(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    f = folder / WEIGHT_FILES[name]
+    if not f.is_file():
+        raise WeightsError(f"{folder}: {f.name} is missing (safetensors weights are required)")
+    try:
+        return load_file(str(f))
+    except Exception as exc:
+        raise WeightsError(f"{f}: not a readable safetensors file ({exc.__class__.__name__})") from exc
+
+
+def _init_kwargs(cls: type, config: dict, **overrides: object) -> dict:
+    """The config entries ``cls.__init__`` takes (diffusers configs carry bookkeeping keys such as _class_name)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    return {**{k: v for k, v in config.items() if k in accepted}, **overrides}
+
+
+def _strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Fill a meta-built module; a missing or unexpected tensor is a :class:`CheckpointKeyError` naming them."""
+    expected = set(module.state_dict())
+    legacy = {k for k in state if k.endswith("position_ids") and k not in expected}  # old transformers buffer
+    state = {k: v for k, v in state.items() if k not in legacy}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointKeyError(missing, unexpected, source)
+    return fill(module, state)
+
+
+def load_controlnet(folder: Path) -> CCSRControlNet:
+    config = _read_config(folder)
+    if not config.get("use_vae_encode_condition"):
+        raise WeightsError(f"{folder}: not a CCSR-v2 ControlNet (config has no use_vae_encode_condition)")
+    latent_channels = config.get("in_channels", 4)
+    with torch.device("meta"):
+        net = CCSRControlNet(**_init_kwargs(ControlNetModel, config, conditioning_channels=latent_channels))
+    state = {(CONDITION_EMBEDDING + k.removeprefix(CONDITION_CONV) if k.startswith(CONDITION_CONV) else k): v
+             for k, v in _read_weights(folder, "controlnet").items()}
+    return _strict(net, state, str(folder))  # type: ignore[return-value]
+
+
+def load_unet(folder: Path) -> UNet2DConditionModel:
+    with torch.device("meta"):
+        net = UNet2DConditionModel(**_init_kwargs(UNet2DConditionModel, _read_config(folder)))
+    return _strict(net, _read_weights(folder, "unet"), str(folder))  # type: ignore[return-value]
+
+
+def load_vae(folder: Path) -> AutoencoderKL:
+    with torch.device("meta"):
+        net = AutoencoderKL(**_init_kwargs(AutoencoderKL, _read_config(folder)))
+    return _strict(net, _read_weights(folder, "vae"), str(folder))  # type: ignore[return-value]
+
+
+def load_text_encoder(folder: Path) -> CLIPTextModel:
+    config = CLIPTextConfig.from_dict(_read_config(folder))
+    with torch.device("meta"):
+        net = CLIPTextModel(config)
+    expected = set(net.state_dict())
+    # transformers >= 5 names the tower's tensors without the "text_model." of the files on the hub
+    state = {k if k in expected else k.removeprefix("text_model."): v
+             for k, v in _read_weights(folder, "text_encoder").items()}
+    return _strict(net, state, str(folder))  # type: ignore[return-value]
+
+
+def load_alphas_cumprod(folder: Path) -> torch.Tensor:
+    """ᾱ of the SD-2.1 schedule (float32), as the reference's DDPMScheduler builds it from scheduler_config."""
+    config = json.loads((folder / "scheduler_config.json").read_text())
+    return DDPMScheduler.from_config(config).alphas_cumprod.clone()
+
+
+@dataclass
+class CCSRv2Model:
+    """The loaded CCSR-v2 networks, its tokenizer and schedule, and its self-description."""
+
+    unet: UNet2DConditionModel
+    controlnet: CCSRControlNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    alphas_cumprod: torch.Tensor
+    source: str = ""
+    descriptor: object = field(init=False)
+
+    def __post_init__(self) -> None:
+        from ccsr.model import MemoryProfile, ModelDescriptor
+
+        n = sum(p.numel() for m in self.networks().values() for p in m.parameters())
+        widths = self.unet.config.block_out_channels
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.descriptor = ModelDescriptor(
+            name="CCSR-v2",
+            parameters=n,
+            latent_channels=self.vae.config.latent_channels,
+            latent_factor=factor,
+            size_multiple=factor,  # the reference floors the processing size to multiples of 8
+            min_tile_latent=2 ** (len(widths) - 1) * 2,
+            memory=MemoryProfile.for_widths(widths[0], self.vae.config.block_out_channels[0]),
+            scale_range=(1.0, 16.0),
+            defaults=PRESETS[DEFAULT_PRESET],
+            presets=PRESETS,
+        )
+
+    @property
+    def scale_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"unet": self.unet, "controlnet": self.controlnet, "vae": self.vae, "text_encoder": self.text_encoder}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> CCSRv2Model:
+        for name, module in self.networks().items():
+            d = (vae_dtype or dtype) if name == "vae" else dtype
+            current = next(module.parameters())
+            if current.dtype != d:
+                module.to(dtype=d)
+            if current.device != torch.device(device):
+                module.to(device=device)
+        return self
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> torch.Tensor:
+        """``last_hidden_state`` of the prompt padded to the tokenizer's length with truncation, as the reference."""
+        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state
+
+
+def load_v2(root: str | Path) -> CCSRv2Model:
+    """Load a CCSR-v2 folder (see the module docstring); the SD-2.1-base part may come from the hub."""
+    root = Path(root)
+    if not is_v2_folder(root):
+        raise WeightsError(f"{root}: not a CCSR-v2 folder (expected controlnet/config.json and vae/config.json)")
+    sd = resolve_sd_folder(root)
+    missing = [p for p in SD_PARTS if not (sd / p).is_dir()]
+    if missing:
+        raise WeightsError(f"{sd}: missing {', '.join(missing)}/ of {SD_HUB_REPO}")
+    return CCSRv2Model(
+        unet=load_unet(sd / "unet"),
+        controlnet=load_controlnet(root / "controlnet"),
+        vae=load_vae(root / "vae"),
+        text_encoder=load_text_encoder(sd / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(str(sd / "tokenizer")),
+        alphas_cumprod=load_alphas_cumprod(sd / "scheduler"),
+        source=str(root),
+    )
