@@ -54,9 +54,8 @@ DEFAULT_PRESET = "one-step"
 
 
 def is_v2_folder(path: Path) -> bool:
-    """True for the v2 layout: ``controlnet/`` and ``vae/`` configs beside an SD-2.1-base folder (or its hub
-    reference in ``CCSR_SD21_BASE``)."""
-    return path.is_dir() and (path / "controlnet" / "config.json").is_file() and (path / "vae" / "config.json").is_file()
+    """True for the v2 layout: ``controlnet/`` and ``vae/`` configs (the SD-2.1-base part may come from the hub)."""
+    return all((path / part / "config.json").is_file() for part in ("controlnet", "vae"))
 
 
 def _offline_help(root: Path) -> str:

@@ -171,10 +171,7 @@ def sample_ccsr_v2(
     def global_randint() -> int:
         return int(torch.randint(start_steps, start_steps + 1, (1,), generator=rng))
 
-    if start_point == "lr":
-        x = add_noise(alphas_cumprod, z0, x_T, global_randint())
-    else:
-        x = x_T
+    x = add_noise(alphas_cumprod, z0, x_T, global_randint()) if start_point == "lr" else x_T
     x0: Tensor | None = None
     if schedule.initial:
         t = global_randint()
@@ -191,13 +188,7 @@ def sample_ccsr_v2(
         if guided_cfg:
             uncond, cond = eps.chunk(2)
             eps = uncond + cfg_scale * (cond - uncond)
-        drawn: list[Tensor] = []
-
-        def step_noise() -> Tensor:
-            drawn.append(noise())
-            return drawn[-1]
-
-        x0, x_prev, n = ddpm_step(alphas_cumprod, x, t, t - schedule.step_ratio, eps, step_noise)
+        x0, x_prev, n = ddpm_step(alphas_cumprod, x, t, t - schedule.step_ratio, eps, noise)
         if on_step is not None:
             on_step(StepRecordV2(k, t, x, eps, x0, x_prev, n))
         x = x_prev

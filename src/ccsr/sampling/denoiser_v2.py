@@ -28,7 +28,9 @@ class CCSRv2Denoiser:
 
     def __call__(self, x: Tensor, t: int, guided: bool, window: Window | None) -> Tensor:
         rows = self.z.shape[0] if guided else 1
-        z = self.z[:rows] if window is None else self.z[:rows, :, window.top : window.bottom, window.left : window.right]
+        z = self.z[:rows]
+        if window is not None:
+            z = z[(slice(None), slice(None), *window.latent())]
         xin = torch.cat([x.to(self.dtype)] * rows)
         ts = torch.full((rows,), t, dtype=torch.long, device=x.device)
         ctx = self.context[:rows]
