@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ccsr.params import COLOR_FIXES, SIZE_MODES, TILE_DIFFUSIONS, ParamError, UpscaleParams
+from ccsr.params import COLOR_FIXES, SIZE_MODES, START_POINTS, TILE_DIFFUSIONS, ParamError, UpscaleParams
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPG", ".jpeg": "JPG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
@@ -29,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--weights", help="checkpoint (.ckpt/.safetensors), `ccsr convert` folder or hf://owner/repo/file "
+    g.add_argument("--weights", help="checkpoint (.ckpt/.safetensors), `ccsr convert` folder, CCSR-v2 folder "
+                                     "(stable-diffusion-2-1-base/, controlnet/, vae/) or hf://owner/repo/file "
                                      "(default: the released CCSR-v1 checkpoint, downloaded once and cached)")
     g.add_argument("--config", help="LDM yaml of the checkpoint (default: the built-in CCSR-v1 SD-2.1 config)")
     g.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
@@ -68,6 +69,13 @@ def add_upscale_params(p: argparse.ArgumentParser) -> None:
     g.add_argument("--size-mode", choices=SIZE_MODES, default=d.size_mode,
                    help="reference: resize to a multiple of 64 and back (the reference's pixels); "
                         "pad: reflect-pad and crop, no second resampling")
+    g.add_argument("--process-size", type=int, default=d.process_size,
+                   help=f"CCSR-v2: inputs below PROCESS_SIZE / scale are enlarged first (default {d.process_size})")
+    g.add_argument("--start-point", choices=START_POINTS, default=d.start_point,
+                   help="CCSR-v2: start from the input's latent diffused to --start-steps (lr) or from noise")
+    g.add_argument("--start-steps", type=int, default=d.start_steps, help=f"CCSR-v2 (default {d.start_steps})")
+    g.add_argument("--preset", help="the model's documented starting point (CCSR-v2: one-step, two-step); "
+                                    "flags given override it (default: the model's own defaults)")
 
 
 def params_from_args(a: argparse.Namespace) -> UpscaleParams:
@@ -78,7 +86,18 @@ def params_from_args(a: argparse.Namespace) -> UpscaleParams:
         tile_vae_decoder_size=a.tile_vae_decoder_size, tile_vae_encoder_size=a.tile_vae_encoder_size,
         prompt=a.prompt, negative_prompt=a.negative_prompt, cfg_scale=a.cfg_scale,
         controlnet_weight=a.controlnet_weight, size_mode=a.size_mode,
+        process_size=a.process_size, start_point=a.start_point, start_steps=a.start_steps,
     ).validate()
+
+
+def with_model_defaults(params: UpscaleParams, a: argparse.Namespace, descriptor) -> UpscaleParams:  # type: ignore[no-untyped-def]
+    """The model's defaults (or ``--preset``) for every parameter the command line did not spell out."""
+    if a.preset and a.preset not in descriptor.presets:
+        known = ", ".join(descriptor.presets) or "none"
+        raise CLIError(f"--preset: {descriptor.name} has no preset {a.preset!r} (its presets: {known})")
+    base = descriptor.presets[a.preset] if a.preset else descriptor.defaults
+    given = getattr(a, "given_flags", set())
+    return params.replace(**{k: v for k, v in base.items() if "--" + k.replace("_", "-") not in given}).validate()
 
 
 def load_pipeline(a: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -162,6 +181,7 @@ def cmd_upscale(a: argparse.Namespace) -> int:
     if not readable:
         return 1 if failures else 0
     pipe = load_pipeline(a)
+    params = with_model_defaults(params, a, pipe.descriptor)
     for src, dst in readable:
         try:
             decoded = imaging.decode(src.read_bytes(), limits)
@@ -275,6 +295,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.given_flags = {s.split("=")[0] for s in (sys.argv[1:] if argv is None else argv) if s.startswith("--")}
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
