@@ -131,7 +131,15 @@ def load_controlnet(folder: Path) -> CCSRControlNet:
         net = CCSRControlNet(**_init_kwargs(ControlNetModel, config, conditioning_channels=latent_channels))
     state = {(CONDITION_EMBEDDING + k.removeprefix(CONDITION_CONV) if k.startswith(CONDITION_CONV) else k): v
              for k, v in _read_weights(folder, "controlnet").items()}
-    return _strict(net, state, str(folder))  # type: ignore[return-value]
+    try:
+        return _strict(net, state, str(folder))  # type: ignore[return-value]
+    except CheckpointKeyError as e:  # named as in the file
+
+        def in_file(k: str) -> str:
+            return CONDITION_CONV + k.removeprefix(CONDITION_EMBEDDING) if k.startswith(CONDITION_EMBEDDING) else k
+
+        raise CheckpointKeyError([in_file(k) for k in e.missing], [in_file(k) for k in e.unexpected],
+                                 str(folder)) from None
 
 
 def load_unet(folder: Path) -> UNet2DConditionModel:

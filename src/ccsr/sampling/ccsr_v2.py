@@ -44,7 +44,7 @@ class V2Schedule:
     tao: int  # t_tao: where the initial x0 is re-noised to
     initial: bool  # the unguided evaluation at start_steps runs
     loop: tuple[int, ...]  # guided DDPM steps
-    x0_result: bool  # the result is x0 of the last step (t_min > 0), not its x_prev
+    x0_result: bool  # the result is x0 of the last step (t_min > 0) or of the initial one (no loop), not x_prev
 
     @property
     def evaluations(self) -> int:
@@ -61,7 +61,7 @@ def v2_schedule(steps: int, t_max: float, t_min: float, num_train_timesteps: int
     if steps == 1:
         loop = ()  # the reference returns x0_T for N = 1 whatever the range
     initial = t_max != 1 or not loop
-    return V2Schedule(timesteps, ratio, timesteps[-n_max], initial, loop, x0_result=t_min > 0)
+    return V2Schedule(timesteps, ratio, timesteps[-n_max], initial, loop, x0_result=t_min > 0 or not loop)
 
 
 @dataclass
@@ -192,7 +192,7 @@ def sample_ccsr_v2(
         if on_step is not None:
             on_step(StepRecordV2(k, t, x, eps, x0, x_prev, n))
         x = x_prev
-    if schedule.x0_result or not schedule.loop:
+    if schedule.x0_result:
         assert x0 is not None
         return x0
     return x
