@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tests.conftest import REPO
 
 V2_FIXTURES = REPO / "tests" / "fixtures" / "ccsr_v2_tiny"

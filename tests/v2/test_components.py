@@ -6,14 +6,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tests.v2.conftest import COMPONENTS, component, relative_error
+from tests.v2.conftest import COMPONENTS, V2_MODEL, component, relative_error
 
 from ccsr.colorfix import color_fix
 from ccsr.model.v2 import load_v2
 from ccsr.planning import VAE_TILE_PAD
 from ccsr.sampling.ccsr_v2 import ddpm_step, v2_schedule
 from ccsr.vae import lean, tiled_decode
-from tests.v2.conftest import V2_MODEL
 
 TOL = 1e-5
 
