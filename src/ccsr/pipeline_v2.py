@@ -14,6 +14,7 @@ memory. What differs is the model's own rule set:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import random
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from ccsr.model import ModelDescriptor
 from ccsr.model.v2 import CCSRv2Model, load_v2
 from ccsr.params import ParamError, UpscaleParams
 from ccsr.pipeline import Cancelled, UpscaleOutput, default_device, parse_bytes, parse_dtype
-from ccsr.planning import VAE_TILE_PAD, Plan, Planner
+from ccsr.planning import VAE_TILE_PAD, Plan, Planner, is_out_of_memory, retry_plan
 from ccsr.result import OutputType, RowSink
 from ccsr.sampling.ccsr_v1 import Tiling
 from ccsr.sampling.ccsr_v2 import StepRecordV2, sample_ccsr_v2, v2_schedule
@@ -39,6 +40,7 @@ from ccsr.vae import lean, tiled_decode, tiled_encode
 Tensor = torch.Tensor
 Progress = Callable[[int, int], None]
 VAE_ENCODER_PAD = 32  # image pixels of context around each encoder tile (beyond the reference)
+ENCODER_TILES = (1024, 768, 512, 384, 256, 192, 128)  # encoder tile sizes tried, in image pixels
 
 
 def v2_geometry(size: tuple[int, int], scale: float, process_size: int) -> Geometry:
@@ -71,17 +73,33 @@ def check_v2(p: UpscaleParams) -> UpscaleParams:
 
 
 class V2Planner(Planner):
-    """:class:`~ccsr.planning.Planner` with CCSR-v2's geometry and gaussian windows where v1 would use mix."""
+    """:class:`~ccsr.planning.Planner` with CCSR-v2's geometry, gaussian windows where v1 would use mix, and the
+    whole-image condition encode: whole when it fits, else tiled with estimated GroupNorm statistics (one tile
+    in memory at a time)."""
 
     def _geometry(self, size: tuple[int, int], p: UpscaleParams, tiled_vae: bool) -> Geometry:
         return v2_geometry(size, p.scale, p.process_size)
 
     def plan(self, size: tuple[int, int], requested: UpscaleParams, budget: int | None = None) -> Plan:
-        plan = super().plan(size, check_v2(requested), budget)
-        if plan.params.tile_diffusion == "mix":
-            resolved = self._resolve(size, plan.params.replace(tile_diffusion="gaussian"), plan.budget)
-            plan = dataclasses.replace(resolved, requested=requested)
-        return plan
+        p = check_v2(requested.validate())
+        plan = super().plan(size, p, budget)
+        if plan.params.tile_diffusion == "mix":  # v1's automatic choice: the same windows, blended as v2 does
+            windows = {k: getattr(plan.params, k) for k in ("tile_diffusion_size", "tile_diffusion_stride")}
+            plan = super().plan(size, p.replace(tile_diffusion="gaussian", **windows), budget)
+        return dataclasses.replace(plan, requested=requested)
+
+    def _resolve(self, size: tuple[int, int], p: UpscaleParams, budget: int) -> Plan:
+        plan = super()._resolve(size, p, budget)
+        w, h = plan.geometry.process
+        room = budget - self._buffers(w * h)
+        whole = self._hint(w * h)
+        if whole <= room or p.tile_vae is False:  # as asked: the plan says False for a whole decode
+            return dataclasses.replace(plan, estimate=max(plan.estimate, int(whole + self._buffers(w * h))))
+        tile = next((t for t in ENCODER_TILES if t <= plan.params.tile_vae_encoder_size
+                     and self._hint(min(w * h, (t + 2 * VAE_ENCODER_PAD) ** 2)) <= room), ENCODER_TILES[-1])
+        cost = self._hint(min(w * h, (tile + 2 * VAE_ENCODER_PAD) ** 2))
+        return dataclasses.replace(plan, params=plan.params.replace(tile_vae_encoder_size=tile), encode="estimate",
+                                   estimate=max(plan.estimate, int(cost + self._buffers(w * h))))
 
 
 class CCSRv2Pipeline:
@@ -144,9 +162,23 @@ class CCSRv2Pipeline:
         if isinstance(output_type, RowSink) and tuple(output_type.size) != plan.geometry.target:
             (sw, sh), (tw, th) = output_type.size, plan.geometry.target
             raise ValueError(f"the output takes {sw}x{sh}, the upscale gives {tw}x{th}")
-        if log is not None:
-            log(f"plan: {plan.describe()}")
-        return self._run(image, plan, progress, should_cancel, on_step, output_type)
+        while True:
+            if log is not None:
+                encode = "" if plan.encode == "whole" else (
+                    f"; VAE encode tiled {plan.params.tile_vae_encoder_size}, estimated statistics")
+                log(f"plan: {plan.describe()}{encode}")
+            try:
+                return self._run(image, plan, progress, should_cancel, on_step, output_type)
+            except (RuntimeError, MemoryError) as e:
+                smaller = retry_plan(self.planner, size_of(image), plan) if is_out_of_memory(e) else None
+                if smaller is None:
+                    raise
+            gc.collect()  # outside the handler: the failed attempt's tensors are released
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if log is not None:
+                log("out of memory: planning again with smaller tiles")
+            plan = smaller
 
     def _run(self, image: Picture, plan: Plan, progress: Progress | None, should_cancel: Callable[[], bool] | None,
              on_step: Callable[[StepRecordV2], None] | None, output_type: OutputType) -> UpscaleOutput:
@@ -219,9 +251,9 @@ class CCSRv2Pipeline:
         """The condition latent: ``rows`` samples of the CCSR VAE's posterior (global stream), scaled."""
         vae = self.model.vae
         x = torch.from_numpy(_unit(lr)).permute(2, 0, 1)[None].to(self.device, self.vae_dtype) * 2 - 1
-        tile = plan.params.tile_vae_encoder_size
-        if plan.decode == "estimate" and max(x.shape[2:]) > tile + 2 * VAE_ENCODER_PAD:
-            moments = tiled_encode(vae.encoder, vae.quant_conv, x, tile, VAE_ENCODER_PAD)
+        if plan.encode == "estimate":
+            moments = tiled_encode(vae.encoder, vae.quant_conv, x, plan.params.tile_vae_encoder_size,
+                                   VAE_ENCODER_PAD, stats="estimate")
         else:
             moments = vae.quant_conv(lean.encode(vae.encoder, x))
         del x
