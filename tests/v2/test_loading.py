@@ -79,3 +79,16 @@ def test_offline_message_names_the_files_and_where(tmp_path):
 def test_not_a_v2_folder(tmp_path):
     with pytest.raises(WeightsError, match="not a CCSR-v2 folder"):
         load_v2(tmp_path)
+
+
+def test_convert_writes_the_layout_in_half_precision(tmp_path, v2_pipeline):
+    from ccsr.model import convert
+
+    out = convert(V2_MODEL, tmp_path / "half", dtype=torch.float16, log=lambda m: None)
+    assert is_v2_folder(out)
+    state = load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert state["condition_conv_in.weight"].dtype == torch.float16
+    pipe = CCSRv2Pipeline.from_pretrained(out, device="cpu", dtype="float32")
+    original = load_file(str(V2_MODEL / "vae" / "diffusion_pytorch_model.safetensors"))["encoder.conv_in.weight"]
+    assert torch.equal(pipe.model.vae.state_dict()["encoder.conv_in.weight"], original.half().float())
+    assert pipe.descriptor.name == v2_pipeline.descriptor.name

@@ -176,7 +176,12 @@ def convert(
     dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write a fast-loading folder: one safetensors file per network, the text encoder and the "" embedding."""
+    """Write a fast-loading folder: one safetensors file per network, the text encoder and the "" embedding.
+    A CCSR-v2 folder is written again in its own layout, in ``dtype`` (:func:`ccsr.model.v2.convert_v2`)."""
+    from ccsr.model.v2 import convert_v2, is_v2_folder
+
+    if weights is not None and is_v2_folder(Path(weights)):
+        return convert_v2(weights, out_dir, dtype, log=log)
     path = resolve_weights(weights)
     model = load_model(path, config)
     out = Path(out_dir)

@@ -16,12 +16,14 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -246,3 +248,25 @@ def load_v2(root: str | Path) -> CCSRv2Model:
         alphas_cumprod=load_alphas_cumprod(sd / "scheduler"),
         source=str(root),
     )
+
+
+def convert_v2(root: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+               log: Callable[[str], None] = print) -> Path:
+    """Write the v2 layout again with the weights in ``dtype`` (float16 halves the download to keep), the SD-2.1
+    part resolved (hub or ``CCSR_SD21_BASE``) so the result is self-contained; checked by loading it first."""
+    root, out = Path(root), Path(out_dir)
+    load_v2(root)  # strict checks before anything is written
+    sd = resolve_sd_folder(root)
+    parts = {f"{SD_FOLDER}/{p}": sd / p for p in SD_PARTS} | {p: root / p for p in ("controlnet", "vae")}
+    for rel, src in parts.items():
+        dst = out / rel
+        dst.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.suffix == ".safetensors":
+                state = {k: v.to(dtype).contiguous() if v.is_floating_point() else v
+                         for k, v in load_file(str(f)).items()}
+                save_file(state, str(dst / f.name))
+                log(f"wrote {rel}/{f.name} ({sum(v.numel() for v in state.values()) / 1e6:.1f} M values)")
+            elif f.is_file() and f.suffix in (".json", ".txt"):
+                shutil.copyfile(f, dst / f.name)
+    return out
