@@ -177,20 +177,30 @@ def random_model_v2(*, seed: int = 0, std: float = RANDOM_STD):  # type: ignore[
     from ccsr.model import load_config
     from ccsr.model.components import CCSRControlNet, text_model_config
     from ccsr.model.text import load_tokenizer
-    from ccsr.model.v2 import CCSRv2Model
+    from ccsr.model.v2 import CCSRv2Model, PromptEncoder
 
     cfg = load_config(None)  # CCSR-v1's SD-2.1 networks: the same architectures as v2's
     with torch.device("meta"):
         modules = {"unet": UNet2DConditionModel(**cfg.unet), "controlnet": CCSRControlNet(**cfg.controlnet),
-                   "vae": AutoencoderKL(**cfg.vae), "text_encoder": CLIPTextModel(text_model_config(cfg))}
+                   "vae": AutoencoderKL(**cfg.vae)}
     gen = torch.Generator("cpu").manual_seed(seed)
     for module in modules.values():
         _randomise(module, gen, std)
+
+    def text_encoder() -> CLIPTextModel:  # the same random weights every time it is built again
+        with torch.device("meta"):
+            encoder = CLIPTextModel(text_model_config(cfg))
+        _randomise(encoder, torch.Generator("cpu").manual_seed(seed + 1), std)
+        return encoder
+
     tokenizer = load_tokenizer()
     tokenizer.model_max_length, tokenizer.pad_token = cfg.text.context_length, "!"
     schedule = DDPMScheduler(beta_start=cfg.linear_start, beta_end=cfg.linear_end, beta_schedule="scaled_linear",
                              num_train_timesteps=cfg.num_timesteps)
-    return CCSRv2Model(**modules, tokenizer=tokenizer, alphas_cumprod=schedule.alphas_cumprod.clone(),
+    text = PromptEncoder(text_encoder, tokenizer)
+    with torch.device("meta"):
+        n_text = sum(p.numel() for p in CLIPTextModel(text_model_config(cfg)).parameters())
+    return CCSRv2Model(**modules, text=text, alphas_cumprod=schedule.alphas_cumprod.clone(), text_parameters=n_text,
                        source=f"random normal(0, {std}), CCSR-v2 (SD-2.1-base) architecture")
 
 
@@ -325,7 +335,7 @@ def run_bench(
         cpu_s = time.process_time() - c0
         peak = peak_rss_mb()
         unet, ctrl = timers["unet"].calls, timers["controlnet"].calls
-        hint = timers["cond_encoder"].calls if hint_net is not None else [out.timings["encode"]]
+        hint = timers["cond_encoder"].calls if hint_net is not None else [out.timings["condition"]]
         evals = [a + b for a, b in zip(unet, ctrl, strict=False)]
         evals_cpu = [a + b for a, b in zip(timers["unet"].cpu, timers["controlnet"].cpu, strict=False)]
         # Progress intervals after the first step: include the sampler's own work but no hint encode.

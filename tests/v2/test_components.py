@@ -29,7 +29,7 @@ def t(name: str) -> torch.Tensor:
 def test_text_tokens_and_hidden_states(model, manifest):
     tokens, hidden = component("text_tokens.npy"), component("text_hidden.npy")
     for i, prompt in enumerate(manifest["text_prompts"]):
-        ids = model.tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        ids = model.text.tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
         assert ids == tokens[i].tolist(), prompt
         assert relative_error(model.encode_prompt(prompt), hidden[i : i + 1]) < TOL, prompt
 

@@ -92,3 +92,18 @@ def test_convert_writes_the_layout_in_half_precision(tmp_path, v2_pipeline):
     original = load_file(str(V2_MODEL / "vae" / "diffusion_pytorch_model.safetensors"))["encoder.conv_in.weight"]
     assert torch.equal(pipe.model.vae.state_dict()["encoder.conv_in.weight"], original.half().float())
     assert pipe.descriptor.name == v2_pipeline.descriptor.name
+
+
+def test_the_text_encoder_is_freed_and_rebuilt_for_a_new_prompt(v2_pipeline):
+    """The default prompts are encoded at load; another prompt builds the encoder again, with the same result."""
+    text = v2_pipeline.model.text
+    assert text.encoder is None
+    defaults = v2_pipeline.descriptor.defaults
+    cached = text(defaults["prompt"])
+    assert text.encoder is None
+    other = text("a sharp photo")
+    assert text.encoder is not None and other.shape == cached.shape
+    text.release()
+    text.cache.clear()
+    assert torch.equal(text(defaults["prompt"]), cached)
+    text.release()

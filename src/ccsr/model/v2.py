@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,23 +174,58 @@ def load_alphas_cumprod(folder: Path) -> torch.Tensor:
     return DDPMScheduler.from_config(config).alphas_cumprod.clone()
 
 
+class PromptEncoder:
+    """Prompt -> ``last_hidden_state``, cached. The text encoder (a fifth of the weights) is built on first use
+    and :meth:`release` frees it; the cached prompts (the defaults, encoded at load) need no encoder."""
+
+    CACHE = 16
+
+    def __init__(self, load: Callable[[], CLIPTextModel], tokenizer: CLIPTokenizer):
+        self.load, self.tokenizer = load, tokenizer
+        self.encoder: CLIPTextModel | None = None
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        self.device, self.dtype = torch.device(device), dtype
+        if self.encoder is not None:
+            self.encoder.to(device=self.device, dtype=dtype)
+        self.cache.clear()
+
+    def release(self) -> None:
+        self.encoder = None
+
+    @torch.no_grad()
+    def __call__(self, prompt: str) -> torch.Tensor:
+        """Padded to the tokenizer's length with truncation, no attention mask: as the reference."""
+        if prompt not in self.cache:
+            if self.encoder is None:
+                self.encoder = self.load().to(device=self.device, dtype=self.dtype)
+            ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            self.cache[prompt] = self.encoder(ids.to(self.device)).last_hidden_state
+            while len(self.cache) > self.CACHE:
+                self.cache.popitem(last=False)
+        return self.cache[prompt]
+
+
 @dataclass
 class CCSRv2Model:
-    """The loaded CCSR-v2 networks, its tokenizer and schedule, and its self-description."""
+    """The loaded CCSR-v2 networks, its prompt encoder and schedule, and its self-description."""
 
     unet: UNet2DConditionModel
     controlnet: CCSRControlNet
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text: PromptEncoder
     alphas_cumprod: torch.Tensor
     source: str = ""
+    text_parameters: int = 0
     descriptor: object = field(init=False)
 
     def __post_init__(self) -> None:
         from ccsr.model import MemoryProfile, ModelDescriptor
 
-        n = sum(p.numel() for m in self.networks().values() for p in m.parameters())
+        n = sum(p.numel() for m in self.networks().values() for p in m.parameters()) + self.text_parameters
         widths = self.unet.config.block_out_channels
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.descriptor = ModelDescriptor(
@@ -210,7 +246,8 @@ class CCSRv2Model:
         return float(self.vae.config.scaling_factor)
 
     def networks(self) -> dict[str, nn.Module]:
-        return {"unet": self.unet, "controlnet": self.controlnet, "vae": self.vae, "text_encoder": self.text_encoder}
+        """The networks an upscale runs (the text encoder is the prompt encoder's, built when needed)."""
+        return {"unet": self.unet, "controlnet": self.controlnet, "vae": self.vae}
 
     def to(self, device: torch.device | str, dtype: torch.dtype, vae_dtype: torch.dtype | None = None) -> CCSRv2Model:
         for name, module in self.networks().items():
@@ -220,14 +257,11 @@ class CCSRv2Model:
                 module.to(dtype=d)
             if current.device != torch.device(device):
                 module.to(device=device)
+        self.text.to(device, dtype)
         return self
 
-    @torch.no_grad()
     def encode_prompt(self, prompt: str) -> torch.Tensor:
-        """``last_hidden_state`` of the prompt padded to the tokenizer's length with truncation, as the reference."""
-        ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state
+        return self.text(prompt)
 
 
 def load_v2(root: str | Path) -> CCSRv2Model:
@@ -239,14 +273,18 @@ def load_v2(root: str | Path) -> CCSRv2Model:
     missing = [p for p in SD_PARTS if not (sd / p).is_dir()]
     if missing:
         raise WeightsError(f"{sd}: missing {', '.join(missing)}/ of {SD_HUB_REPO}")
+    text_encoder = load_text_encoder(sd / "text_encoder")  # read once now: a broken file fails at load
+    text = PromptEncoder(lambda: load_text_encoder(sd / "text_encoder"),
+                         CLIPTokenizer.from_pretrained(str(sd / "tokenizer")))
+    text.encoder = text_encoder
     return CCSRv2Model(
         unet=load_unet(sd / "unet"),
         controlnet=load_controlnet(root / "controlnet"),
         vae=load_vae(root / "vae"),
-        text_encoder=load_text_encoder(sd / "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(str(sd / "tokenizer")),
+        text=text,
         alphas_cumprod=load_alphas_cumprod(sd / "scheduler"),
         source=str(root),
+        text_parameters=sum(p.numel() for p in text_encoder.parameters()),
     )
 
 
