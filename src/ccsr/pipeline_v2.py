@@ -238,14 +238,15 @@ class CCSRv2Pipeline:
         t4 = time.perf_counter()
         processed = self._decode(latent, plan)
         timings["decode"] = time.perf_counter() - t4
-        image8, final = postprocess(processed, lr, p.color_fix, g, keep_float=output_type != "pil")
-        if isinstance(output_type, RowSink):
+        sink = output_type if isinstance(output_type, RowSink) else None
+        image8 = None if sink is not None else reference_image(processed, lr, p.color_fix, g)
+        final = None if output_type == "pil" else float_image(processed, lr, p.color_fix, g)
+        if sink is not None:
             assert final is not None
-            output_type.write(0, final)
-            image8, final, processed_out = None, None, None
-        else:
-            processed_out = processed if output_type == "np" else None
-            final = final if output_type == "np" else None
+            sink.write(0, final)
+            final = None
+        processed_out = processed if output_type == "np" else None
+        del lr
         timings["total"] = time.perf_counter() - t0
         return UpscaleOutput(image8, final, processed_out, seed, g, timings,
                              schedule.evaluations * plan.windows, plan)
@@ -294,18 +295,23 @@ def preprocess(image: Picture, g: Geometry) -> np.ndarray:
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
-def postprocess(processed: np.ndarray, lr: np.ndarray, fix: str, g: Geometry, keep_float: bool
-                ) -> tuple[Image.Image, np.ndarray | None]:
-    """The reference's output: round to 8 bits, colour fix on the 8-bit images (truncated back to 8 bits), bicubic
-    to the target. Also (``keep_float``) the same without the two quantisations, float32 HxWx3 at the target."""
+def reference_image(processed: np.ndarray, lr: np.ndarray, fix: str, g: Geometry) -> Image.Image:
+    """The reference's output: rounded to 8 bits, colour fix on the 8-bit images (truncated back to 8 bits),
+    bicubic to the target."""
     pipeline8 = (processed * np.float32(255)).round().astype(np.uint8)
-    style = torch.from_numpy(_unit(lr)).permute(2, 0, 1)[None]
-    content = torch.from_numpy(_unit(pipeline8)).permute(2, 0, 1)[None]
-    fixed = color_fix(content, style, fix).clamp_(0, 1)
-    fixed8 = fixed.mul(255).byte()[0].permute(1, 2, 0).numpy()
-    image8 = Image.fromarray(fixed8).resize(g.target, Image.Resampling.BICUBIC)
-    if not keep_float:
-        return image8, None
-    exact = color_fix(torch.from_numpy(processed).permute(2, 0, 1)[None], style, fix).clamp_(0, 1)
-    final = resize(np.ascontiguousarray(exact[0].permute(1, 2, 0).numpy()), g.target, Image.Resampling.BICUBIC)
-    return image8, np.clip(final, 0.0, 1.0, out=final)
+    fixed = color_fix(_chw(pipeline8), _chw(lr), fix).clamp_(0, 1)
+    del pipeline8
+    return Image.fromarray(fixed.mul_(255).byte()[0].permute(1, 2, 0).numpy()).resize(g.target,
+                                                                                      Image.Resampling.BICUBIC)
+
+
+def float_image(processed: np.ndarray, lr: np.ndarray, fix: str, g: Geometry) -> np.ndarray:
+    """:func:`reference_image` without its two quantisations: float32 HxWx3 in [0, 1] at the target (for rounding,
+    dithering or 16-bit output)."""
+    fixed = color_fix(torch.from_numpy(processed).permute(2, 0, 1)[None], _chw(lr), fix).clamp_(0, 1)
+    final = resize(np.ascontiguousarray(fixed[0].permute(1, 2, 0).numpy()), g.target, Image.Resampling.BICUBIC)
+    return np.clip(final, 0.0, 1.0, out=final)
+
+
+def _chw(pixels: np.ndarray) -> Tensor:
+    return torch.from_numpy(_unit(pixels)).permute(2, 0, 1)[None]
