@@ -72,6 +72,15 @@ def check_v2(p: UpscaleParams) -> UpscaleParams:
     return p
 
 
+class PlanV2(Plan):
+    """A :class:`~ccsr.planning.Plan` whose evaluation count is CCSR-v2's (initial step + loop) x windows."""
+
+    @property
+    def evaluations(self) -> int:
+        p = self.params
+        return v2_schedule(p.steps, p.t_max, p.t_min).evaluations * self.windows
+
+
 class V2Planner(Planner):
     """:class:`~ccsr.planning.Planner` with CCSR-v2's geometry, gaussian windows where v1 would use mix, and the
     whole-image condition encode: whole when it fits, else tiled with estimated GroupNorm statistics (one tile
@@ -90,6 +99,7 @@ class V2Planner(Planner):
 
     def _resolve(self, size: tuple[int, int], p: UpscaleParams, budget: int) -> Plan:
         plan = super()._resolve(size, p, budget)
+        plan = PlanV2(**{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan)})
         w, h = plan.geometry.process
         room = budget - self._buffers(w * h)
         whole = self._hint(w * h)
