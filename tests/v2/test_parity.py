@@ -90,3 +90,18 @@ def test_library_intermediates(case, v2_pipeline):
     final = first.x0 if not loop else (loop[-1].x0 if meta["args"]["t_min"] > 0 else loop[-1].x_next)
     assert relative_error(final, trace["final_latent"]) < LATENT_TOL
     assert psnr(out.processed, np.load(case_dir(case) / "output_float.npy")) >= 100
+
+
+@pytest.mark.parametrize("preset,case", [(None, "case_a_onestep_adain"), ("two-step", "case_b_twostep_adain")])
+def test_cli_model_defaults_and_presets(preset, case, tmp_path):
+    """Flags left out take the model's defaults (the one-step preset) or --preset's: cases a and b are the
+    reference scripts' settings at process size 128, so they come out with only the size, seed and scale given."""
+    out, flt = tmp_path / "out.png", tmp_path / "out.npy"
+    cmd = [sys.executable, "-m", "ccsr.cli", "upscale", str(V2_FIXTURES / "inputs" / "lq_32x32.png"), "-o", str(out),
+           "--save-float", str(flt), "--weights", str(V2_MODEL), "--device", "cpu", "--dtype", "float32",
+           "--scale", "4", "--process-size", "128", "--seed", "233", *(["--preset", preset] if preset else [])]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path),
+                            "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert psnr(np.load(flt), np.load(case_dir(case) / "output_float.npy")) >= 100
