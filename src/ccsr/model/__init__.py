@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +80,8 @@ class ModelDescriptor:
     supports_tiling: bool = True
     supports_prompts: bool = True
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    defaults: Mapping[str, object] = field(default_factory=dict)  # parameters that differ from UpscaleParams'
+    presets: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # documented starting points
     # Networks that run in float32 when float16 is asked for: the SD VAE is known to overflow float16's range
     # (Inf/NaN images), and the condition encoder is a copy of its encoder. bfloat16 has float32's range.
     float16_overflows: tuple[str, ...] = ("vae", "cond_encoder")
@@ -188,7 +190,12 @@ def convert(
     dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write a fast-loading folder: one safetensors file per network, the text encoder and the "" embedding."""
+    """Write a fast-loading folder: one safetensors file per network, the text encoder and the "" embedding.
+    A CCSR-v2 folder is written again in its own layout, in ``dtype`` (:func:`ccsr.model.v2.convert_v2`)."""
+    from ccsr.model.v2 import convert_v2, is_v2_folder
+
+    if weights is not None and is_v2_folder(Path(weights)):
+        return convert_v2(weights, out_dir, dtype, log=log)
     path = resolve_weights(weights)
     model = load_model(path, config)
     out = Path(out_dir)
