@@ -228,3 +228,17 @@ def test_playground_form_upscales_with_v2(both_server, cli_pixels):
     out = httpx.get(sub["response_url"], headers=auth).json()
     assert np.array_equal(pixels(out["image"]["url"]),
                           cli_pixels("--scale", "4", "--process-size", "128", "--seed", "233"))
+
+
+def test_runware_v2_settings_are_validated_in_runware_shape(both_server):
+    def errors(**task) -> list[dict]:  # type: ignore[no-untyped-def]
+        r = httpx.post(f"{both_server}/v1", headers={"Authorization": f"Bearer {API_KEY}"},
+                       json=[{"taskType": "upscale", "taskUUID": "0b4b2a39-8f8e-4d3c-9a43-5d7e1f2a6c10",
+                              "model": "ccsr:2@1", "inputs": {"image": INPUT_URI}, **task}])
+        assert r.status_code == 400, r.text
+        return r.json()["errors"]
+
+    (e,) = errors(settings={"startPoint": "middle"})
+    assert (e["code"], e["parameter"]) == ("invalidStartPoint", "settings.startPoint")
+    (e,) = errors(upscaleFactor=2.5)  # CCSR-v2 takes whole factors
+    assert (e["code"], e["parameter"]) == ("invalidParameters", "upscaleFactor") and "whole" in e["message"]
