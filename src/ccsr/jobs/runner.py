@@ -48,6 +48,7 @@ class CCSRRunner:
         self.pipelines: dict = {DEFAULT_MODEL: pipeline} if pipeline is not None else {}
 
     def load(self) -> None:
+        from ccsr.model import share_identical_networks
         from ccsr.pipeline import CCSRPipeline
 
         for name, weights in self.models.items():
@@ -58,6 +59,9 @@ class CCSRRunner:
                 weights, config=self.config if name == DEFAULT_MODEL else None, device=self.device, dtype=self.dtype
             )
             log.info("%s loaded on %s (%s)", name, self.pipelines[name].device, self.pipelines[name].dtype)
+        names = list(self.pipelines)
+        for net, i, j in share_identical_networks([p.model for p in self.pipelines.values()]):
+            log.info("the %s of %s is identical to %s's: held once", net, names[j], names[i])
 
     def run(
         self,

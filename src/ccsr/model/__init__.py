@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -38,6 +39,7 @@ __all__ = [
     "WeightsError",
     "load_config",
     "load_model",
+    "share_identical_networks",
 ]
 
 NETWORKS = ("unet", "controlnet", "vae", "cond_encoder")
@@ -95,6 +97,32 @@ class ModelDescriptor:
             raise ValueError(f"{self.name} does not run in {dtype} (supported: {', '.join(self.dtypes)})")
         names = (*NETWORKS, "text_encoder")
         return {n: torch.float32 if dtype == torch.float16 and n in self.float16_overflows else dtype for n in names}
+
+
+def share_identical_networks(models: Sequence[Any]) -> list[tuple[str, int, int]]:
+    """Hold a network once where two loaded models have it with identical tensors (same class, names, shapes,
+    dtypes, devices and values): the later model's attribute is pointed at the earlier model's module. A server
+    loading CCSR-v1 and CCSR-v2 keeps one UNet if both checkpoints carry the same one. Returns what was shared:
+    (network name, index of the model that holds it, index of the model that now uses it)."""
+    shared: list[tuple[str, int, int]] = []
+    for j, later in enumerate(models):
+        for i, earlier in enumerate(models[:j]):
+            for name, module in later.networks().items():
+                held = earlier.networks().get(name)
+                if held is not None and held is not module and _identical(held, module):
+                    setattr(later, name, held)
+                    shared.append((name, i, j))
+    return shared
+
+
+def _identical(a: nn.Module, b: nn.Module) -> bool:
+    if type(a) is not type(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    return all(x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+               for x, y in ((sa[k], sb[k]) for k in sa))
 
 
 @dataclass
