@@ -64,7 +64,7 @@ class Model:
             server["steps"] = settings.default_steps
         params = UpscaleParams(**{**server, **self.defaults, **given}).validate()  # type: ignore[arg-type]
         if self.integer_scale and not float(params.scale).is_integer():
-            raise ParamError("scale", f"{self.title} takes a whole upscale factor (2, 3 or 4)")
+            raise ParamError("scale", f"{self.title} takes a whole upscale factor (1, 2, 3, 4)")
         return params
 
 
