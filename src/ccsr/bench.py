@@ -166,6 +166,44 @@ def random_model(config: str | Path | None = None, *, seed: int = 0, std: float 
     )
 
 
+def random_model_v2(*, seed: int = 0, std: float = RANDOM_STD):  # type: ignore[no-untyped-def]
+    """A :class:`ccsr.model.v2.CCSRv2Model` of the released CCSR-v2's real architecture (SD-2.1-base UNet and
+    text encoder, the ControlNet with ``condition_conv_in``, the SD VAE) with random weights (no download). The
+    tokenizer is CLIP's BPE as ``open-clip-torch`` bundles it (``ccsr.model.text.load_tokenizer``)."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from ccsr.model import load_config
+    from ccsr.model.components import CCSRControlNet, text_model_config
+    from ccsr.model.text import load_tokenizer
+    from ccsr.model.v2 import CCSRv2Model, PromptEncoder
+
+    cfg = load_config(None)  # CCSR-v1's SD-2.1 networks: the same architectures as v2's
+    with torch.device("meta"):
+        modules = {"unet": UNet2DConditionModel(**cfg.unet), "controlnet": CCSRControlNet(**cfg.controlnet),
+                   "vae": AutoencoderKL(**cfg.vae)}
+    gen = torch.Generator("cpu").manual_seed(seed)
+    for module in modules.values():
+        _randomise(module, gen, std)
+
+    def text_encoder() -> CLIPTextModel:  # the same random weights every time it is built again
+        with torch.device("meta"):
+            encoder = CLIPTextModel(text_model_config(cfg))
+        _randomise(encoder, torch.Generator("cpu").manual_seed(seed + 1), std)
+        return encoder
+
+    tokenizer = load_tokenizer()
+    tokenizer.model_max_length, tokenizer.pad_token = cfg.text.context_length, "!"
+    schedule = DDPMScheduler(beta_start=cfg.linear_start, beta_end=cfg.linear_end, beta_schedule="scaled_linear",
+                             num_train_timesteps=cfg.num_timesteps)
+    text = PromptEncoder(text_encoder, tokenizer)
+    with torch.device("meta"):
+        n_text = sum(p.numel() for p in CLIPTextModel(text_model_config(cfg)).parameters())
+    return CCSRv2Model(**modules, text=text, alphas_cumprod=schedule.alphas_cumprod.clone(), text_parameters=n_text,
+                       source=f"random normal(0, {std}), CCSR-v2 (SD-2.1-base) architecture")
+
+
 # -- instrumentation -----------------------------------------------------------------------------------------
 
 
@@ -263,7 +301,11 @@ def run_bench(
 
     runs = []
     for r in range(repeat):
-        timers = {name: CallTimer(getattr(model, name), sync) for name in ("unet", "controlnet", "cond_encoder")}
+        # CCSR-v1 encodes the condition with its own network; CCSR-v2 once with its VAE (the pipeline's timing)
+        hint_net = getattr(model, "cond_encoder", None)
+        timers = {name: CallTimer(getattr(model, name), sync) for name in ("unet", "controlnet")}
+        if hint_net is not None:
+            timers["cond_encoder"] = CallTimer(hint_net, sync)
         stamps: list[float] = []
         phase_peak: dict[str, float] = {}
         gc_collect()
@@ -292,7 +334,8 @@ def run_bench(
         wall = time.perf_counter() - t0
         cpu_s = time.process_time() - c0
         peak = peak_rss_mb()
-        unet, ctrl, hint = (timers[n].calls for n in ("unet", "controlnet", "cond_encoder"))
+        unet, ctrl = timers["unet"].calls, timers["controlnet"].calls
+        hint = timers["cond_encoder"].calls if hint_net is not None else [out.timings["condition"]]
         evals = [a + b for a, b in zip(unet, ctrl, strict=False)]
         evals_cpu = [a + b for a, b in zip(timers["unet"].cpu, timers["controlnet"].cpu, strict=False)]
         # Progress intervals after the first step: include the sampler's own work but no hint encode.
@@ -460,11 +503,23 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    model = random_model(a.config, seed=a.weights_seed, std=RANDOM_STD)
+    if a.model == "v2":
+        from ccsr.cli import with_model_defaults
+        from ccsr.pipeline_v2 import CCSRv2Pipeline
+
+        if a.config or a.compile:
+            raise CLIError("--model v2 builds the released CCSR-v2 architecture: no --config or --compile")
+        model = random_model_v2(seed=a.weights_seed, std=RANDOM_STD)
+    else:
+        model = random_model(a.config, seed=a.weights_seed, std=RANDOM_STD)
     if a.channels_last:
         for m in model.networks().values():
             m.to(memory_format=torch.channels_last)
-    pipe = CCSRPipeline(model, device=device, dtype=dtype, compile=a.compile)
+    if a.model == "v2":
+        pipe = CCSRv2Pipeline(model, device=device, dtype=dtype)
+        params = with_model_defaults(params, a, pipe.descriptor)
+    else:
+        pipe = CCSRPipeline(model, device=device, dtype=dtype, compile=a.compile)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     build_s = time.perf_counter() - t0
@@ -473,7 +528,8 @@ def cmd_bench(a: argparse.Namespace) -> int:
     build_peak = peak_rss_mb()
     header = machine_info(device, dtype)
     header.update(
-        config=str(a.config) if a.config else "built-in CCSR-v1 (SD-2.1 size)",
+        config="CCSR-v2 (SD-2.1-base size)" if a.model == "v2" else (
+            str(a.config) if a.config else "built-in CCSR-v1 (SD-2.1 size)"),
         weights=model.source,
         parameters=model.descriptor.parameters,
         channels_last=bool(a.channels_last),
@@ -598,6 +654,8 @@ def add_commands(sub: Any) -> None:
         help="input size (default 256x256; the output is scale times larger)",
     )
     b.add_argument("--config", help="LDM yaml of the architecture (default: the built-in CCSR-v1 config)")
+    b.add_argument("--model", choices=["v1", "v2"], default="v1",
+                   help="v1 (default): CCSR-v1; v2: CCSR-v2 at its defaults (--preset one-step|two-step)")
     b.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: best available)")
     b.add_argument(
         "--dtype",

@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ccsr.params import COLOR_FIXES, SIZE_MODES, TILE_DIFFUSIONS, ParamError, UpscaleParams
+from ccsr.params import COLOR_FIXES, SIZE_MODES, START_POINTS, TILE_DIFFUSIONS, ParamError, UpscaleParams
 
 if TYPE_CHECKING:  # the heavy imports stay lazy: `ccsr --help` and one-line errors must not wait for torch
     from ccsr import imaging
     from ccsr.cli_progress import FileProgress, FileResult
     from ccsr.model import ModelDescriptor
     from ccsr.pipeline import CCSRPipeline
+    from ccsr.planning import Planner
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPG", ".jpeg": "JPG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
@@ -41,7 +42,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
     g = p.add_argument_group("model (each flag defaults to its CCSR_* environment variable, as in `ccsr serve`)")
     g.add_argument("--weights", default=env("CCSR_WEIGHTS"),
-                   help="checkpoint (.ckpt/.safetensors), `ccsr convert` folder or hf://owner/repo/file "
+                   help="checkpoint (.ckpt/.safetensors), `ccsr convert` folder, CCSR-v2 folder "
+                        "(stable-diffusion-2-1-base/, controlnet/, vae/) or hf://owner/repo/file "
                         "[CCSR_WEIGHTS; default: the released CCSR-v1 checkpoint, downloaded once and cached]")
     g.add_argument("--config", default=env("CCSR_CONFIG"),
                    help="LDM yaml of the checkpoint [CCSR_CONFIG; default: the built-in CCSR-v1 SD-2.1 config]")
@@ -83,6 +85,13 @@ def add_upscale_params(p: argparse.ArgumentParser, seed_help: str = "random seed
     g.add_argument("--size-mode", choices=SIZE_MODES, default=d.size_mode,
                    help="reference: resize to a multiple of 64 and back (the reference's pixels); "
                         "pad: reflect-pad and crop, no second resampling")
+    g.add_argument("--process-size", type=int, default=d.process_size,
+                   help=f"CCSR-v2: inputs below PROCESS_SIZE / scale are enlarged first (default {d.process_size})")
+    g.add_argument("--start-point", choices=START_POINTS, default=d.start_point,
+                   help="CCSR-v2: start from the input's latent diffused to --start-steps (lr) or from noise")
+    g.add_argument("--start-steps", type=int, default=d.start_steps, help=f"CCSR-v2 (default {d.start_steps})")
+    g.add_argument("--preset", help="the model's documented starting point (CCSR-v2: one-step, two-step); "
+                                    "flags given override it (default: the model's own defaults)")
 
 
 def params_from_args(a: argparse.Namespace) -> UpscaleParams:
@@ -93,6 +102,7 @@ def params_from_args(a: argparse.Namespace) -> UpscaleParams:
         tile_vae_decoder_size=a.tile_vae_decoder_size, tile_vae_encoder_size=a.tile_vae_encoder_size,
         prompt=a.prompt, negative_prompt=a.negative_prompt, cfg_scale=a.cfg_scale,
         controlnet_weight=a.controlnet_weight, size_mode=a.size_mode,
+        process_size=a.process_size, start_point=a.start_point, start_steps=a.start_steps,
     ).validate()
 
 
@@ -133,6 +143,17 @@ def check_model_args(a: argparse.Namespace) -> int | None:
         return parse_bytes(a.max_memory) if getattr(a, "max_memory", None) else None
     except ValueError as e:
         raise CLIError(f"--max-memory: {e}") from None
+
+
+def with_model_defaults(params: UpscaleParams, a: argparse.Namespace,
+                        descriptor: ModelDescriptor) -> UpscaleParams:
+    """The model's defaults (or ``--preset``) for every parameter the command line did not spell out."""
+    if a.preset and a.preset not in descriptor.presets:
+        known = ", ".join(descriptor.presets) or "none"
+        raise CLIError(f"--preset: {descriptor.name} has no preset {a.preset!r} (its presets: {known})")
+    base = descriptor.presets[a.preset] if a.preset else descriptor.defaults
+    given = getattr(a, "given_flags", set())
+    return params.replace(**{k: v for k, v in base.items() if "--" + k.replace("_", "-") not in given}).validate()
 
 
 def load_pipeline(a: argparse.Namespace) -> CCSRPipeline:
@@ -202,23 +223,29 @@ def _check_output_location(dst: Path) -> None:
         raise CLIError(f"cannot write {dst}: {parent} is not writable")
 
 
-def _descriptor_without_weights(a: argparse.Namespace) -> ModelDescriptor:
-    """The model's self-description from its config alone: networks built on the meta device, no weights read.
-    A converted folder carries its config; otherwise ``--config`` or the built-in one."""
+def _model_without_weights(a: argparse.Namespace) -> tuple[ModelDescriptor, type[Planner]]:
+    """The model's self-description from its config alone (networks built on the meta device, no weights read)
+    and the planner of its kind. A converted folder carries its config, a CCSR-v2 folder its json configs;
+    otherwise ``--config`` or the built-in one."""
     import torch
 
     from ccsr.model import CCSRConfig, CCSRModel, load_config
     from ccsr.model.components import build_empty
     from ccsr.model.loading import is_converted, read_converted_index
     from ccsr.model.text import TextConditioner
+    from ccsr.model.v2 import describe_v2, is_v2_folder
+    from ccsr.pipeline_v2 import V2Planner
+    from ccsr.planning import Planner
 
     folder = Path(a.weights) if a.weights else None
+    if folder is not None and is_v2_folder(folder):
+        return describe_v2(folder), V2Planner
     if a.config is None and folder is not None and folder.is_dir() and is_converted(folder):
         cfg = CCSRConfig.from_dict(read_converted_index(folder)["config"], source=str(folder))
     else:
         cfg = load_config(a.config)
     text = TextConditioner(cfg, None, torch.empty(0, device="meta"))
-    return CCSRModel(cfg, text=text, source="(config only)", **build_empty(cfg, with_text=False)).descriptor
+    return CCSRModel(cfg, text=text, source="(config only)", **build_empty(cfg, with_text=False)).descriptor, Planner
 
 
 def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits: imaging.Limits,
@@ -228,7 +255,7 @@ def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits: imaging.Limit
 
     from ccsr import imaging
     from ccsr.pipeline import default_device, parse_dtype
-    from ccsr.planning import SAFETY, Planner, free_memory
+    from ccsr.planning import SAFETY, free_memory
 
     device = torch.device(a.device) if a.device else default_device()
     dtype = parse_dtype(None if a.dtype == "auto" else a.dtype, device)
@@ -236,11 +263,12 @@ def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits: imaging.Limit
         from ccsr.pipeline import parse_bytes
 
         max_memory = parse_bytes(os.environ["CCSR_MAX_MEMORY"])
-    descriptor = _descriptor_without_weights(a)
+    descriptor, planner_kind = _model_without_weights(a)
+    params = with_model_defaults(params, a, descriptor)
     if max_memory is None:  # the budget as it will be once the weights (not loaded here) take their share
         weights = descriptor.parameters * torch.finfo(dtype).bits // 8
         max_memory = max(int((free_memory(device) - weights) * SAFETY), 1)
-    planner = Planner(descriptor, device, dtype, max_memory)
+    planner = planner_kind(descriptor, device, dtype, max_memory)
     plans = []
     for src, dst, in_size in work:
         size = imaging.fit_scale(in_size, float(params.scale), limits).input_size  # --max-output-side
@@ -332,6 +360,7 @@ def cmd_upscale(a: argparse.Namespace) -> int:
     report.total = len(work)
     if work:
         pipe = load_pipeline(a)
+        params = with_model_defaults(params, a, pipe.descriptor)
         remaining = [_output_pixels(size, params.scale, limits) for _, _, size in work]
         try:
             for i, (src, dst, _) in enumerate(work):
@@ -539,6 +568,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.given_flags = {s.split("=")[0] for s in (sys.argv[1:] if argv is None else argv) if s.startswith("--")}
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

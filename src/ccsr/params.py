@@ -13,10 +13,12 @@ from typing import Literal
 ColorFix = Literal["adain", "wavelet", "none"]
 TileDiffusion = Literal["auto", "none", "mix", "gaussian"]
 SizeMode = Literal["reference", "pad"]
+StartPoint = Literal["lr", "noise"]
 
 COLOR_FIXES: tuple[str, ...] = ("adain", "wavelet", "none")
 TILE_DIFFUSIONS: tuple[str, ...] = ("auto", "none", "mix", "gaussian")
 SIZE_MODES: tuple[str, ...] = ("reference", "pad")
+START_POINTS: tuple[str, ...] = ("lr", "noise")
 
 
 class ParamError(ValueError):
@@ -53,6 +55,11 @@ class UpscaleParams:
     cfg_scale: float = 1.0
     controlnet_weight: float = 1.0
     size_mode: SizeMode = "reference"
+    # CCSR-v2 only (CCSR-v1 ignores them): inputs below process_size / scale are enlarged first; the sampler
+    # starts from the condition latent diffused to start_steps ("lr") or from pure noise ("noise")
+    process_size: int = 512
+    start_point: StartPoint = "lr"
+    start_steps: int = 999
 
     def validate(self) -> UpscaleParams:
         """Raise :class:`ParamError` for the first out-of-range field; return self for chaining."""
@@ -89,6 +96,12 @@ class UpscaleParams:
             raise ParamError("cfg_scale", "must be in [0, 30]")
         if not (0.0 <= self.controlnet_weight <= 2.0):
             raise ParamError("controlnet_weight", "must be in [0, 2]")
+        if not (8 <= self.process_size <= 16384):
+            raise ParamError("process_size", "must be in [8, 16384] (pixels)")
+        if self.start_point not in START_POINTS:
+            raise ParamError("start_point", f"must be one of {', '.join(START_POINTS)}")
+        if not (0 <= self.start_steps <= 999):
+            raise ParamError("start_steps", "must be in [0, 999]")
         return self
 
     def replace(self, **changes: object) -> UpscaleParams:

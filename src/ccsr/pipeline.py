@@ -18,6 +18,7 @@ from ccsr import hostmemory
 from ccsr.colorfix import color_fix
 from ccsr.geometry import Geometry, Picture, prepare_compact, size_of
 from ccsr.model import CCSRModel, ModelDescriptor, load_model
+from ccsr.model.v2 import is_v2_folder
 from ccsr.params import UpscaleParams
 from ccsr.planning import VAE_TILE_PAD, Plan, Planner, is_out_of_memory, retry_plan
 from ccsr.result import OutputType, Result, result_type
@@ -108,7 +109,12 @@ class CCSRPipeline:
     def from_single_file(cls, path: str | Path | None = None, config: str | Path | None = None,
                          device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                          max_memory: int | None = None, compile: bool = False) -> CCSRPipeline:
-        """Load an original CCSR checkpoint (.ckpt / .safetensors, local or ``hf://``) or a converted folder."""
+        """Load an original CCSR checkpoint (.ckpt / .safetensors, local or ``hf://``) or a converted folder; a
+        CCSR-v2 folder gives a :class:`ccsr.pipeline_v2.CCSRv2Pipeline` (same ``run`` contract)."""
+        if path is not None and is_v2_folder(Path(path)):
+            from ccsr.pipeline_v2 import CCSRv2Pipeline
+
+            return CCSRv2Pipeline.from_pretrained(path, device=device, dtype=dtype, max_memory=max_memory)  # type: ignore[return-value]
         return cls(load_model(path, config), device=device, dtype=dtype, max_memory=max_memory, compile=compile)
 
     from_pretrained = from_single_file

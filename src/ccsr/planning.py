@@ -98,6 +98,7 @@ class Plan:
     estimate: int  # bytes of working memory above the weights
     budget: int  # what it was planned against
     requested: UpscaleParams  # as asked, so a retry can re-plan the automatic parts
+    encode: Decode = "whole"  # CCSR-v2's whole-image condition encode: "whole" or "estimate" (tiled, bounded)
 
     @property
     def windows(self) -> int:
@@ -264,5 +265,5 @@ def retry_plan(planner: Planner, size: tuple[int, int], failed: Plan) -> Plan | 
         smaller = planner.plan(size, failed.requested, budget=max(failed.estimate // 2, 1))
     except MemoryBudgetError:
         return None
-    changed = (smaller.params, smaller.decode) != (failed.params, failed.decode)
+    changed = (smaller.params, smaller.decode, smaller.encode) != (failed.params, failed.decode, failed.encode)
     return smaller if changed and smaller.estimate < failed.estimate else None

@@ -136,3 +136,10 @@ def test_owner_quota_holds_across_replicas(two):
     b.create(spec(**mine))  # an ended job frees its place, whichever replica sees the end
     with pytest.raises(QuotaFull):
         a.create(spec(**mine))
+
+
+def test_a_job_keeps_its_model_across_replicas(two):
+    a, b = two
+    v2, _ = a.create(spec("m2", model="ccsr-v2"))
+    v1, _ = a.create(spec("m1"))
+    assert (b.get(v2.id).model, b.get(v1.id).model) == ("ccsr-v2", "ccsr-v1")

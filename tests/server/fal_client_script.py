@@ -4,7 +4,8 @@ The client is redirected only by environment variables, which it reads when impo
 ``FAL_KEY``, ``FAL_RUN_HOST=127.0.0.1:PORT``, ``FAL_QUEUE_RUN_HOST=127.0.0.1:PORT/queue`` and
 ``SSL_CERT_FILE=<our self-signed cert>``. Nothing in here patches the client.
 
-Usage: ``python fal_client_script.py SCENARIO '<json args>'``; prints one JSON object on the last stdout line.
+Usage: ``python fal_client_script.py SCENARIO '<json args>'`` (``app`` in the args: the app id, default
+fal-ai/ccsr); prints one JSON object on the last stdout line.
 """
 
 from __future__ import annotations
@@ -44,12 +45,12 @@ def _http_error(e: fal_client.FalClientHTTPError) -> dict:
 
 
 def run(a):
-    return {"result": fal_client.run(APP, arguments=a["arguments"], path=a.get("path", ""))}
+    return {"result": fal_client.run(a.get("app", APP), arguments=a["arguments"], path=a.get("path", ""))}
 
 
 def run_error(a):
     try:
-        out = fal_client.run(APP, arguments=a["arguments"])
+        out = fal_client.run(a.get("app", APP), arguments=a["arguments"])
     except fal_client.FalClientHTTPError as e:
         return _http_error(e)
     return {"unexpected_result": out}
@@ -57,7 +58,8 @@ def run_error(a):
 
 def submit_flow(a):
     """submit -> status(with_logs=True) polled until Completed -> get() and result(app, id)."""
-    h = fal_client.submit(APP, arguments=a["arguments"], path=a.get("path", ""))
+    app = a.get("app", APP)
+    h = fal_client.submit(app, arguments=a["arguments"], path=a.get("path", ""))
     statuses = []
     while True:
         s = h.status(with_logs=True)
@@ -66,8 +68,8 @@ def submit_flow(a):
             break
         time.sleep(0.05)
     got = h.get()
-    again = fal_client.result(APP, h.request_id)
-    st = fal_client.status(APP, h.request_id, with_logs=True)
+    again = fal_client.result(app, h.request_id)
+    st = fal_client.status(app, h.request_id, with_logs=True)
     return {
         "request_id": h.request_id,
         "urls": [h.status_url, h.response_url, h.cancel_url],

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ccsr.api.app import create_app
 from ccsr.api.fal_schema import CCSRInput, parse_input, to_params
+from ccsr.api.intake import MODELS_BY_NAME
 from ccsr.api.settings import Settings
 from ccsr.jobs import JobCancelled, RunOutput, build_embedded_engine
 
@@ -198,6 +199,9 @@ def test_input_ranges(field, bad, good):
     assert getattr(parse_input({"image_url": "x", field: good}), field) == good
 
 
+V1 = MODELS_BY_NAME["ccsr-v1"]
+
+
 def test_params_mapping_and_seed():
     p = to_params(
         parse_input(
@@ -216,7 +220,8 @@ def test_params_mapping_and_seed():
                 "color_fix_type": "wavelet",
                 "seed": 77,
             }
-        )
+        ),
+        V1, Settings(),
     )
     assert (p.scale, p.tile_diffusion, p.tile_diffusion_size, p.tile_diffusion_stride) == (
         1.5,
@@ -226,7 +231,7 @@ def test_params_mapping_and_seed():
     )
     assert (p.tile_vae, p.tile_vae_decoder_size, p.tile_vae_encoder_size) == (True, 100, 512)
     assert (p.steps, p.t_max, p.t_min, p.color_fix, p.seed) == (12, 0.9, 0.1, "wavelet", 77)
-    seeds = {to_params(parse_input({"image_url": "x"})).seed for _ in range(5)}
+    seeds = {to_params(parse_input({"image_url": "x"}), V1, Settings()).seed for _ in range(5)}
     assert len(seeds) > 1 and all(isinstance(s, int) and s >= 0 for s in seeds)
 
 

@@ -352,3 +352,24 @@ def test_owner_quota_is_counted_by_the_store(tmp_path):
     again, _ = make_engine(tmp_path)
     with pytest.raises(QuotaFull):
         again.submit(dataclasses.replace(spec(again), **mine))
+
+
+def test_the_store_records_each_jobs_model_and_reads_older_databases(tmp_path):
+    """A job keeps the model it was submitted for across a reopen; a database from before models (no ``model``
+    column) is migrated, its jobs read as CCSR-v1's."""
+    import sqlite3
+
+    path = tmp_path / "jobs.db"
+    store = SQLiteJobStore(path)
+    eng = JobEngine(store, LocalImageStore(tmp_path / "images"), InProcessExecutor(FakeRunner()))
+    v2, _ = store.create(dataclasses.replace(spec(eng), model="ccsr-v2"))
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE jobs DROP COLUMN model")  # as the schema was before CCSR-v2
+    db.commit()
+    db.close()
+    store = SQLiteJobStore(path)
+    assert store.get(v2.id).model == "ccsr-v1"
+    again, _ = store.create(dataclasses.replace(spec(eng), model="ccsr-v2"))
+    store.close()
+    assert SQLiteJobStore(path).get(again.id).model == "ccsr-v2"

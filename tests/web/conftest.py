@@ -1,5 +1,6 @@
-"""Fixtures for the playground's browser tests: a real ``ccsr serve`` subprocess with the tiny model on
-127.0.0.1, and Debian's headless Chromium driven by Selenium through ``/usr/bin/chromedriver``.
+"""Fixtures for the playground's browser tests: a real ``ccsr serve`` subprocess with the tiny models (CCSR-v1,
+the page's first choice, and CCSR-v2) on 127.0.0.1, and Debian's headless Chromium driven by Selenium through
+``/usr/bin/chromedriver``.
 
 A missing browser is a failure, not a skip: ``apt-get install -y chromium chromium-driver``.
 """
@@ -22,6 +23,7 @@ from tests.conftest import TINY_CONFIG, TINY_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "tests" / "_artifacts"
+TINY_V2 = REPO / "tests" / "fixtures" / "ccsr_v2_tiny" / "model"
 CHROMIUM = Path(os.environ.get("CCSR_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("CCSR_CHROMEDRIVER", "/usr/bin/chromedriver"))
 
@@ -44,7 +46,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A real ``ccsr serve`` process with the tiny model on a free loopback port."""
+    """A real ``ccsr serve`` process with the tiny models on a free loopback port."""
     tmp = tmp_path_factory.mktemp("playground-server")
     port = _free_port()
     log_path = tmp / "server.log"
@@ -52,6 +54,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp / "data"),
         "--weights", str(TINY_WEIGHTS), "--config", str(TINY_CONFIG), "--device", "cpu",
         "--size-mode", "pad", "--log-level", "warning",
+        "--model", "ccsr-v1", "--model", f"ccsr-v2={TINY_V2}",
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])

@@ -351,3 +351,32 @@ def test_tiling_fields_follow_the_mode(browser, server):
     assert decoder.is_enabled() and '"tile_vae": true' in code() and "tile_vae_decoder_size" not in code()
     Select(browser.find_element(By.ID, "param-tile_diffusion")).select_by_visible_text("automatic")
     assert not size.is_enabled() and "tile_diffusion" not in code()
+
+
+def test_model_choice_switches_to_v2_with_its_own_form(browser, server):
+    """Choosing CCSR-v2 rebuilds the form from its /playground/models entry (its own defaults and fields) and
+    the upscale goes to fal-ai/ccsr-v2."""
+    wait = open_page(browser, server)
+    v2 = {p["name"]: p for p in httpx.get(f"{server.base}/playground/models", timeout=10).json()[1]["parameters"]}
+    Select(browser.find_element(By.ID, "model")).select_by_visible_text("CCSR-v2")
+    wait.until(ec.presence_of_element_located((By.ID, "param-process_size")))
+    shown = {n: browser.find_element(By.ID, f"param-{n}").get_attribute("value") for n in ("steps", "scale",
+                                                                                      "process_size")}
+    assert shown == {n: str(v2[n]["default"]) for n in shown} == {"steps": "1", "scale": "4", "process_size": "512"}
+    assert "fal-ai/ccsr-v2" in browser.find_element(By.ID, "model-hint").text
+    browser.find_element(By.ID, "file").send_keys(str(INPUT))
+    wait.until(ec.text_to_be_present_in_element((By.ID, "input-size"), "48 × 40"))
+    set_number(browser, "param-seed", "5")
+    summary = browser.find_element(By.CSS_SELECTOR, "#advanced summary")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", summary)  # not under the Upscale bar
+    summary.click()
+    set_number(browser, "param-process_size", "128")  # processed at 192x160: quick on the tiny model
+    assert "/queue/fal-ai/ccsr-v2" in browser.find_element(By.ID, "route").text
+    browser.find_element(By.ID, "tab-curl").click()
+    assert '"process_size":128' in browser.find_element(By.ID, "code-text").text.replace(" ", "")
+    browser.find_element(By.ID, "upscale").click()
+    wait_result(browser, server)
+    after = browser.find_element(By.ID, "after")
+    assert browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", after) == [
+        192, 160]
+    assert "seed 5" in browser.find_element(By.ID, "result-info").text

@@ -46,7 +46,7 @@ def build_engine(settings: Settings) -> JobEngine:
     from ccsr.jobs.runner import CCSRRunner
 
     runner = CCSRRunner(
-        weights=settings.weights,
+        models=settings.served_models(),
         config=settings.config,
         device=settings.device,
         dtype=settings.dtype,

@@ -1,13 +1,15 @@
-"""The fal protocol for ``fal-ai/ccsr`` (protocols.md B): sync run, queue (submit, status, status stream,
-result, cancel) and webhooks; a thin adapter that reads bodies with :mod:`ccsr.api.fal_schema`, takes images and
-submits through :mod:`ccsr.api.intake`, and answers in fal's shapes (pinned by tests/server/test_fal_protocol.py,
-proven with the unmodified ``fal_client`` by tests/server/test_fal_client.py).
+"""The fal protocol for ``fal-ai/ccsr`` and ``fal-ai/ccsr-v2`` (protocols.md B): sync run, queue (submit,
+status, status stream, result, cancel) and webhooks; a thin adapter that reads bodies with
+:mod:`ccsr.api.fal_schema`, takes images and submits through :mod:`ccsr.api.intake`, and answers in fal's shapes
+(pinned by tests/server/test_fal_protocol.py, proven with the unmodified ``fal_client`` by
+tests/server/test_fal_client.py and test_v2_server.py).
 
 Routes per app id: ``POST /{app}[/{path}]`` (sync run; a ``queue.*`` Host submits instead), ``POST
 /queue/{app}[/{path}][?fal_webhook=URL]``, and under ``[/queue]/{app}/requests/{id}``: ``GET /status[/stream]``,
 ``GET`` (the result), ``PUT /cancel``. Errors: 422 with a FastAPI-style ``detail`` list, 429 when the queue or the
 key's quota is full, never 409; every answer carries ``x-fal-request-id`` (our 5xx is not an ingress error to
-retry). App ids: each served model's (:data:`ccsr.api.intake.MODELS`) plus ``--fal-app-id`` / ``CCSR_FAL_APP_IDS``.
+retry). App ids: each model's (:data:`ccsr.api.intake.MODELS`; the app of a model this server does not load
+answers 404 ``model_not_loaded``) plus ``--fal-app-id`` / ``CCSR_FAL_APP_IDS`` (served like ``fal-ai/ccsr``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from . import fal_storage
 from .app import client_host, get_engine, get_settings, public_base
 from .auth import Denied
 from .fal_schema import (
-    CCSRInput,
+    FAL_INPUTS,
     FalInputError,
     error_of,
     fal_error,
@@ -48,10 +50,12 @@ from .intake import (
     RETRY_AFTER_S,
     UNAVAILABLE,
     IntakeError,
+    Model,
     check_outbound,
     image_intake,
     request_json,
     request_key,
+    served_model,
     shown,
     submit,
 )
@@ -220,14 +224,19 @@ def _not_found(request_id: str) -> JSONResponse:
 async def _create_job(request: Request, app_id: str, *, webhook: str | None = None) -> Job | JSONResponse:
     """Validate, store the input, submit. Returns the job or the error response."""
     settings = get_settings(request)
+    model = _model_of(app_id)
+    try:
+        served_model(settings, fal_app_id=model.fal_app_id)
+    except IntakeError as e:  # an app of a model this server does not load
+        return _request_error(e.message, 404, "model_not_loaded")
     try:
         try:
             body = await request_json(request)
         except IntakeError as e:  # the limits middleware answered every other kind already
             detail = {"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}}
             raise FalInputError([detail | {"ctx": {"error": e.message}}]) from None
-        inp = parse_input(body)
-        params = to_params(inp, size_mode=settings.size_mode, default_steps=settings.default_steps)
+        inp = parse_input(body, model.name)
+        params = to_params(inp, model, settings)
         rec = await _store_input(request, inp.image_url)
         _check_output_size(rec, params.scale, settings.max_output_side)
     except FalInputError as e:
@@ -247,6 +256,7 @@ async def _create_job(request: Request, app_id: str, *, webhook: str | None = No
         protocol=PROTOCOL,
         meta=meta,
         cost_per_second=settings.price_per_second,
+        model=model.name,
     )
     try:
         job, _ = await submit(engine, spec, getattr(request.state, "principal", None))
@@ -420,6 +430,11 @@ async def _cancel(request: Request, app_id: str, request_id: str) -> JSONRespons
 # ============================================================================================ router
 
 
+def _model_of(app_id: str) -> Model:
+    """The model behind a fal app id: its own, or CCSR-v1 for the ``--fal-app-id`` ids (served like fal-ai/ccsr)."""
+    return next((m for m in MODELS if m.fal_app_id == app_id), MODELS[0])
+
+
 def _add_app_routes(r: APIRouter, app_id: str) -> None:
     """Literal routes for one app id (plus any sub-path), so nothing else in the app is shadowed."""
 
@@ -437,9 +452,8 @@ def _add_app_routes(r: APIRouter, app_id: str) -> None:
 
         return endpoint
 
-    body_schema = {
-        "requestBody": {"required": True, "content": {"application/json": {"schema": CCSRInput.model_json_schema()}}}
-    }
+    schema = FAL_INPUTS[_model_of(app_id).name].model_json_schema()
+    body_schema = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
     for sub in ("", "/{path:path}"):
         documented = {"include_in_schema": not sub, "tags": ["fal"], "openapi_extra": body_schema}
         r.add_api_route(f"/{app_id}{sub}", run_or_submit, methods=["POST"], **documented,

@@ -1,5 +1,5 @@
-"""The ``fal-ai/ccsr`` app schema (input, output, errors, queue status, webhook body), independent of HTTP
-routing and of the job engine: a request body in, a job out as the wire shows it.
+"""The ``fal-ai/ccsr`` and ``fal-ai/ccsr-v2`` app schemas (input, output, errors, queue status, webhook body),
+independent of HTTP routing and of the job engine: a request body in, a job out as the wire shows it.
 
 Ranges and defaults mirror fal's model page (shared/docs/hosted/001_*.txt); errors mirror what a FastAPI/fal
 app answers (protocols.md B.4): HTTP 422 with ``{"detail": [{"loc": ["body", field], "msg", "type", ...}]}``.
@@ -16,12 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ccsr.jobs import CANCELLED, PROCESSING, QUEUED, SUCCESS, ErrorCode, Job
 from ccsr.params import ParamError, UpscaleParams
+from ccsr.presets import V2_DEFAULT_PRESET, V2_PRESETS
 
 from .app import image_url
 
 __all__ = [
     "ERROR_DOCS",
     "CCSRInput",
+    "CCSRv2Input",
     "FalInputError",
     "error_of",
     "fal_error",
@@ -63,6 +65,49 @@ class CCSRInput(BaseModel):
         "adain", description="Type of color correction for samples."
     )
     seed: int | None = Field(None, description="Seed for reproducibility.")
+
+
+_V2 = V2_PRESETS[V2_DEFAULT_PRESET]
+
+
+class CCSRv2Input(BaseModel):
+    """Input of ``fal-ai/ccsr-v2`` (ccsr's own endpoint: fal hosts no CCSR-v2). Defaults are the model's (the
+    reference's one-step script); a field left out takes the model's default. Unknown fields are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    image_url: str = Field(description="The URL or data URI of the image to upscale.")
+    scale: int = Field(int(_V2["scale"]), ge=1, le=4, description="The (whole) scale of the output image.")
+    steps: int = Field(_V2["steps"], ge=1, le=100, description="Schedule length; 1: one evaluation (one-step). "
+                       "The two-step preset: steps 6, t_max 0.6667, t_min 0.5, cfg_scale 4.5.")
+    t_max: float = Field(_V2["t_max"], ge=0, le=1, description="The start of the sampled part of the schedule.")
+    t_min: float = Field(_V2["t_min"], ge=0, le=1, description="Where sampling stops and x0 is taken.")
+    cfg_scale: float = Field(_V2["cfg_scale"], ge=0, le=30, description="Classifier-free guidance; on above 1.")
+    prompt: str = Field(_V2["prompt"], max_length=3000, description="Added prompt.")
+    negative_prompt: str = Field(_V2["negative_prompt"], max_length=3000, description="Negative prompt (CFG).")
+    color_fix_type: Literal["none", "wavelet", "adain"] = Field(
+        _V2["color_fix"], description="Type of color correction for samples."
+    )
+    process_size: int = Field(_V2["process_size"], ge=64, le=4096,
+                              description="Inputs below process_size / scale are enlarged first.")
+    start_point: Literal["lr", "noise"] = Field(
+        _V2["start_point"], description="lr: the input's latent diffused to start_steps; noise: pure noise.")
+    start_steps: int = Field(_V2["start_steps"], ge=0, le=999, description="The initial step's timestep.")
+    tile_diffusion: Literal["none", "gaussian"] = Field(
+        "none", description="Patch-based sampling (ccsr: when no tiling field is given, tiling is chosen from "
+        "free memory: none whenever the image fits).")
+    tile_diffusion_size: int = Field(1024, ge=256, le=2048, description="Size of patch.")
+    tile_diffusion_stride: int = Field(512, ge=128, le=1024, description="Stride of sliding patch.")
+    tile_vae: bool = Field(False, description="Patch-based VAE decoding.")
+    tile_vae_decoder_size: int = Field(226, ge=64, le=2048, description="Size of VAE patch.")
+    tile_vae_encoder_size: int = Field(1024, ge=128, le=2048, description="Size of VAE encoder patch.")
+    seed: int | None = Field(None, description="Seed for reproducibility.")
+
+
+FAL_INPUTS: dict[str, type[BaseModel]] = {"ccsr-v1": CCSRInput, "ccsr-v2": CCSRv2Input}  # by model name
+V2_FIELDS = {"steps": "steps", "t_max": "t_max", "t_min": "t_min", "cfg_scale": "cfg_scale", "prompt": "prompt",
+             "negative_prompt": "negative_prompt", "color_fix_type": "color_fix", "process_size": "process_size",
+             "start_point": "start_point", "start_steps": "start_steps", "scale": "scale"}  # fal -> UpscaleParams
 
 
 # UpscaleParams field -> fal field, for pointing a ParamError at the name the client sent.
@@ -122,13 +167,13 @@ def _validation_detail(exc: ValidationError) -> list[dict]:
     return out
 
 
-def parse_input(data: Any) -> CCSRInput:
-    """A decoded JSON body (see :func:`ccsr.api.intake.load_json`) -> :class:`CCSRInput`, else
-    :class:`FalInputError` (422)."""
+def parse_input(data: Any, model: str = "ccsr-v1") -> BaseModel:
+    """A decoded JSON body (see :func:`ccsr.api.intake.load_json`) -> the ``model``'s input
+    (:class:`CCSRInput`, :class:`CCSRv2Input`), else :class:`FalInputError` (422)."""
     if data is None:
         raise FalInputError([{"type": "missing", "loc": ["body"], "msg": "Field required", "input": None}])
     try:
-        return CCSRInput.model_validate(data)
+        return FAL_INPUTS[model].model_validate(data)
     except ValidationError as e:
         raise FalInputError(_validation_detail(e)) from None
 
@@ -137,7 +182,7 @@ def draw_seed() -> int:
     return secrets.randbelow(SEED_RANGE)
 
 
-def _tiling(inp: CCSRInput) -> dict[str, object]:
+def _tiling(inp: Any) -> dict[str, object]:
     """Tiling the request chose keeps fal's meaning (and fal's defaults for the sizes it left out); tiling it
     left out entirely is planned from free memory, which is fal's default ("none") whenever that fits."""
     given = inp.model_fields_set
@@ -150,31 +195,26 @@ def _tiling(inp: CCSRInput) -> dict[str, object]:
     return out
 
 
-def to_params(
-    inp: CCSRInput, *, size_mode: str = "reference", default_steps: int | None = None
-) -> UpscaleParams:
-    """Map the fal input onto :class:`UpscaleParams` (seed drawn when absent); range errors become 422.
+def to_params(inp: Any, model: Any, settings: Any) -> UpscaleParams:
+    """Map a fal input onto the ``model``'s :class:`UpscaleParams` (:meth:`ccsr.api.intake.Model.params`: the
+    server's ``--size-mode``/``--default-steps`` under the model's defaults under the request; seed drawn when
+    absent); range errors become 422.
 
-    ``size_mode`` and ``default_steps`` are server-wide options (``ccsr serve --size-mode/--default-steps``);
-    ``default_steps`` applies only when the request gives no ``steps``.
+    ``fal-ai/ccsr`` sends every field with fal's defaults (``--default-steps`` applies only when the request
+    gives no ``steps``); ``fal-ai/ccsr-v2`` sends the fields given, the model's defaults fill the rest.
     Tile sizes/strides are floored to a multiple of 8: the reference divides them by 8 into latent units
     (model.md 4.1), so e.g. 300 and 296 are the same tile, and fal accepts any integer in range.
     """
-    seed = inp.seed if inp.seed is not None else draw_seed()
-    steps = inp.steps if default_steps is None or "steps" in inp.model_fields_set else default_steps
-    params = UpscaleParams(
-        scale=float(inp.scale),
-        steps=steps,
-        size_mode=size_mode,  # type: ignore[arg-type]
-        t_max=inp.t_max,
-        t_min=inp.t_min,
-        seed=seed,
-        color_fix=inp.color_fix_type,
-        tile_vae_encoder_size=inp.tile_vae_encoder_size,
-        **_tiling(inp),
-    )
+    given: dict[str, object] = {"seed": inp.seed if inp.seed is not None else draw_seed(),
+                                "tile_vae_encoder_size": inp.tile_vae_encoder_size, **_tiling(inp)}
+    if isinstance(inp, CCSRv2Input):
+        given.update({V2_FIELDS[k]: getattr(inp, k) for k in inp.model_fields_set if k in V2_FIELDS})
+    else:
+        given.update(scale=float(inp.scale), t_max=inp.t_max, t_min=inp.t_min, color_fix=inp.color_fix_type)
+        if not settings.default_steps or "steps" in inp.model_fields_set:
+            given["steps"] = inp.steps
     try:
-        return params.validate()
+        return model.params(given, settings)
     except ParamError as e:
         field = _PARAM_TO_FAL.get(e.field, e.field)
         value = getattr(inp, field, None)

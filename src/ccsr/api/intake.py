@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import math
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,8 @@ from urllib.parse import unquote_to_bytes, urlsplit
 from ccsr import imaging
 from ccsr.imaging.decode import open_image
 from ccsr.jobs import Job, JobSpec, StoredImage
+from ccsr.params import ParamError, UpscaleParams
+from ccsr.presets import V2_DEFAULT_PRESET, V2_PRESETS
 
 from .auth import Principal
 from .images import parse_image_ref
@@ -43,14 +46,48 @@ INLINE_BYTES = 1 << 16  # larger bodies are parsed off the event loop
 
 @dataclass(frozen=True)
 class Model:
-    """A model this server runs, and the ids each protocol names it by."""
+    """A model this server can run, the ids each protocol names it by, and the parameters it pins."""
 
-    name: str  # the pipeline the job runs
+    name: str  # the pipeline the job runs (``ccsr serve --model NAME[=WEIGHTS]``)
+    title: str  # as the model names itself (``ModelDescriptor.name``)
     runware_ids: tuple[str, ...]  # Runware ``model`` values (AIR ids)
     fal_app_id: str  # fal endpoint, ``owner/alias``
+    # its own defaults, over the server's (--size-mode, --default-steps) and UpscaleParams'; a request's win
+    defaults: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    integer_scale: bool = False  # only whole upscale factors
+
+    def params(self, given: Mapping[str, object], settings) -> UpscaleParams:
+        """UpscaleParams' defaults < the server's < the model's < ``given`` (the request's fields), validated;
+        raises :class:`~ccsr.params.ParamError` with the field's name."""
+        server: dict[str, object] = {"size_mode": settings.size_mode}
+        if settings.default_steps:
+            server["steps"] = settings.default_steps
+        params = UpscaleParams(**{**server, **self.defaults, **given}).validate()  # type: ignore[arg-type]
+        if self.integer_scale and not float(params.scale).is_integer():
+            raise ParamError("scale", f"{self.title} takes a whole upscale factor (1, 2, 3, 4)")
+        return params
 
 
-MODELS: tuple[Model, ...] = (Model("ccsr-v1", ("runware:501@1", "ccsr"), "fal-ai/ccsr"),)  # a model id -> pipeline
+V2_DEFAULTS: dict[str, object] = {**V2_PRESETS[V2_DEFAULT_PRESET], "size_mode": "reference"}
+MODELS: tuple[Model, ...] = (  # every model a server may load; `ccsr serve --model` picks those it does
+    Model("ccsr-v1", "CCSR-v1", ("runware:501@1", "ccsr"), "fal-ai/ccsr"),
+    Model("ccsr-v2", "CCSR-v2", ("ccsr:2@1", "ccsr-v2"), "fal-ai/ccsr-v2", V2_DEFAULTS, integer_scale=True),
+)
+MODELS_BY_NAME = {m.name: m for m in MODELS}
+
+
+def served_model(settings, *, runware_id: str | None = None, fal_app_id: str | None = None) -> Model:
+    """The model a request names (by its Runware id or fal app id), if this server loads it; else
+    :class:`IntakeError` ``model_unknown`` or ``model_not_loaded``."""
+    wanted = runware_id if runware_id is not None else fal_app_id
+    model = next((m for m in MODELS if runware_id in m.runware_ids or m.fal_app_id == fal_app_id), None)
+    if model is None:
+        raise IntakeError("model_unknown", f"model {wanted!r} is not served here")
+    if model.name not in settings.served_models():
+        flag = "--model ccsr-v1" if model.name == "ccsr-v1" else f"--model {model.name}=FOLDER"
+        raise IntakeError("model_not_loaded", f"model {wanted!r} ({model.title}) is not loaded on this server "
+                          f"(it serves {', '.join(settings.served_models())}; start it with {flag})")
+    return model
 
 
 class IntakeError(Exception):
@@ -60,6 +97,7 @@ class IntakeError(Exception):
     ``image_unreadable`` (not a reference, bad base64), ``image_missing`` (unknown or expired id),
     ``image_url_refused`` (scheme or address not allowed), ``image_fetch`` (the download failed),
     ``image_invalid`` (not an accepted image); callbacks: ``url_refused`` (a webhook the SSRF rules refuse);
+    models: ``model_unknown`` (no such id), ``model_not_loaded`` (known, not loaded here);
     server: ``unavailable`` (retry later).
     ``where``: the field (``inputs.image``) or JSON path (``[0].settings.seed``) concerned, when one is;
     ``reason``: the imaging or fetch error code behind an image refusal (``too_many_pixels``, ``timeout``)."""

@@ -31,7 +31,8 @@ from ccsr.params import UpscaleParams
 
 from .app import client_host, get_engine, get_settings
 from .auth import Denied
-from .fal_schema import CCSRInput
+from .fal_schema import CCSRInput, CCSRv2Input
+from .intake import MODELS
 
 __all__ = ["router"]
 
@@ -107,18 +108,19 @@ async def models(request: Request) -> list[dict]:
     settings = get_settings(request)
     engine = get_engine(request)
     status = "ready" if engine.ready else ("loading" if engine.load_error is None else "failed")
-    defaults = UpscaleParams()
-    if settings.default_steps:
-        defaults = defaults.replace(steps=settings.default_steps)
+    served = settings.served_models()
+    forms = {"ccsr-v1": lambda m: v1_parameters(m.params({}, settings), steps_from_server=bool(settings.default_steps)),
+             "ccsr-v2": lambda m: v2_parameters(m.params({}, settings))}
     return [
         {
-            "name": "CCSR-v1",
-            "fal_app_id": "fal-ai/ccsr",
-            "runware_model": "runware:501@1",
+            "name": m.title,
+            "fal_app_id": m.fal_app_id,
+            "runware_model": m.runware_ids[0],
             "status": status,
             "error": engine.load_error,
-            "parameters": v1_parameters(defaults, steps_from_server=bool(settings.default_steps)),
+            "parameters": forms[m.name](m),
         }
+        for m in MODELS if m.name in served
     ]
 
 
@@ -250,6 +252,103 @@ def v1_parameters(defaults: UpscaleParams, *, steps_from_server: bool = False) -
             "type": "number", "default": defaults.controlnet_weight, "minimum": 0, "maximum": 2,
             "help": "How strongly the input image holds the result: lower lets the model invent more, higher "
             "keeps closer to the input. 1 is the reference's.",
+        },
+    ]  # fmt: skip
+
+
+def v2_parameters(defaults: UpscaleParams) -> list[dict]:
+    """The CCSR-v2 form (``fal-ai/ccsr-v2``): ranges from its fal schema, defaults the model's (``defaults``).
+    Every field goes to the fal endpoint (it takes prompts and CFG too), so the page never switches to
+    Runware for this model. Entries as in :func:`v1_parameters`."""
+    fal = CCSRv2Input.model_json_schema()["properties"]
+
+    def ranged(name: str) -> dict:
+        return {k: fal[name][k] for k in ("minimum", "maximum", "maxLength") if k in fal[name]}
+
+    def options(name: str) -> list[dict]:
+        return [{"value": v, "label": v} for v in fal[name]["enum"]]
+
+    return [
+        {
+            "name": "scale", "api": "both", "group": "main", "title": "Scale", "type": "integer",
+            "default": int(defaults.scale), **ranged("scale"),
+            "help": "How many times larger each side of the output is (a whole factor for CCSR-v2).",
+        },
+        {
+            "name": "steps", "api": "both", "group": "main", "title": "Steps", "type": "integer",
+            "default": defaults.steps, **ranged("steps"),
+            "help": "Schedule length. 1 (the default, one-step): one network evaluation. The two-step preset "
+            "is steps 6, t_max 0.6667, t_min 0.5, CFG 4.5: two evaluations.",
+        },
+        {
+            "name": "seed", "api": "both", "group": "main", "title": "Seed", "type": "integer",
+            "default": defaults.seed, "minimum": 0, "empty": "random",
+            "help": "The same seed with the same settings gives the same image. Empty: a new random seed each "
+            "run (shown with the result, to reuse).",
+        },
+        {
+            "name": "color_fix_type", "api": "fal", "group": "main", "title": "Colour correction",
+            "type": "string", "default": defaults.color_fix, "options": options("color_fix_type"),
+            "help": "Pulls the result's colours back to the input's (adain: each channel's mean and contrast; "
+            "wavelet: the input's smooth colour layer; none: the model's own colours).",
+        },
+        {
+            "name": "t_max", "api": "fal", "group": "main", "title": "Start of sampling (t_max)",
+            "type": "number", "default": defaults.t_max, **ranged("t_max"),
+            "help": "Where the sampled part of the schedule starts (fraction of it); used when steps > 1.",
+        },
+        {
+            "name": "t_min", "api": "fal", "group": "main", "title": "End of sampling (t_min)",
+            "type": "number", "default": defaults.t_min, **ranged("t_min"),
+            "help": "Where sampling stops and the clean image is taken; higher runs fewer evaluations.",
+        },
+        {
+            "name": "process_size", "api": "fal", "group": "advanced", "title": "Process size",
+            "type": "integer", "default": defaults.process_size, **ranged("process_size"),
+            "help": "Inputs smaller than process size / scale are enlarged first (more detail, more time).",
+        },
+        {
+            "name": "start_point", "api": "fal", "group": "advanced", "title": "Start point", "type": "string",
+            "default": defaults.start_point, "options": options("start_point"),
+            "help": "lr: start from the input's latent diffused to the start step (the reference's); noise: "
+            "from pure noise.",
+        },
+        {
+            "name": "start_steps", "api": "fal", "group": "advanced", "title": "Start step", "type": "integer",
+            "default": defaults.start_steps, **ranged("start_steps"),
+            "help": "The timestep of the first evaluation (999: the end of the schedule).",
+        },
+        {
+            "name": "prompt", "api": "fal", "group": "advanced", "title": "Prompt", "type": "text",
+            "default": defaults.prompt, **ranged("prompt"),
+            "help": "Words that steer the invented detail; the default is the reference's added prompt.",
+        },
+        {
+            "name": "negative_prompt", "api": "fal", "group": "advanced", "title": "Negative prompt",
+            "type": "text", "default": defaults.negative_prompt, **ranged("negative_prompt"),
+            "help": "What to steer away from; used when CFG scale is above 1.",
+        },
+        {
+            "name": "cfg_scale", "api": "fal", "group": "advanced", "title": "CFG scale", "type": "number",
+            "default": defaults.cfg_scale, **ranged("cfg_scale"),
+            "help": "How hard the prompts steer; above 1 each evaluation runs the network twice.",
+        },
+        {
+            "name": "tile_diffusion", "api": "fal", "group": "tiling", "title": "Diffusion tiles",
+            "type": "string", "default": None,
+            "options": [{"value": None, "label": "automatic"}, *options("tile_diffusion")],
+            "help": "Automatic: planned from free memory, none whenever the image fits (the reference's path). "
+            "gaussian forces overlapping tiles.",
+        },
+        {
+            "name": "tile_vae", "api": "fal", "group": "tiling", "title": "VAE decode", "type": "boolean",
+            "default": None,
+            "options": [
+                {"value": None, "label": "automatic"},
+                {"value": False, "label": "whole"},
+                {"value": True, "label": "tiled"},
+            ],
+            "help": "Automatic: whole when it fits, else in tiles.",
         },
     ]  # fmt: skip
 

@@ -188,6 +188,7 @@ async def _upscale(task: dict, ctx: Ctx, tt: str, tu: str, on_ack=None) -> Reply
         idempotency_key=key,
         payload_hash=body_hash,
         cost_per_second=ctx.settings.price_per_second,
+        model=req.model.name,
     )
     try:
         job, created = await submit(ctx.engine, spec, ctx.principal)

@@ -21,10 +21,10 @@ from ccsr.params import ParamError, UpscaleParams
 
 from .app import image_url
 from .auth import Denied
-from .intake import MODELS
+from .intake import MODELS, IntakeError, Model, served_model
 from .settings import Settings
 
-CCSR_MODELS = frozenset(air for m in MODELS for air in m.runware_ids)
+DEFAULT_MODEL = MODELS[0]  # a task without ``model``
 UPSCALE_TYPES = frozenset({"upscale", "imageUpscale"})
 OUTPUT_TYPES = {"url": "URL", "base64data": "base64Data", "datauri": "dataURI"}
 OUTPUT_FORMATS = {"JPG": "jpeg", "JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
@@ -36,7 +36,14 @@ SETTINGS_MAP = {
     "CFGScale": "cfg_scale",
     "controlNetWeight": "controlnet_weight",
 }
-PARAM_TO_FIELD = {v: f"settings.{k}" for k, v in SETTINGS_MAP.items()} | {"scale": "upscaleFactor"}
+V2_SETTINGS_MAP = {  # CCSR-v2's own settings (ccsr:2@1)
+    "processSize": "process_size",
+    "startPoint": "start_point",
+    "startSteps": "start_steps",
+}
+PARAM_TO_FIELD = {v: f"settings.{k}" for k, v in (SETTINGS_MAP | V2_SETTINGS_MAP).items()} | {
+    "scale": "upscaleFactor"}
+DEFAULT_UPSCALE_FACTOR = 2  # Runware's, for a model without its own default scale
 
 ERROR_STATUS = {  # neutral job error code -> (Runware code, HTTP status)
     ErrorCode.INVALID_INPUT: ("invalidInputImage", 400),
@@ -123,17 +130,12 @@ class UpscaleRequest:
     delivery: str
     webhook: str | None
     upload_endpoint: str | None
+    model: Model
 
 
 def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
     """Validate an upscale / imageUpscale task (no I/O); raises RWError on the first bad field."""
-    model = task.get("model")
-    if model is not None and (not isinstance(model, str) or model not in CCSR_MODELS):
-        raise RWError(
-            "unsupportedModel",
-            f"model {model!r} is not served here; use runware:501@1 (CCSR)",
-            parameter="model",
-        )
+    model = _model(task.get("model"), settings)
     inputs = task.get("inputs")
     if inputs is not None and not isinstance(inputs, dict):
         raise RWError("invalidInputs", "inputs must be an object", parameter="inputs")
@@ -144,7 +146,7 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
     else:
         raise RWError("missingInputImage", "inputs.image (or inputImage) is required", parameter="inputs.image")
 
-    factor = task.get("upscaleFactor", 2)
+    factor = task.get("upscaleFactor", model.defaults.get("scale", DEFAULT_UPSCALE_FACTOR))
     factor = _num(factor, "upscaleFactor", "invalidUpscaleFactor", lo=2, hi=4)
 
     ot = task.get("outputType", "URL")
@@ -178,10 +180,9 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
     s = task.get("settings") or {}
     if not isinstance(s, dict):
         raise RWError("invalidSettings", "settings must be an object", parameter="settings")
-    kw: dict[str, Any] = {"scale": float(factor), "size_mode": settings.size_mode}
-    if settings.default_steps:
-        kw["steps"] = settings.default_steps
-    for key, fname in SETTINGS_MAP.items():
+    kw: dict[str, Any] = {"scale": float(factor)}
+    names = SETTINGS_MAP | (V2_SETTINGS_MAP if model.name == "ccsr-v2" else {})
+    for key, fname in names.items():
         if s.get(key) is None:
             continue
         v = s[key]
@@ -203,11 +204,17 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
             v = float(_num(v, pname, "invalidCFGScale", lo=0, hi=30))
         elif key == "controlNetWeight":
             v = float(_num(v, pname, "invalidControlNetWeight", lo=0, hi=2))
+        elif key == "processSize":
+            v = _num(v, pname, "invalidProcessSize", integer=True, lo=8, hi=16384)
+        elif key == "startSteps":
+            v = _num(v, pname, "invalidStartSteps", integer=True, lo=0, hi=999)
+        elif key == "startPoint" and v not in ("lr", "noise"):
+            raise RWError("invalidStartPoint", f"{pname} must be lr or noise", parameter=pname)
         kw[fname] = v
     if kw.get("seed") is None:
         kw["seed"] = random.randrange(2**32)  # Runware: a random unsigned 32-bit seed when none is given
     try:
-        params = UpscaleParams(**kw).validate()
+        params = model.params(kw, settings)
     except ParamError as e:
         pname = PARAM_TO_FIELD.get(e.field, e.field)
         raise RWError("invalidParameters", f"{pname}: {e.message}", parameter=pname) from e
@@ -221,7 +228,22 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
         delivery=delivery,
         webhook=urls["webhookURL"],
         upload_endpoint=urls["uploadEndpoint"],
+        model=model,
     )
+
+
+def _model(value: Any, settings: Settings) -> Model:
+    """The task's ``model`` (absent: CCSR-v1) among the models this server loads; ``unsupportedModel``
+    otherwise, naming the ids it does serve."""
+    if value is None:
+        value = DEFAULT_MODEL.runware_ids[0]
+    if not isinstance(value, str):
+        raise RWError("unsupportedModel", "model must be a string (an AIR id)", parameter="model")
+    try:
+        return served_model(settings, runware_id=value)
+    except IntakeError as e:
+        ids = [m.runware_ids[0] + f" ({m.title})" for m in MODELS if m.name in settings.served_models()]
+        raise RWError("unsupportedModel", f"{e.message}; use {' or '.join(ids)}", parameter="model") from None
 
 
 def result_reply(job: Job, read: Callable[[str], bytes | None], base: str, *, with_status: bool) -> Reply:

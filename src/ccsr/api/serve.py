@@ -57,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
         print("ccsr serve: error: --broker needs --store (s3://bucket/prefix or a directory shared with the workers)",
               file=sys.stderr)
         return 2
+    try:
+        settings.served_models()
+    except ValueError as e:
+        print(f"ccsr serve: error: {e}", file=sys.stderr)
+        return 2
     from .app import create_app
 
     app = create_app(settings)

@@ -25,6 +25,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     weights: str | None = None  # None: the library's default model reference
+    models: list[str] = field(default_factory=list)  # NAME or NAME=WEIGHTS; empty: ccsr-v1 alone (from weights)
     config: str | None = None
     device: str = "auto"
     dtype: str = "auto"
@@ -65,6 +66,26 @@ class Settings:
     # runtime state of the key policy (built on first use; never compared or shown)
     _keyring: KeyRing | None = field(default=None, repr=False, compare=False)
     _limiter: RateLimiter = field(default_factory=RateLimiter, repr=False, compare=False)
+
+    def served_models(self) -> dict[str, str | None]:
+        """The models this server loads, name -> weights (``None``: ccsr-v1's ``weights``, then the library's
+        default). Raises ValueError for an unknown name, a repeated one or a ccsr-v2 without its folder."""
+        from .intake import MODELS_BY_NAME
+
+        served: dict[str, str | None] = {}
+        for entry in self.models or ["ccsr-v1"]:
+            name, _, weights = entry.partition("=")
+            name, weights = name.strip(), weights.strip() or None
+            if name not in MODELS_BY_NAME:
+                raise ValueError(f"--model {entry}: unknown model {name!r} (known: {', '.join(MODELS_BY_NAME)})")
+            if name in served:
+                raise ValueError(f"--model {name} is given twice")
+            if name == "ccsr-v1":
+                weights = weights or self.weights
+            elif weights is None:
+                raise ValueError(f"--model {name}: give its weights folder, --model {name}=FOLDER")
+            served[name] = weights
+        return served
 
     def body_limit(self) -> int:
         return self.max_body_bytes or self.max_input_bytes * 4 // 3 + (1 << 20)
@@ -221,7 +242,12 @@ OPTIONS: tuple[Option, ...] = (
            "faster on small inputs", choices=("reference", "pad")),
     Option("log_level", "debug, info, warning, error"),
     Option("fal_app_ids", "another fal app id (owner/alias) served like fal-ai/ccsr; repeatable", flag="--fal-app-id"),
-    Option("weights", "checkpoint file or hub reference", group="model", shown_default="the default CCSR-v1 model"),
+    Option("models", "a model to load and serve, NAME or NAME=WEIGHTS; repeatable (comma-separated in the "
+           "variable). ccsr-v1 (Runware runware:501@1, fal fal-ai/ccsr) takes its weights from --weights unless "
+           "given; ccsr-v2 (Runware ccsr:2@1, fal fal-ai/ccsr-v2) needs its folder: --model ccsr-v1 --model "
+           "ccsr-v2=/models/ccsr-v2 serves both", group="model", flag="--model", shown_default="ccsr-v1"),
+    Option("weights", "CCSR-v1 checkpoint file or hub reference", group="model",
+           shown_default="the default CCSR-v1 model"),
     Option("config", "model YAML", group="model", shown_default="bundled"),
     Option("device", "cpu, cuda, cuda:1, …", group="model"),
     Option("dtype", "float32, float16, bfloat16", group="model"),

@@ -72,6 +72,7 @@ from .images import ImageStore, LocalImageStore, StoredImage
 from .store import JobStore, SQLiteJobStore
 from .types import (
     CANCELLED,
+    DEFAULT_MODEL,
     ERROR,
     PROCESSING,
     QUEUED,
@@ -128,6 +129,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CANCELLED",
+    "DEFAULT_MODEL",
     "ERROR",
     "PROCESSING",
     "QUEUED",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from ccsr.params import ParamError
 
 from .engine import JobCancelled, JobFailed, RunOutput
-from .types import ErrorCode, Job
+from .types import DEFAULT_MODEL, ErrorCode, Job
 
 log = logging.getLogger("ccsr.jobs.runner")
 
@@ -21,37 +21,47 @@ ENCODE_FORMATS = {"png": "PNG", "jpeg": "JPG", "jpg": "JPG", "webp": "WEBP", "ti
 
 
 class CCSRRunner:
-    """Loads ``CCSRPipeline.from_single_file(weights, config=config)`` once, in the worker thread."""
+    """Loads each served model's pipeline once, in the worker thread, and runs a job on its ``job.model``'s.
+
+    ``models``: model name -> weights (``ccsr-v1``: ``CCSRPipeline.from_single_file(weights, config=config)``;
+    ``ccsr-v2``: a CCSR-v2 folder, which ``from_single_file`` recognises); default ``{"ccsr-v1": weights}``.
+    ``pipeline``: an already built CCSR-v1 pipeline (tests, embedding)."""
 
     def __init__(
         self,
         weights: str | None = None,
         config: str | None = None,
         *,
+        models: dict[str, str | None] | None = None,
         device: str | None = "auto",
         dtype: str | None = "auto",
         quantize: str | None = None,
         max_input_bytes: int = 64 * 1024 * 1024,
         pipeline=None,
     ):
-        self.weights = weights
+        self.models = dict(models) if models is not None else {DEFAULT_MODEL: weights}
         self.config = config
         self.device = None if device in (None, "auto") else device
         self.dtype = None if dtype in (None, "auto") else dtype
         self.quantize = quantize or "round"
         self.max_input_bytes = max_input_bytes
-        self.pipeline = pipeline
+        self.pipelines: dict = {DEFAULT_MODEL: pipeline} if pipeline is not None else {}
 
     def load(self) -> None:
-        if self.pipeline is not None:
-            return
+        from ccsr.model import share_identical_networks
         from ccsr.pipeline import CCSRPipeline
 
-        log.info("loading model %s", self.weights or "(default)")
-        self.pipeline = CCSRPipeline.from_single_file(
-            self.weights, config=self.config, device=self.device, dtype=self.dtype
-        )
-        log.info("model loaded on %s (%s)", self.pipeline.device, self.pipeline.dtype)
+        for name, weights in self.models.items():
+            if name in self.pipelines:
+                continue
+            log.info("loading %s from %s", name, weights or "(default)")
+            self.pipelines[name] = CCSRPipeline.from_single_file(
+                weights, config=self.config if name == DEFAULT_MODEL else None, device=self.device, dtype=self.dtype
+            )
+            log.info("%s loaded on %s (%s)", name, self.pipelines[name].device, self.pipelines[name].dtype)
+        names = list(self.pipelines)
+        for net, i, j in share_identical_networks([p.model for p in self.pipelines.values()]):
+            log.info("the %s of %s is identical to %s's: held once", net, names[j], names[i])
 
     def run(
         self,
@@ -66,6 +76,10 @@ class CCSRRunner:
         from ccsr.jobs.chain import upscale_encode
         from ccsr.pipeline import Cancelled
 
+        pipeline = self.pipelines.get(job.model)
+        if pipeline is None:  # a job queued for a model this worker does not load (the intake refuses them)
+            raise JobFailed(ErrorCode.INVALID_PARAMS, f"model {job.model} is not loaded here "
+                            f"(loaded: {', '.join(self.pipelines) or 'none'})")
         params = job.params
         cap = max(job.max_output) if job.max_output else 1 << 30
         limits = imaging.Limits(max_input_bytes=max(self.max_input_bytes, len(input_bytes)), max_output_side=cap)
@@ -88,11 +102,11 @@ class CCSRRunner:
             raise JobFailed(ErrorCode.INVALID_INPUT, e.message) from e
         log(
             f"upscaling {decoded.size[0]}x{decoded.size[1]} -> {expected[0]}x{expected[1]}"
-            f" ({params.steps} steps, seed {params.seed})"
+            f" with {job.model} ({params.steps} steps, seed {params.seed})"
         )
         try:
             enc, out = upscale_encode(
-                self.pipeline, decoded, params, enc_opts, quantize=self.quantize, expected=expected,
+                pipeline, decoded, params, enc_opts, quantize=self.quantize, expected=expected,
                 progress=lambda done, total: progress(done / max(total, 1)), should_cancel=should_cancel, log=log,
             )
         except Cancelled as e:

@@ -131,7 +131,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at REAL,
     updated_at REAL NOT NULL,
     logs TEXT NOT NULL DEFAULT '[]',
-    owner TEXT
+    owner TEXT,
+    model TEXT NOT NULL DEFAULT 'ccsr-v1'
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 -- written with every terminal status, deleted once the job's webhooks / uploads have ended
@@ -164,6 +165,8 @@ class SQLiteJobStore(JobStore):
             columns = {r["name"] for r in self._db.execute("PRAGMA table_info(jobs)")}
             if "owner" not in columns:  # a database from before per-owner quotas
                 self._db.execute("ALTER TABLE jobs ADD COLUMN owner TEXT")
+            if "model" not in columns:  # a database from before CCSR-v2: every job ran CCSR-v1
+                self._db.execute("ALTER TABLE jobs ADD COLUMN model TEXT NOT NULL DEFAULT 'ccsr-v1'")
             self._db.execute("CREATE INDEX IF NOT EXISTS jobs_owner ON jobs(owner, status)")
 
     # ------------------------------------------------------------------ helpers
@@ -185,6 +188,7 @@ class SQLiteJobStore(JobStore):
             idempotency_key=row["idem_key"],
             payload_hash=row["payload_hash"],
             cost_per_second=row["cost_per_second"],
+            model=row["model"],
             progress=row["progress"],
             result=JobResult.from_dict(json.loads(row["result"]) if row["result"] else None),
             error=err,
@@ -245,8 +249,8 @@ class SQLiteJobStore(JobStore):
                 job_id = str(uuid.uuid4())
                 self._db.execute(
                     "INSERT INTO jobs (id, idem_key, payload_hash, protocol, status, params, input_image_id,"
-                    " output, output_image_id, max_output, meta, cost_per_second, created_at, updated_at, owner)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " output, output_image_id, max_output, meta, cost_per_second, created_at, updated_at, owner,"
+                    " model) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (
                         job_id,
                         spec.idempotency_key,
@@ -263,6 +267,7 @@ class SQLiteJobStore(JobStore):
                         t,
                         t,
                         spec.owner,
+                        spec.model,
                     ),
                 )
                 self._db.execute("COMMIT")

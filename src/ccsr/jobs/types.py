@@ -17,6 +17,7 @@ from ccsr.params import UpscaleParams
 
 # --------------------------------------------------------------------------------------------- statuses
 
+DEFAULT_MODEL = "ccsr-v1"  # what a job runs when its spec names no model (and jobs stored before models)
 QUEUED = "queued"
 PROCESSING = "processing"
 SUCCESS = "success"
@@ -126,6 +127,7 @@ class JobSpec:
     - ``output``: encoding and TTL of the output.
     - ``max_output``: optional (width, height) cap of the output; the input is shrunk first so that
       ``input x scale`` fits (Runware: 4096x4096).
+    - ``model``: the model that runs it (``ccsr-v1``, ``ccsr-v2``: ``ccsr.api.intake.MODELS``).
     - ``protocol``: free string naming the adapter (``"runware"``, ``"fal"``), used by listeners to filter.
     - ``meta``: JSON-serialisable, protocol-private data returned untouched on the :class:`Job`.
     - ``idempotency_key`` / ``payload_hash``: same key + same hash -> the existing job is returned; same key +
@@ -145,6 +147,7 @@ class JobSpec:
     payload_hash: str | None = None
     cost_per_second: float = 0.0
     owner: str | None = None
+    model: str = DEFAULT_MODEL
     owner_quota: int = 0
 
 
@@ -210,6 +213,7 @@ class Job:
     idempotency_key: str | None = None
     payload_hash: str | None = None
     cost_per_second: float = 0.0
+    model: str = DEFAULT_MODEL
     progress: int = 0
     result: JobResult | None = None
     error: JobError | None = None

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -38,6 +39,7 @@ __all__ = [
     "WeightsError",
     "load_config",
     "load_model",
+    "share_identical_networks",
 ]
 
 NETWORKS = ("unet", "controlnet", "vae", "cond_encoder")
@@ -80,6 +82,8 @@ class ModelDescriptor:
     supports_tiling: bool = True
     supports_prompts: bool = True
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    defaults: Mapping[str, object] = field(default_factory=dict)  # parameters that differ from UpscaleParams'
+    presets: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # documented starting points
     # Networks that run in float32 when float16 is asked for: the SD VAE is known to overflow float16's range
     # (Inf/NaN images), and the condition encoder is a copy of its encoder. bfloat16 has float32's range.
     float16_overflows: tuple[str, ...] = ("vae", "cond_encoder")
@@ -93,6 +97,32 @@ class ModelDescriptor:
             raise ValueError(f"{self.name} does not run in {dtype} (supported: {', '.join(self.dtypes)})")
         names = (*NETWORKS, "text_encoder")
         return {n: torch.float32 if dtype == torch.float16 and n in self.float16_overflows else dtype for n in names}
+
+
+def share_identical_networks(models: Sequence[Any]) -> list[tuple[str, int, int]]:
+    """Hold a network once where two loaded models have it with identical tensors (same class, names, shapes,
+    dtypes, devices and values): the later model's attribute is pointed at the earlier model's module. A server
+    loading CCSR-v1 and CCSR-v2 keeps one UNet if both checkpoints carry the same one. Returns what was shared:
+    (network name, index of the model that holds it, index of the model that now uses it)."""
+    shared: list[tuple[str, int, int]] = []
+    for j, later in enumerate(models):
+        for i, earlier in enumerate(models[:j]):
+            for name, module in later.networks().items():
+                held = earlier.networks().get(name)
+                if held is not None and held is not module and _identical(held, module):
+                    setattr(later, name, held)
+                    shared.append((name, i, j))
+    return shared
+
+
+def _identical(a: nn.Module, b: nn.Module) -> bool:
+    if type(a) is not type(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    return all(x.shape == y.shape and x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+               for x, y in ((sa[k], sb[k]) for k in sa))
 
 
 @dataclass
@@ -188,7 +218,12 @@ def convert(
     dtype: torch.dtype = torch.float32,
     log: Callable[[str], None] = print,
 ) -> Path:
-    """Write a fast-loading folder: one safetensors file per network, the text encoder and the "" embedding."""
+    """Write a fast-loading folder: one safetensors file per network, the text encoder and the "" embedding.
+    A CCSR-v2 folder is written again in its own layout, in ``dtype`` (:func:`ccsr.model.v2.convert_v2`)."""
+    from ccsr.model.v2 import convert_v2, is_v2_folder
+
+    if weights is not None and is_v2_folder(Path(weights)):
+        return convert_v2(weights, out_dir, dtype, log=log)
     path = resolve_weights(weights)
     model = load_model(path, config)
     out = Path(out_dir)

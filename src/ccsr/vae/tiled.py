@@ -342,14 +342,27 @@ def tiled_encode(
     pad: int = 32,
     *,
     offload: bool | None = None,
+    stats: str = "sync",
+    estimate_size: int = 512,
 ) -> Tensor:
     """``quant_conv(encoder(x))`` (the posterior moments) computed tile by tile (CCSR-v1 tiled VAE encoder).
 
     ``x`` is the image in [-1, 1]; ``tile_size`` and ``pad`` are in image pixels. Runs the plain encoder when
-    ``max(H, W) <= 2 * pad + tile_size``. ``offload`` as in :func:`tiled_decode`.
+    ``max(H, W) <= 2 * pad + tile_size``. ``offload`` as in :func:`tiled_decode`. ``stats="estimate"`` (as for the
+    decoder) takes the GroupNorm statistics from a pass over the image area-downscaled to ``estimate_size`` pixels,
+    then encodes one tile at a time: memory bounded by about one tile (CCSR-v2 encodes the whole image, which the
+    reference cannot do for large inputs).
     """
+    if stats not in STATS_MODES:
+        raise ValueError(f"stats must be one of {STATS_MODES}, not {stats!r}")
     if max(x.shape[2:]) <= 2 * pad + tile_size:
         h = encoder(x)
-    else:
+    elif stats == "sync":
         h = _tiled(encoder, _encoder, x, tile_size, pad, False, offload)
+    else:
+        recorded: NormStats = []
+        small = _downscale(x, estimate_size)
+        small = small[:, :, : small.shape[2] // 8 * 8 or 8, : small.shape[3] // 8 * 8 or 8]
+        _tiled(encoder, _encoder, small, tile_size, pad, False, offload, record=recorded)
+        h = _tiled(encoder, _encoder, x, tile_size, pad, False, offload, replay=recorded)
     return h if quant_conv is None else quant_conv(h)

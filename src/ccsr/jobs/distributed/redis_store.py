@@ -21,6 +21,7 @@ from ccsr.params import UpscaleParams
 
 from ..store import JobStore
 from ..types import (
+    DEFAULT_MODEL,
     PROCESSING,
     QUEUED,
     TERMINAL,
@@ -264,6 +265,7 @@ class RedisJobStore(JobStore):
         f = {
             "id": job_id,
             "protocol": spec.protocol,
+            "model": spec.model,
             "status": QUEUED,
             "params": json.dumps(spec.params.to_dict()),
             "input_image_id": spec.input_image_id,
@@ -305,6 +307,7 @@ class RedisJobStore(JobStore):
             idempotency_key=d.get("idem_key"),
             payload_hash=d.get("payload_hash"),
             cost_per_second=float(d.get("cost_per_second") or 0),
+            model=d.get("model") or DEFAULT_MODEL,
             progress=int(d.get("progress") or 0),
             result=JobResult.from_dict(json.loads(d["result"]) if d.get("result") else None),
             error=JobError(d["error_code"], d.get("error_message", "")) if d.get("error_code") else None,
