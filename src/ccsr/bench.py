@@ -1,7 +1,8 @@
 """``ccsr bench`` and ``ccsr eval``: speed and memory of the pipeline at real model size, and quality metrics.
 
 ``ccsr bench`` builds the networks from a config (default: the built-in CCSR-v1 / SD-2.1-size config) with
-random weights, so nothing is downloaded: speed and memory do not depend on weight values. It runs the real
+random weights, so nothing is downloaded: speed and memory do not depend on weight values (``--model v2``: the
+released CCSR-v2 architecture and :class:`ccsr.pipeline_v2.CCSRv2Pipeline`). It runs the real
 :class:`ccsr.pipeline.CCSRPipeline` on a synthetic input and reports wall time per image, time per network
 evaluation (ControlNet + UNet), per hint encode (condition encoder) and per decode, peak memory and output
 megapixels per second. ``ccsr eval`` lives in :mod:`ccsr.evaluate`; both are registered here.
