@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import random
 import time
@@ -20,7 +19,7 @@ from ccsr.geometry import Geometry, Picture, prepare_compact, size_of
 from ccsr.model import CCSRModel, ModelDescriptor, load_model
 from ccsr.model.v2 import is_v2_folder
 from ccsr.params import UpscaleParams
-from ccsr.planning import VAE_TILE_PAD, Plan, Planner, is_out_of_memory, retry_plan
+from ccsr.planning import VAE_TILE_PAD, Plan, Planner, run_with_replanning
 from ccsr.result import OutputType, Result, result_type
 from ccsr.sampling.ccsr_v1 import StepRecord, Tiling, noise_draws, sample_ccsr_v1
 from ccsr.sampling.denoiser import CCSRDenoiser
@@ -160,23 +159,15 @@ class CCSRPipeline:
         if p.seed is None:
             p = p.replace(seed=random.randrange(2**32))
         size = size_of(image)
-        plan = self.planner.plan(size, p)
-        while True:
+
+        def announce(plan: Plan) -> None:
             if log is not None:
                 log(f"plan: {plan.evaluations} network evaluations (tiles x steps); {plan.describe()}")
-            try:
-                return self._run(image, plan, progress, should_cancel, on_step, make_result)
-            except (RuntimeError, MemoryError) as e:
-                smaller = retry_plan(self.planner, size, plan) if is_out_of_memory(e) else None
-                if smaller is None:
-                    raise
-            # outside the handler, so the failed attempt's frames and tensors are already released
-            gc.collect()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if log is not None:
-                log("out of memory: planning again with smaller tiles")
-            plan = smaller
+
+        return run_with_replanning(
+            self.planner, size, self.planner.plan(size, p),
+            lambda plan: self._run(image, plan, progress, should_cancel, on_step, make_result),
+            device=self.device, announce=announce, log=log)
 
     def _run(self, image: Picture, plan: Plan, progress: Progress | None,
              should_cancel: Callable[[], bool] | None, on_step: Callable[[StepRecord], None] | None,

@@ -14,7 +14,6 @@ memory. What differs is the model's own rule set:
 from __future__ import annotations
 
 import dataclasses
-import gc
 import os
 import random
 import time
@@ -31,7 +30,7 @@ from ccsr.model import ModelDescriptor
 from ccsr.model.v2 import CCSRv2Model, load_v2
 from ccsr.params import ParamError, UpscaleParams
 from ccsr.pipeline import Cancelled, UpscaleOutput, default_device, parse_bytes, parse_dtype
-from ccsr.planning import VAE_TILE_PAD, Plan, Planner, is_out_of_memory, retry_plan
+from ccsr.planning import VAE_TILE_PAD, Plan, Planner, run_with_replanning
 from ccsr.result import OutputType, RowSink
 from ccsr.sampling.ccsr_v1 import Tiling
 from ccsr.sampling.ccsr_v2 import StepRecordV2, sample_ccsr_v2, v2_schedule
@@ -178,23 +177,17 @@ class CCSRv2Pipeline:
         if isinstance(output_type, RowSink) and tuple(output_type.size) != plan.geometry.target:
             (sw, sh), (tw, th) = output_type.size, plan.geometry.target
             raise ValueError(f"the output takes {sw}x{sh}, the upscale gives {tw}x{th}")
-        while True:
+
+        def announce(plan: Plan) -> None:
             if log is not None:
                 encode = "" if plan.encode == "whole" else (
                     f"; VAE encode tiled {plan.params.tile_vae_encoder_size}, estimated statistics")
                 log(f"plan: {plan.describe()}{encode}")
-            try:
-                return self._run(image, plan, progress, should_cancel, on_step, output_type)
-            except (RuntimeError, MemoryError) as e:
-                smaller = retry_plan(self.planner, size_of(image), plan) if is_out_of_memory(e) else None
-                if smaller is None:
-                    raise
-            gc.collect()  # outside the handler: the failed attempt's tensors are released
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if log is not None:
-                log("out of memory: planning again with smaller tiles")
-            plan = smaller
+
+        return run_with_replanning(
+            self.planner, size_of(image), plan,
+            lambda plan: self._run(image, plan, progress, should_cancel, on_step, output_type),
+            device=self.device, announce=announce, log=log)
 
     def _run(self, image: Picture, plan: Plan, progress: Progress | None, should_cancel: Callable[[], bool] | None,
              on_step: Callable[[StepRecordV2], None] | None, output_type: OutputType) -> UpscaleOutput:

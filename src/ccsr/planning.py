@@ -18,11 +18,13 @@ answered by planning again with half the budget (:func:`retry_plan`), until noth
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 
@@ -267,3 +269,29 @@ def retry_plan(planner: Planner, size: tuple[int, int], failed: Plan) -> Plan | 
         return None
     changed = (smaller.params, smaller.decode, smaller.encode) != (failed.params, failed.decode, failed.encode)
     return smaller if changed and smaller.estimate < failed.estimate else None
+
+
+T = TypeVar("T")
+
+
+def run_with_replanning(planner: Planner, size: tuple[int, int], plan: Plan, attempt: Callable[[Plan], T], *,
+                        device: torch.device, announce: Callable[[Plan], None] | None = None,
+                        log: Callable[[str], None] | None = None) -> T:
+    """``attempt(plan)``; when the device runs out of memory, again with the plan for half the budget (the same
+    seed, so the same noise), until one fits or nothing smaller exists. One loop for every model's pipeline."""
+    while True:
+        if announce is not None:
+            announce(plan)
+        try:
+            return attempt(plan)
+        except (RuntimeError, MemoryError) as e:
+            smaller = retry_plan(planner, size, plan) if is_out_of_memory(e) else None
+            if smaller is None:
+                raise
+        # outside the handler, so the failed attempt's frames and tensors are already released
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if log is not None:
+            log("out of memory: planning again with smaller tiles")
+        plan = smaller

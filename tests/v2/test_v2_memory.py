@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from tests.v2.conftest import V2_FIXTURES, V2_MODEL
 
@@ -58,3 +59,30 @@ def test_no_tile_vae_is_never_tiled(lq):
     pipe = CCSRv2Pipeline.from_pretrained(V2_MODEL, device="cpu", max_memory=60 << 20)
     plan = pipe.planner.plan((128, 96), pipe.params("two-step", tile_vae=False, **SMALL), budget=60 << 20)
     assert (plan.decode, plan.encode) == ("whole", "whole")
+
+
+def test_out_of_memory_is_retried_with_a_smaller_plan(v2_pipeline, lq):
+    """A device that fails above a latent size (fault injection on the real UNet): the run is planned again with
+    gaussian windows (and a smaller budget for the rest of the plan) and reports the new total."""
+    image = lq.resize((128, 96), Image.Resampling.BICUBIC)
+    params = v2_pipeline.params("two-step", **SMALL)
+    plan = v2_pipeline.plan(image.size, params)
+    assert plan.tiles == ()
+    limit = max(plan.geometry.process) // 8 - 1  # the untiled latent is too big, windows are not
+
+    def fail_if_large(module, args):  # type: ignore[no-untyped-def]
+        if max(args[0].shape[-2:]) > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+    handle = v2_pipeline.model.unet.register_forward_pre_hook(fail_if_large)
+    logs: list[str] = []
+    ticks: list[tuple[int, int]] = []
+    try:
+        out = v2_pipeline.run(image, params, log=logs.append, progress=lambda d, t: ticks.append((d, t)))
+    finally:
+        handle.remove()
+    assert out.plan is not None and out.plan.params.tile_diffusion == "gaussian" and len(out.plan.tiles) > 1
+    assert any("out of memory" in m for m in logs)
+    assert ticks[-1] == (out.evaluations, out.evaluations)
+    assert out.plan.estimate < plan.estimate
+    assert np.isfinite(out.processed).all() and out.processed.min() >= 0 and out.processed.max() <= 1
