@@ -170,7 +170,7 @@ def random_model(config: str | Path | None = None, *, seed: int = 0, std: float 
 def random_model_v2(*, seed: int = 0, std: float = RANDOM_STD):  # type: ignore[no-untyped-def]
     """A :class:`ccsr.model.v2.CCSRv2Model` of the released CCSR-v2's real architecture (SD-2.1-base UNet and
     text encoder, the ControlNet with ``condition_conv_in``, the SD VAE) with random weights (no download). The
-    tokenizer is CLIP's BPE as ``open-clip-torch`` bundles it (``ccsr.model.text.load_tokenizer``)."""
+    tokenizer is the CLIP BPE vocabulary ccsr ships (``ccsr.model.text.load_tokenizer``)."""
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
