@@ -13,7 +13,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,25 +45,18 @@ class Server:
         return self.log_path.read_text(errors="replace")[-6000:]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A real ``ccsr serve`` process with the tiny models on a free loopback port."""
-    tmp = tmp_path_factory.mktemp("playground-server")
+@contextmanager
+def serve(tmp: Path, args: list[str], ready: Callable[[httpx.Response], bool], threads: int = 2) -> Iterator[Server]:
+    """``ccsr serve ARGS`` on a free loopback port (host, port and data dir added), yielded once ``ready`` accepts
+    its /readyz answer; stopped on exit. A server that exits or is not ready within 120 s fails the test."""
     port = _free_port()
     log_path = tmp / "server.log"
-    args = [
-        "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp / "data"),
-        "--weights", str(TINY_WEIGHTS), "--config", str(TINY_CONFIG), "--device", "cpu",
-        "--size-mode", "pad", "--log-level", "warning",
-        "--model", "ccsr-v1", "--model", f"ccsr-v2={TINY_V2}",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="2", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
-    entry = ["-m", "ccsr.api.serve"]
+    cmd = [sys.executable, "-m", "ccsr.api.serve", "--host", "127.0.0.1", "--port", str(port),
+           "--data-dir", str(tmp / "data"), "--log-level", "warning", *args]  # fmt: skip
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, *entry, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
-        )
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
     try:
         deadline = time.monotonic() + 120
@@ -70,9 +64,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             if proc.poll() is not None:
                 pytest.fail(f"ccsr serve exited with {proc.returncode}:\n{srv.log()}")
             try:
-                if httpx.get(f"{srv.base}/readyz", timeout=2).status_code == 200:
+                if ready(httpx.get(f"{srv.base}/readyz", timeout=2)):
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 pytest.fail(f"ccsr serve not ready after 120 s:\n{srv.log()}")
@@ -85,6 +79,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A real ``ccsr serve`` process with the tiny models on a free loopback port."""
+    args = [
+        "--weights", str(TINY_WEIGHTS), "--config", str(TINY_CONFIG), "--device", "cpu", "--size-mode", "pad",
+        "--model", "ccsr-v1", "--model", f"ccsr-v2={TINY_V2}",
+    ]  # fmt: skip
+    with serve(tmp_path_factory.mktemp("playground-server"), args, lambda r: r.status_code == 200) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,6 @@ colours of control borders and the focus ring have the contrast WCAG 1.4.11 asks
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -15,7 +11,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
-from tests.web.conftest import REPO, Server, _free_port
+from tests.web.conftest import Server, serve
 from tests.web.test_playground import ARTIFACTS, INPUT, open_page, set_number, wait_result
 
 pytestmark = pytest.mark.timeout(150)
@@ -163,38 +159,9 @@ def broken_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     tmp = tmp_path_factory.mktemp("broken-server")
     weights = tmp / "broken.safetensors"
     weights.write_bytes(b"this is not a checkpoint")
-    port = _free_port()
-    log_path = tmp / "server.log"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
-    args = ["--host", "127.0.0.1", "--port", str(port), "--data-dir", str(tmp / "data"), "--weights", str(weights),
-            "--device", "cpu", "--log-level", "warning"]  # fmt: skip
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ccsr.api.serve", *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
-        )
-    srv = Server(f"http://127.0.0.1:{port}", proc, log_path)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ccsr serve exited with {proc.returncode}:\n{srv.log()}")
-            try:
-                if httpx.get(f"{srv.base}/readyz", timeout=2).json().get("status") == "failed":
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"no failed load reported after 60 s:\n{srv.log()}")
-            time.sleep(0.25)
+    args = ["--weights", str(weights), "--device", "cpu"]
+    with serve(tmp, args, lambda r: r.json().get("status") == "failed", threads=1) as srv:
         yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def test_failed_model_is_an_alert_with_its_cause(browser, broken_server):
