@@ -254,15 +254,12 @@ def _dry_run(a: argparse.Namespace, params: UpscaleParams, limits: imaging.Limit
     import torch
 
     from ccsr import imaging
-    from ccsr.pipeline import default_device, parse_dtype
+    from ccsr.pipeline import default_device, parse_dtype, working_memory
     from ccsr.planning import SAFETY, free_memory
 
     device = torch.device(a.device) if a.device else default_device()
     dtype = parse_dtype(None if a.dtype == "auto" else a.dtype, device)
-    if max_memory is None and os.environ.get("CCSR_MAX_MEMORY"):
-        from ccsr.pipeline import parse_bytes
-
-        max_memory = parse_bytes(os.environ["CCSR_MAX_MEMORY"])
+    max_memory = working_memory(max_memory)
     descriptor, planner_kind = _model_without_weights(a)
     params = with_model_defaults(params, a, descriptor)
     if max_memory is None:  # the budget as it will be once the weights (not loaded here) take their share

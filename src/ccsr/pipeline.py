@@ -83,6 +83,13 @@ def parse_bytes(text: str) -> int:
         raise ValueError(f"not a memory size: {text!r} (e.g. 6G, 512M)") from None
 
 
+def working_memory(max_memory: int | None) -> int | None:
+    """``max_memory``, else ``$CCSR_MAX_MEMORY``, else None (the planner then takes 80 % of what is free)."""
+    if max_memory is None and os.environ.get("CCSR_MAX_MEMORY"):
+        return parse_bytes(os.environ["CCSR_MAX_MEMORY"])
+    return max_memory
+
+
 class CCSRPipeline:
     """CCSR-v1 upscaling. ``run`` is the full interface; calling the pipeline returns just the image."""
 
@@ -97,12 +104,10 @@ class CCSRPipeline:
         self.dtype = parse_dtype(dtype, self.device)  # what the networks run in, per the model's descriptor
         model.release_unused()
         self.model = model.to(self.device, self.dtype)
-        if max_memory is None and os.environ.get("CCSR_MAX_MEMORY"):
-            max_memory = parse_bytes(os.environ["CCSR_MAX_MEMORY"])
         if compile:
             self.model.unet = torch.compile(self.model.unet)  # type: ignore[assignment]
             self.model.controlnet = torch.compile(self.model.controlnet)  # type: ignore[assignment]
-        self.planner = Planner(model.descriptor, self.device, self.dtype, max_memory)
+        self.planner = Planner(model.descriptor, self.device, self.dtype, working_memory(max_memory))
 
     @classmethod
     def from_single_file(cls, path: str | Path | None = None, config: str | Path | None = None,

@@ -14,7 +14,6 @@ memory. What differs is the model's own rule set:
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from ccsr.geometry import Geometry, Picture, resize, size_of
 from ccsr.model import ModelDescriptor
 from ccsr.model.v2 import CCSRv2Model, load_v2
 from ccsr.params import ParamError, UpscaleParams
-from ccsr.pipeline import Cancelled, UpscaleOutput, default_device, parse_bytes, parse_dtype
+from ccsr.pipeline import Cancelled, UpscaleOutput, default_device, parse_bytes, parse_dtype, working_memory
 from ccsr.planning import VAE_TILE_PAD, Plan, Planner, run_with_replanning
 from ccsr.result import OutputType, RowSink
 from ccsr.sampling.ccsr_v1 import Tiling
@@ -124,9 +123,7 @@ class CCSRv2Pipeline:
         for prompt in (model.descriptor.defaults["prompt"], model.descriptor.defaults["negative_prompt"]):
             model.encode_prompt(str(prompt))
         model.text.release()  # the defaults are cached; another prompt builds the text encoder again
-        if max_memory is None and os.environ.get("CCSR_MAX_MEMORY"):
-            max_memory = parse_bytes(os.environ["CCSR_MAX_MEMORY"])
-        self.planner = V2Planner(model.descriptor, self.device, self.dtype, max_memory)
+        self.planner = V2Planner(model.descriptor, self.device, self.dtype, working_memory(max_memory))
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,

@@ -209,3 +209,13 @@ def test_host_memory_trim_runs():
     from ccsr import hostmemory
 
     assert hostmemory.trim() is True  # glibc on Linux: the call is made, not skipped
+
+
+def test_working_memory_comes_from_the_argument_then_the_environment(monkeypatch, tiny_pipeline):
+    from ccsr.pipeline import CCSRPipeline, working_memory
+
+    monkeypatch.delenv("CCSR_MAX_MEMORY", raising=False)
+    assert working_memory(None) is None
+    monkeypatch.setenv("CCSR_MAX_MEMORY", "1.5G")
+    assert working_memory(None) == int(1.5 * 2**30) and working_memory(123) == 123
+    assert CCSRPipeline(tiny_pipeline.model, device="cpu").planner.max_memory == int(1.5 * 2**30)
