@@ -577,5 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m ccsr.cli: run the imported module's main, whose CLIError other modules raise
+    from ccsr.cli import main as ccsr_main
+
+    sys.exit(ccsr_main())

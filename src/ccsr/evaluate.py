@@ -319,6 +319,7 @@ def evaluate_folder(
             "ssim": "gaussian 11, sigma 1.5, K .01/.03, L=255, valid",
             "seeds": seeds,
         },
+        "model": pipe.descriptor.name,
         "params": params.to_dict(),
         "summary": summary,
         "images": rows,
@@ -342,7 +343,9 @@ def _fmt(v: Any, digits: int) -> str:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from ccsr.cli import CLIError, load_pipeline, params_from_args
+    """The parameters are the loaded model's defaults (or ``--preset``) where no flag spells them out, as in
+    ``ccsr upscale``: CCSR-v2 is evaluated at its one-step preset unless told otherwise."""
+    from ccsr.cli import CLIError, load_pipeline, params_from_args, with_model_defaults
 
     lq_dir = Path(a.inputs)
     if not lq_dir.is_dir():
@@ -360,6 +363,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
             print(msg, file=sys.stderr, flush=True)
 
     pipe = load_pipeline(a)
+    params = with_model_defaults(params, a, pipe.descriptor)
     try:
         report = evaluate_folder(
             pipe,
@@ -375,7 +379,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         raise CLIError(str(exc)) from exc
     s = report["summary"]
     print(
-        f"{s['images']} image(s) x {s['runs']} run(s) (seeds {','.join(map(str, seeds))}), "
+        f"{report['model']}: {s['images']} image(s) x {s['runs']} run(s) (seeds {','.join(map(str, seeds))}), "
         f"{a.crop}-px border crop, Y = BT.601"
     )
     if "psnr" in s:

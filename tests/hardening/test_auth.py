@@ -204,25 +204,30 @@ def test_keys_file_parsing_ignores_bad_lines():
     assert (e.name, e.rate, e.burst, e.quota) == ("ci", 3.0, 5, 2)
 
 
-def test_every_setting_is_reached_by_its_flag_and_its_variable(monkeypatch):
-    """One table declares each setting: its flag and its CCSR_* variable give the same value, and --help names both."""
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_every_setting_is_reached_by_its_flag_and_its_variable(monkeypatch, command):
+    """One table declares each setting: its flag and its CCSR_* variable give the same value, and --help names both
+    (``ccsr serve``'s rows and ``ccsr worker``'s)."""
     import argparse
 
-    from ccsr.api.serve import add_arguments, settings_from_args
-    from ccsr.api.settings import OPTIONS, Settings
+    from ccsr import worker
+    from ccsr.api import serve
+    from ccsr.api.settings import Settings, options_for
 
+    cli = serve if command == "serve" else worker
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    cli.add_arguments(parser)
     text = parser.format_help()
-    for opt in OPTIONS:
+    for opt in options_for(command):
         kind = str(Settings.__dataclass_fields__[opt.name].type)
-        raw = opt.choices[-1] if opt.choices else "a.example:1,b.example:2" if opt.many else (
+        raw = opt.choices[-1] if opt.choices else "a.example:1,b.example:2" if opt.many else "1" if opt.switch else (
             "7" if kind.startswith("int") else "2.5" if kind.startswith("float") else "/tmp/x")
         from_env = getattr(Settings.from_env({opt.env_names[0]: raw}), opt.name)
-        argv = [a for v in raw.split(",") for a in (opt.flag_name, v)] if opt.many else [opt.flag_name, raw]
+        argv = ([a for v in raw.split(",") for a in (opt.flag_name, v)] if opt.many else [opt.flag_name]
+                if opt.switch else [opt.flag_name, raw])
         for name in opt.env_names:
             monkeypatch.delenv(name, raising=False)
-        from_flag = getattr(settings_from_args(parser.parse_args(argv)), opt.name)
+        from_flag = getattr(cli.settings_from_args(parser.parse_args(argv)), opt.name)
         assert from_env == from_flag != getattr(Settings(), opt.name), opt.name
         if not opt.hidden:
             assert opt.flag_name in text and opt.env_names[0] in text, opt.name

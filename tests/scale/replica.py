@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         max_queue=settings.max_queue,
         image_ttl=settings.image_ttl,
         fetch_allow_hosts=settings.fetch_allow_hosts,
+        queue=settings.celery_queue,
+        max_attempts=settings.max_attempts,
         claim_idle=args.claim_idle,
     )
     app = create_app(settings, engine=engine)

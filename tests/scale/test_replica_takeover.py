@@ -18,7 +18,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def test_pending_announcement_of_a_dead_replica_is_taken_over(redis_url, rclient, tmp_path):
     engine = build_distributed_engine(
-        redis_url, tmp_path / "img", send=lambda _id: None, claim_idle=0.5, tick=0.1, sweep_interval=3600
+        redis_url, tmp_path / "img", send=lambda *_: None, claim_idle=0.5, tick=0.1, sweep_interval=3600
     )
     store = engine.store
     seen: list[str] = []

@@ -65,7 +65,7 @@ class Cluster:
             self.store_url,
             max_queue=max_queue,
             fetch_allow_hosts=allow,
-            send=self.messages.put,
+            send=lambda job_id, _model: self.messages.put(job_id),
             tick=0.2,
         )
         settings = Settings(data_dir=self.tmp / "unused", size_mode="pad", fetch_allow_hosts=allow)

@@ -42,7 +42,7 @@ def _assert_unavailable(resp, port: int) -> None:
 
 def test_outage_answers_503_in_each_protocol(doomed_redis, tmp_path):
     url, proc, port = doomed_redis
-    engine = build_distributed_engine(url, f"shared:{tmp_path}/images", send=lambda job_id: None, tick=0.2)
+    engine = build_distributed_engine(url, f"shared:{tmp_path}/images", send=lambda *_: None, tick=0.2)
     settings = Settings(data_dir=tmp_path / "unused", size_mode="pad")
     with TestClient(create_app(settings, engine=engine)) as c:
         tu = str(uuid.uuid4())

@@ -41,13 +41,13 @@ def parts(rclient, prefix, tmp_path):
     return store, images
 
 
-def submit(store, images, seed: int = 5):
+def submit(store, images, seed: int = 5, model: str = "ccsr-v1"):
     rec = images.put(b"in", content_type="image/png", width=1, height=1)
-    return store.create(JobSpec(params=UpscaleParams(steps=2, seed=seed), input_image_id=rec.id))[0]
+    return store.create(JobSpec(params=UpscaleParams(steps=2, seed=seed), input_image_id=rec.id, model=model))[0]
 
 
-def runtime(store, images, behaviour=None, **kw) -> WorkerRuntime:
-    rt = WorkerRuntime(store, images, ScriptedRunner(behaviour), name="w", warmup=False, heartbeat=0.2, **kw)
+def runtime(store, images, behaviour=None, name: str = "w", **kw) -> WorkerRuntime:
+    rt = WorkerRuntime(store, images, ScriptedRunner(behaviour), name=name, warmup=False, heartbeat=0.2, **kw)
     rt.start()
     return rt
 
@@ -133,7 +133,7 @@ def test_missing_input_is_a_clear_error(parts):
 def test_maintenance_sends_unsent_and_requeues_orphans(parts):
     store, images = parts
     sent: list[str] = []
-    m = Maintenance(store, sent.append, dispatch_grace=0.0)
+    m = Maintenance(store, lambda job_id, model: sent.append(job_id), dispatch_grace=0.0)
     a = submit(store, images)
     b = submit(store, images)
     store.mark_dispatched(b.id)
@@ -205,3 +205,86 @@ def test_requeued_job_keeps_its_place(parts):
     assert rt.process(first.id) == "claimed"  # the requeue's own message runs what is left
     assert store.get(second.id).status == "success"
     rt.stop()
+
+
+def test_each_model_has_its_own_queue_and_turns(parts):
+    """Jobs wait in their model's queue: positions count the jobs of the same model, a worker's message runs the
+    oldest job of that message's model (a requeued one first) and never another model's; a message for a model the
+    worker does not serve is handed back and sent again to its model's queue."""
+    store, images = parts
+    a = submit(store, images, seed=1)
+    b = submit(store, images, seed=2, model="ccsr-v2")
+    c = submit(store, images, seed=3)
+    assert store.claim(a.id, "dead-worker", 0.05) == "claimed"
+    time.sleep(0.2)
+    assert store.reap(a.id) == "requeued"
+    assert [store.queue_position(j.id) for j in (a, b, c)] == [0, 0, 1]
+    assert store.queued_ids(10, "ccsr-v1") == [a.id, c.id] and store.queued_ids(10, "ccsr-v2") == [b.id]
+    v1 = runtime(store, images, name="w1")
+    assert v1.process(c.id) == "claimed"  # c's message: a's turn, a runs first
+    assert store.get(a.id).status == "success" and store.get(c.id).status == "queued"
+    assert store.get(b.id).status == "queued" and store.queue_position(b.id) == 0
+    for j in (a, b, c):
+        store.mark_dispatched(j.id)
+    assert v1.process(b.id) == "misrouted" and store.get(b.id).status == "queued"
+    sent: list[tuple[str, str]] = []
+    Maintenance(store, lambda job_id, model: sent.append((job_id, model)), dispatch_grace=0.0).tick()
+    assert sent == [(b.id, "ccsr-v2")]
+    assert v1.process(c.id) == "claimed" and store.get(c.id).status == "success"
+    v2 = runtime(store, images, name="w2", models={"ccsr-v2": {}})
+    assert v2.process(b.id) == "claimed" and store.get(b.id).status == "success"
+    for j, w in ((a, "w1"), (b, "w2"), (c, "w1")):
+        assert any(ln.message == f"ran on {w}" for ln in store.get(j.id).logs), (j.id, w)
+    v1.stop()
+    v2.stop()
+
+
+def test_workers_register_per_model_and_unserved_jobs_say_so(parts):
+    store, images = parts
+    v1 = runtime(store, images, name="w1")
+    assert (store.live_workers(), store.live_workers("ccsr-v1"), store.live_workers("ccsr-v2")) == (1, 1, 0)
+    job = submit(store, images, model="ccsr-v2")
+    other = submit(store, images)
+    m = Maintenance(store, lambda *_: None, dispatch_grace=0.0)
+    m.tick()
+    m.tick()
+    waiting = [ln for ln in store.get(job.id).logs if "no worker serving ccsr-v2" in ln.message]
+    assert len(waiting) == 1 and waiting[0].level == "WARNING", store.get(job.id).logs
+    assert not any("no worker" in ln.message for ln in store.get(other.id).logs)
+    v2 = runtime(store, images, name="w2", models={"ccsr-v2": {}})
+    assert store.live_workers("ccsr-v2") == 1 and store.live_workers() == 2
+    v2.stop()
+    v1.stop()
+    assert store.live_workers() == 0
+
+
+def test_worker_options_come_from_the_settings_table(monkeypatch):
+    """``ccsr worker``'s flags, variables and help are OPTIONS rows: shared ones mean the same for ``ccsr serve``
+    (which does not take the worker's own); ``--model`` picks the models and so the queues; a ccsr-v2 worker
+    needs its folder, a replica does not."""
+    import argparse
+
+    from ccsr import worker
+    from ccsr.api import serve
+    from ccsr.api.settings import Settings
+
+    parser = argparse.ArgumentParser()
+    worker.add_arguments(parser)
+    text = parser.format_help()
+    for flag, env in (("--broker", "CCSR_BROKER_URL"), ("--model", "CCSR_MODELS"), ("--queue", "CCSR_QUEUE"),
+                      ("--lease", "CCSR_LEASE"), ("--no-warmup", "CCSR_NO_WARMUP"), ("--name", "CCSR_WORKER_NAME")):
+        assert flag in text and env in text, flag
+    monkeypatch.setenv("CCSR_LEASE", "7")
+    monkeypatch.setenv("CCSR_NO_WARMUP", "yes")
+    args = parser.parse_args(["--model", "ccsr-v1", "--model", "ccsr-v2=/m/v2", "--queue", "q", "--max-attempts", "3"])
+    s = worker.settings_from_args(args)
+    assert (s.lease, s.no_warmup, s.celery_queue, s.max_attempts) == (7.0, True, "q", 3)
+    assert s.served_models(loading=True) == {"ccsr-v1": None, "ccsr-v2": "/m/v2"}
+    with pytest.raises(ValueError, match="ccsr-v2=FOLDER"):
+        Settings(broker_url="redis://x", models=["ccsr-v2"]).served_models(loading=True)
+    assert Settings(broker_url="redis://x", models=["ccsr-v2"]).served_models() == {"ccsr-v2": None}
+    sp = argparse.ArgumentParser()
+    serve.add_arguments(sp)
+    serve_help = sp.format_help()
+    assert "--queue" in serve_help and "--max-attempts" in serve_help and "--lease" not in serve_help
+    assert serve.settings_from_args(sp.parse_args(["--queue", "q"])).celery_queue == "q"

@@ -177,6 +177,25 @@ def test_runware_sdk_v2_equals_cli(both_server, cli_pixels):
     assert np.array_equal(got, cli_pixels("--scale", "4", "--process-size", "128", "--seed", "233"))
 
 
+@pytest.mark.parametrize("settings", [{"preset": "two-step"},
+                                      {"steps": 6, "tMax": 0.6667, "tMin": 0.5, "CFGScale": 4.5}])
+def test_runware_sdk_v2_two_step_equals_cli(both_server, cli_pixels, settings):
+    """Runware reaches the two-step preset exactly: by name (settings.preset) or field by field (settings.tMax and
+    tMin, Runware's steps and CFGScale): the pixels of ``ccsr upscale --preset two-step``."""
+
+    async def go():
+        async with _runware(both_server) as rw:
+            return await rw.run({"taskType": "upscale", "model": "ccsr:2@1", "inputs": {"image": INPUT_URI},
+                                 "upscaleFactor": 4, "outputFormat": "PNG", "deliveryMethod": "sync",
+                                 "settings": {"seed": 233, "processSize": 128, **settings}})
+
+    item = asyncio.run(go())[0]
+    flags = ("--scale", "4", "--process-size", "128", "--seed", "233")
+    two_step = cli_pixels(*flags, "--preset", "two-step")
+    assert not np.array_equal(two_step, cli_pixels(*flags))  # the preset changes the image
+    assert np.array_equal(pixels(item["imageURL"]), two_step)
+
+
 def test_runware_sdk_refuses_a_model_not_loaded(server):
     """The shared Runware server loads CCSR-v1 only: ccsr:2@1 is unsupportedModel, naming what it serves."""
 
@@ -240,5 +259,11 @@ def test_runware_v2_settings_are_validated_in_runware_shape(both_server):
 
     (e,) = errors(settings={"startPoint": "middle"})
     assert (e["code"], e["parameter"]) == ("invalidStartPoint", "settings.startPoint")
+    (e,) = errors(settings={"preset": "three-step"})
+    assert (e["code"], e["parameter"]) == ("invalidPreset", "settings.preset") and "two-step" in e["message"]
+    (e,) = errors(settings={"tMax": 1.5})
+    assert (e["code"], e["parameter"]) == ("invalidTMax", "settings.tMax")
+    (e,) = errors(settings={"tMax": 0.4, "tMin": 0.5})  # the range is checked where the parameters meet
+    assert e["code"] == "invalidParameters" and e["parameter"].startswith("settings.t")
     (e,) = errors(upscaleFactor=2.5)  # CCSR-v2 takes whole factors
     assert (e["code"], e["parameter"]) == ("invalidParameters", "upscaleFactor") and "whole" in e["message"]

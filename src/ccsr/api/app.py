@@ -42,6 +42,7 @@ def build_engine(settings: Settings) -> JobEngine:
         return build_distributed_engine(
             settings.broker_url, settings.store_url, max_queue=settings.max_queue,
             image_ttl=settings.image_ttl, fetch_allow_hosts=settings.fetch_allow_hosts,
+            queue=settings.celery_queue, max_attempts=settings.max_attempts,
         )
     from ccsr.jobs.runner import CCSRRunner
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from ccsr.jobs import CANCELLED, ERROR, SUCCESS, ErrorCode, Job, OutputOptions
 from ccsr.params import ParamError, UpscaleParams
+from ccsr.presets import V2_PRESETS
 
 from .app import image_url
 from .auth import Denied
@@ -36,10 +37,12 @@ SETTINGS_MAP = {
     "CFGScale": "cfg_scale",
     "controlNetWeight": "controlnet_weight",
 }
-V2_SETTINGS_MAP = {  # CCSR-v2's own settings (ccsr:2@1)
+V2_SETTINGS_MAP = {  # CCSR-v2's own settings (ccsr:2@1); ``settings.preset`` names a starting point (V2_PRESETS)
     "processSize": "process_size",
     "startPoint": "start_point",
     "startSteps": "start_steps",
+    "tMax": "t_max",
+    "tMin": "t_min",
 }
 PARAM_TO_FIELD = {v: f"settings.{k}" for k, v in (SETTINGS_MAP | V2_SETTINGS_MAP).items()} | {
     "scale": "upscaleFactor"}
@@ -210,7 +213,11 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
             v = _num(v, pname, "invalidStartSteps", integer=True, lo=0, hi=999)
         elif key == "startPoint" and v not in ("lr", "noise"):
             raise RWError("invalidStartPoint", f"{pname} must be lr or noise", parameter=pname)
+        elif key in ("tMax", "tMin"):
+            v = float(_num(v, pname, f"invalid{key[0].upper()}{key[1:]}", lo=0, hi=1))
         kw[fname] = v
+    if model.name == "ccsr-v2":
+        kw = {**_preset(s.get("preset")), **kw}
     if kw.get("seed") is None:
         kw["seed"] = random.randrange(2**32)  # Runware: a random unsigned 32-bit seed when none is given
     try:
@@ -230,6 +237,17 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
         upload_endpoint=urls["uploadEndpoint"],
         model=model,
     )
+
+
+def _preset(name: Any) -> dict[str, object]:
+    """``settings.preset`` of a CCSR-v2 task: the named starting point's parameters (the task's own fields and its
+    ``upscaleFactor`` win), as ``ccsr upscale --preset``; absent, the model's defaults (the one-step preset)."""
+    if name is None:
+        return {}
+    if not isinstance(name, str) or name not in V2_PRESETS:
+        raise RWError("invalidPreset", f"settings.preset must be one of {', '.join(V2_PRESETS)}",
+                      parameter="settings.preset")
+    return dict(V2_PRESETS[name])
 
 
 def _model(value: Any, settings: Settings) -> Model:
@@ -325,13 +343,26 @@ EXAMPLE = [
         "settings": {"steps": 24, "seed": 72130, "CFGScale": 1.0, "controlNetWeight": 1.0},
     }
 ]
+EXAMPLE_V2 = [  # CCSR-v2's two-step preset; settings.tMax / tMin / steps / CFGScale given alone reach any schedule
+    {
+        "taskType": "upscale",
+        "taskUUID": "5c3f7e0a-2d41-4f8e-9b6a-0e7d1c2b3a49",
+        "model": "ccsr:2@1",
+        "inputs": {"image": "<image UUID | URL | data URI | base64>"},
+        "upscaleFactor": 4,
+        "outputType": "URL",
+        "outputFormat": "PNG",
+        "deliveryMethod": "sync",
+        "settings": {"preset": "two-step", "seed": 233, "processSize": 512},
+    }
+]
 OPENAPI = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {
                 "schema": {"type": "array", "items": {"type": "object"}},
-                "example": EXAMPLE,
+                "examples": {"ccsr-v1": {"value": EXAMPLE}, "ccsr-v2 two-step": {"value": EXAMPLE_V2}},
             }
         },
     },

@@ -12,13 +12,13 @@ import argparse
 import signal
 import sys
 
-from .settings import OPTIONS, Settings, is_loopback
+from .settings import OPTIONS, Settings, is_loopback, options_for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per :data:`~ccsr.api.settings.OPTIONS` entry (unset flags leave the environment's value)."""
     groups = {"server": parser.add_argument_group("server"), "model": parser.add_argument_group("model")}
-    for opt in OPTIONS:
+    for opt in options_for("serve"):
         groups[opt.group].add_argument(
             opt.flag_name,
             dest=opt.name,

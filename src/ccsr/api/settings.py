@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from .auth import Denied, KeyRing, Principal, RateLimiter
@@ -61,17 +61,30 @@ class Settings:
     quantize: str | None = None
     broker_url: str | None = None  # redis://...: this server is one API replica; jobs run on `ccsr worker`s
     store_url: str | None = None  # with broker_url: s3://bucket/prefix[?endpoint_url=...] or a shared directory
+    # -- the distributed backend: replicas and `ccsr worker` (rows in the worker block of OPTIONS)
+    celery_queue: str = "ccsr"  # base of the Celery queue names: a model's jobs go to <base>.<model>
+    max_attempts: int = 2  # runs of a job cut off by dying workers before it fails
+    worker_name: str | None = None  # None: host-pid
+    redis_prefix: str = "ccsr:"
+    soft_time_limit: float = 1800.0
+    time_limit: float | None = None  # None: soft + 60
+    visibility_timeout: float | None = None  # None: hard + 300
+    lease: float = 30.0
+    no_warmup: bool = False
     fal_app_ids: list[str] = field(default_factory=list)  # more fal ``owner/alias`` ids served, besides the models'
     extra: dict = field(default_factory=dict)  # room for other adapters' options (fal: tls files, …)
     # runtime state of the key policy (built on first use; never compared or shown)
     _keyring: KeyRing | None = field(default=None, repr=False, compare=False)
     _limiter: RateLimiter = field(default_factory=RateLimiter, repr=False, compare=False)
 
-    def served_models(self) -> dict[str, str | None]:
-        """The models this server loads, name -> weights (``None``: ccsr-v1's ``weights``, then the library's
-        default). Raises ValueError for an unknown name, a repeated one or a ccsr-v2 without its folder."""
+    def served_models(self, *, loading: bool | None = None) -> dict[str, str | None]:
+        """The models this server (or worker) serves, name -> weights (``None``: ccsr-v1's ``weights``, then the
+        library's default). ``loading``: whether this process loads them (default: unless it is an API replica of
+        the distributed backend, ``broker_url`` set, whose workers load them). Raises ValueError for an unknown
+        name, a repeated one or, when loading, a ccsr-v2 without its folder."""
         from .intake import MODELS_BY_NAME
 
+        loading = not self.broker_url if loading is None else loading
         served: dict[str, str | None] = {}
         for entry in self.models or ["ccsr-v1"]:
             name, _, weights = entry.partition("=")
@@ -82,7 +95,7 @@ class Settings:
                 raise ValueError(f"--model {name} is given twice")
             if name == "ccsr-v1":
                 weights = weights or self.weights
-            elif weights is None:
+            elif weights is None and loading:
                 raise ValueError(f"--model {name}: give its weights folder, --model {name}=FOLDER")
             served[name] = weights
         return served
@@ -167,6 +180,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     shown_default: str | None = None  # how --help names a default that is computed
     hidden: bool = False
+    commands: tuple[str, ...] = ("serve",)  # the commands that take it: serve, worker
 
     @property
     def flag_name(self) -> str:
@@ -181,8 +195,15 @@ class Option:
         """A list: a repeatable flag, a comma-separated variable."""
         return _FIELD_TYPES[self.name].startswith("list")
 
+    @property
+    def switch(self) -> bool:
+        """A yes/no setting: a flag without a value, a variable read as 1/true/yes/on."""
+        return _FIELD_TYPES[self.name] == "bool"
+
     def convert(self, text: str):
         kind = _FIELD_TYPES[self.name].split("|")[0].strip()
+        if kind == "bool":
+            return text.strip().lower() in ("1", "true", "yes", "on")
         return {"int": int, "float": float, "Path": Path}.get(kind, str)(text)
 
     def parse(self, raw: str):
@@ -194,7 +215,8 @@ class Option:
         default = self.shown_default
         if default is None:
             value = getattr(Settings(), self.name)
-            default = "" if value in (None, []) else f", {value:g}" if isinstance(value, float) else f", {value}"
+            default = ("" if value in (None, []) or isinstance(value, bool) else f", {value:g}"
+                       if isinstance(value, float) else f", {value}")
         else:
             default = f", {default}"
         return f"{self.help} [{'/'.join(self.env_names)}{default}]"
@@ -222,9 +244,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("webhook_attempts", "attempts (with backoff) before a delivery gives up"),
     Option("drain_timeout", "on SIGTERM, longest wait for the running job"),
     Option("log_format", "json: one object per line with the task id", choices=("text", "json")),
-    Option("broker_url", "Redis URL: run as one API replica of the distributed backend (jobs run on `ccsr worker`)",
-           flag="--broker"),
-    Option("store_url", "with --broker: image store shared with the workers, s3://bucket/prefix or a shared "
+    Option("broker_url", "Redis URL of the distributed backend: `ccsr serve` runs as one API replica, jobs run on "
+           "`ccsr worker`s", flag="--broker"),
+    Option("store_url", "with --broker: image store shared by replicas and workers, s3://bucket/prefix or a shared "
            "directory", flag="--store", env=("CCSR_STORE",)),
     Option("public_url", "base URL of links to images (default: the request's scheme and Host)"),
     Option("max_queue", "queued+running jobs before 429"),
@@ -245,7 +267,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("models", "a model to load and serve, NAME or NAME=WEIGHTS; repeatable (comma-separated in the "
            "variable). ccsr-v1 (Runware runware:501@1, fal fal-ai/ccsr) takes its weights from --weights unless "
            "given; ccsr-v2 (Runware ccsr:2@1, fal fal-ai/ccsr-v2) needs its folder: --model ccsr-v1 --model "
-           "ccsr-v2=/models/ccsr-v2 serves both", group="model", flag="--model", shown_default="ccsr-v1"),
+           "ccsr-v2=/models/ccsr-v2 serves both. An API replica (--broker) names the models its workers serve",
+           group="model", flag="--model", shown_default="ccsr-v1"),
     Option("weights", "CCSR-v1 checkpoint file or hub reference", group="model",
            shown_default="the default CCSR-v1 model"),
     Option("config", "model YAML", group="model", shown_default="bundled"),
@@ -253,6 +276,34 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", "float32, float16, bfloat16", group="model"),
     Option("quantize", "", group="model", hidden=True),
 )
+
+
+# -- `ccsr worker` (the Celery scale-out): the server rows it takes too, then its own rows ------------------------
+_WORKER_TAKES_TOO = ("broker_url", "store_url", "image_ttl", "max_input_bytes", "log_level", "log_format", "models",
+                     "weights", "config", "device", "dtype", "quantize")
+OPTIONS = (
+    *(replace(o, commands=(*o.commands, "worker")) if o.name in _WORKER_TAKES_TOO else o for o in OPTIONS),
+    Option("celery_queue", "base of the Celery queue names: a model's jobs go to BASE.MODEL (ccsr.ccsr-v2); the "
+           "same on replicas and workers", flag="--queue", env=("CCSR_QUEUE",), commands=("serve", "worker")),
+    Option("max_attempts", "runs of a job cut off by dying workers before it fails", commands=("serve", "worker")),
+    Option("worker_name", "worker name", group="worker", flag="--name", shown_default="host-pid",
+           commands=("worker",)),
+    Option("redis_prefix", "", group="worker", flag="--prefix", hidden=True, commands=("worker",)),
+    Option("soft_time_limit", "seconds before a job fails with a timeout", group="worker", commands=("worker",)),
+    Option("time_limit", "seconds before the worker process is killed", group="worker", shown_default="soft + 60",
+           commands=("worker",)),
+    Option("visibility_timeout", "seconds before the broker re-delivers an unacknowledged message; above the hard "
+           "limit", group="worker", shown_default="hard + 300", commands=("worker",)),
+    Option("lease", "a running job's lease: a worker silent this long is taken for dead", group="worker",
+           commands=("worker",)),
+    Option("no_warmup", "skip the warm-up upscale (one per model) before ready", group="worker",
+           commands=("worker",)),
+)
+
+
+def options_for(command: str) -> tuple[Option, ...]:
+    """The rows of :data:`OPTIONS` that ``ccsr COMMAND`` takes."""
+    return tuple(o for o in OPTIONS if command in o.commands)
 
 
 def is_loopback(host: str | None) -> bool:

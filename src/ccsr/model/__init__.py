@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,17 +103,56 @@ class ModelDescriptor:
 def share_identical_networks(models: Sequence[Any]) -> list[tuple[str, int, int]]:
     """Hold a network once where two loaded models have it with identical tensors (same class, names, shapes,
     dtypes, devices and values): the later model's attribute is pointed at the earlier model's module. A server
-    loading CCSR-v1 and CCSR-v2 keeps one UNet if both checkpoints carry the same one. Returns what was shared:
-    (network name, index of the model that holds it, index of the model that now uses it)."""
+    loading CCSR-v1 and CCSR-v2 keeps one UNet if both checkpoints carry the same one.
+
+    The text encoders too (``text_encoder``), compared by content when their architectures are the same (CCSR-v1's
+    OpenCLIP tower, run to its penultimate layer, is a 23-layer ``CLIPTextModel`` like SD-2.1-base's): both models
+    then build and hold one encoder, on demand as before (each frees its reference when it has its prompts cached).
+    The comparison builds both encoders once, at load. Returns what was shared: (network name, index of the model
+    that holds it, index of the model that now uses it)."""
     shared: list[tuple[str, int, int]] = []
     for j, later in enumerate(models):
+        text_shared = False
         for i, earlier in enumerate(models[:j]):
             for name, module in later.networks().items():
                 held = earlier.networks().get(name)
                 if held is not None and held is not module and _identical(held, module):
                     setattr(later, name, held)
                     shared.append((name, i, j))
+            if not text_shared and _share_text(earlier.text, later.text):
+                text_shared = True
+                shared.append(("text_encoder", i, j))
     return shared
+
+
+def _share_text(earlier: Any, later: Any) -> bool:
+    """Point both prompt encoders at one lazily built text encoder if theirs are the same computation."""
+    arch = earlier.architecture()
+    if arch is None or arch != later.architecture() or (earlier.device, earlier.dtype) != (later.device, later.dtype):
+        return False
+    a, b = earlier.build_encoder(), later.build_encoder()
+    kernels = (getattr(m.config, "_attn_implementation", None) for m in (a, b))  # as built: sdpa, eager...
+    if len(set(kernels)) != 1 or not _identical(a, b):
+        return False
+    build = held_once(earlier.build_encoder)
+    earlier.share_encoder(build)
+    later.share_encoder(build)
+    return True
+
+
+def held_once(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """``build``, but while a module it built is still held by someone, that module again instead of a new one."""
+    last: weakref.ref[nn.Module] | None = None
+
+    def get() -> nn.Module:
+        nonlocal last
+        module = last() if last is not None else None
+        if module is None:
+            module = build()
+            last = weakref.ref(module)
+        return module
+
+    return get
 
 
 def _identical(a: nn.Module, b: nn.Module) -> bool:

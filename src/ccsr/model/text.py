@@ -21,7 +21,7 @@ import regex
 import torch
 from safetensors.torch import load_file, save_file
 
-from ccsr.model.components import build_empty, fill
+from ccsr.model.components import build_empty, fill, text_model_config
 from ccsr.model.config import CCSRConfig
 
 Tensor = torch.Tensor
@@ -42,6 +42,17 @@ WORDS = regex.compile(
 
 class TokenizerError(RuntimeError):
     """A non-empty prompt needs the CLIP BPE vocabulary, and it could not be loaded or is not CLIP's."""
+
+
+# The text encoder's settings that change its output (``last_hidden_state``) beyond its tensors: two encoders equal
+# in these and in every tensor compute the same thing (the token ids of the config only name the pooled output's).
+TEXT_ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings", "hidden_act", "layer_norm_eps")
+
+
+def text_architecture(config) -> dict:  # type: ignore[no-untyped-def]
+    """The :data:`TEXT_ARCHITECTURE` entries of a ``CLIPTextConfig``."""
+    return {name: getattr(config, name) for name in TEXT_ARCHITECTURE}
 
 
 def empty_tokens(context_length: int = 77) -> Tensor:
@@ -190,6 +201,7 @@ class TextConditioner:
         self.empty_context = empty_context
         self.tokenizer_source = tokenizer_source
         self._encoder: torch.nn.Module | None = None
+        self._build: Callable[[], torch.nn.Module] = self.build_encoder  # another model's, once shared
         self._tokenizer = None
         self._cache: OrderedDict[str, Tensor] = OrderedDict()
         self.device = torch.device("cpu")
@@ -225,12 +237,23 @@ class TextConditioner:
             self._encoder.to(self.device, self.dtype)
         self._cache.clear()
 
+    def architecture(self) -> dict | None:
+        """What the encoder computes besides its tensors (None: these weights carry no text encoder)."""
+        return None if self._state_loader is None else text_architecture(text_model_config(self.cfg))
+
+    def build_encoder(self) -> torch.nn.Module:
+        """A new text encoder from the weights, on this conditioner's device and in its dtype."""
+        if self._state_loader is None:
+            raise TokenizerError("these weights carry no text encoder: only the empty prompt is available")
+        return fill(build_empty(self.cfg)["text_encoder"], self._state_loader(), self.dtype).to(self.device)
+
+    def share_encoder(self, build: Callable[[], torch.nn.Module]) -> None:
+        """Get the encoder from ``build`` from now on (one module held by several models)."""
+        self._build, self._encoder = build, None
+
     def _encoder_module(self) -> torch.nn.Module:
         if self._encoder is None:
-            if self._state_loader is None:
-                raise TokenizerError("these weights carry no text encoder: only the empty prompt is available")
-            state = self._state_loader()
-            self._encoder = fill(build_empty(self.cfg)["text_encoder"], state, self.dtype).to(self.device)
+            self._encoder = self._build()
         return self._encoder
 
     def tokens(self, prompt: str) -> Tensor:

@@ -32,6 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ccsr.model.components import CCSRControlNet, fill
 from ccsr.model.convert import CheckpointKeyError
 from ccsr.model.loading import WeightsError
+from ccsr.model.text import text_architecture
 from ccsr.presets import V2_DEFAULT_PRESET, V2_PRESETS
 
 if TYPE_CHECKING:
@@ -170,11 +171,25 @@ class PromptEncoder:
 
     CACHE = 16
 
-    def __init__(self, load: Callable[[], CLIPTextModel], tokenizer: CLIPTokenizer):
-        self.load, self.tokenizer = load, tokenizer
+    def __init__(self, load: Callable[[], CLIPTextModel], tokenizer: CLIPTokenizer,
+                 config: CLIPTextConfig | None = None):
+        self.load, self.tokenizer, self.config = load, tokenizer, config
         self.encoder: CLIPTextModel | None = None
+        self._build: Callable[[], nn.Module] = self.build_encoder  # another model's, once shared
         self.device, self.dtype = torch.device("cpu"), torch.float32
         self.cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def architecture(self) -> dict | None:
+        """What the encoder computes besides its tensors (None: unknown, never shared)."""
+        return None if self.config is None else text_architecture(self.config)
+
+    def build_encoder(self) -> nn.Module:
+        """A new text encoder from the weights, on this encoder's device and in its dtype."""
+        return self.load().to(device=self.device, dtype=self.dtype)
+
+    def share_encoder(self, build: Callable[[], nn.Module]) -> None:
+        """Get the encoder from ``build`` from now on (one module held by several models)."""
+        self._build, self.encoder = build, None
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> None:
         self.device, self.dtype = torch.device(device), dtype
@@ -190,7 +205,7 @@ class PromptEncoder:
         """Padded to the tokenizer's length with truncation, no attention mask: as the reference."""
         if prompt not in self.cache:
             if self.encoder is None:
-                self.encoder = self.load().to(device=self.device, dtype=self.dtype)
+                self.encoder = self._build()  # type: ignore[assignment]
             ids = self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
                                  truncation=True, return_tensors="pt").input_ids
             # float32 between the networks whatever the encoder's dtype (the model descriptor's policy)
@@ -300,7 +315,7 @@ def load_v2(root: str | Path) -> CCSRv2Model:
         raise WeightsError(f"{sd}: missing {', '.join(missing)}/ of {SD_HUB_REPO}")
     text_encoder = load_text_encoder(sd / "text_encoder")  # read once now: a broken file fails at load
     text = PromptEncoder(lambda: load_text_encoder(sd / "text_encoder"),
-                         CLIPTokenizer.from_pretrained(str(sd / "tokenizer")))
+                         CLIPTokenizer.from_pretrained(str(sd / "tokenizer")), text_encoder.config)
     text.encoder = text_encoder
     return CCSRv2Model(
         unet=load_unet(sd / "unet"),

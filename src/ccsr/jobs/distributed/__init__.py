@@ -7,6 +7,7 @@ Same interfaces as the embedded engine (``ccsr.jobs``), so nothing under ``ccsr.
     app = create_app(settings, engine=engine)          # one of N stateless API replicas
 
     ccsr worker --broker redis://redis:6379/0 --store s3://bucket/ccsr --device cuda:0   # one per GPU
+    ccsr worker ... --model ccsr-v2=/models/ccsr-v2       # a worker of another model (or of several)
 
 Pieces: :class:`RedisJobStore` (state, queue positions, idempotency, TTL, leases, events),
 :class:`DistributedEngine` + :class:`CeleryExecutor` (replica side), :class:`WorkerRuntime` (worker side),
@@ -23,7 +24,7 @@ from pathlib import Path
 import redis
 
 from ..delivery import OnceDelivery
-from .celery_app import DEFAULT_QUEUE, TASK_NAME, make_celery, send_job
+from .celery_app import DEFAULT_QUEUE, TASK_NAME, make_celery, queue_for, send_job, sender
 from .delivery import RedisMarkers
 from .engine import CeleryExecutor, DistributedEngine, Maintenance
 from .images import S3ImageStore, SharedDirImageStore, image_store_from_url
@@ -44,16 +45,15 @@ def build_distributed_engine(
     claim_idle: float = 60.0,
     tick: float = 1.0,
     sweep_interval: float = 60.0,
-    send: Callable[[str], None] | None = None,
+    send: Callable[[str, str], None] | None = None,
 ) -> DistributedEngine:
     """One API replica's engine: job state in the Redis at ``broker_url`` (also Celery's broker), images at
-    ``store_url``. ``max_queue`` bounds queued+running jobs across all replicas (429 beyond). ``send``
-    hands a job id to the workers (default: a Celery message on ``queue``)."""
+    ``store_url``. ``max_queue`` bounds queued+running jobs across all replicas (429 beyond). ``send(job_id,
+    model)`` hands a job to the workers (default: a Celery message on the model's queue, ``<queue>.<model>``)."""
     client = redis.Redis.from_url(broker_url)
     store = RedisJobStore(client, prefix=prefix, job_ttl=job_ttl or image_ttl or 24 * 3600, max_attempts=max_attempts)
     if send is None:
-        celery = make_celery(broker_url, queue=queue)
-        send = lambda job_id: send_job(celery, job_id, queue)  # noqa: E731
+        send = sender(make_celery(broker_url, queue=queue), queue)
     executor = CeleryExecutor(store, send, claim_idle=claim_idle, tick=tick)
     return DistributedEngine(
         store,
@@ -78,5 +78,7 @@ __all__ = [
     "build_distributed_engine",
     "image_store_from_url",
     "make_celery",
+    "queue_for",
     "send_job",
+    "sender",
 ]

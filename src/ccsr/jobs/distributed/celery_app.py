@@ -4,7 +4,8 @@ Celery's defaults suit millisecond tasks; for GPU work a worker must hold exactl
 (prefetch 1), acknowledge it only when the job is over (``acks_late``), give it back when its process dies
 (``reject_on_worker_lost``), and the Redis transport must not hand an unacknowledged message to another
 worker while the first one may still be running it (``visibility_timeout`` above the hard time limit).
-The message carries only the job id: the job itself lives in the :class:`RedisJobStore`.
+The message carries only the job id: the job itself lives in the :class:`RedisJobStore`. Each model has its own
+queue, ``<base>.<model>`` (:func:`queue_for`): a worker consumes the queues of the models it loads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from celery import Celery
 
 TASK_NAME = "ccsr.run_job"
-DEFAULT_QUEUE = "ccsr"
+DEFAULT_QUEUE = "ccsr"  # the base of the queue names
 DEFAULT_SOFT_TIME_LIMIT = 1800.0  # a job running longer fails with ErrorCode.TIMEOUT
 DEFAULT_HARD_MARGIN = 60.0  # then the worker process is killed
 DEFAULT_VISIBILITY_MARGIN = 300.0
@@ -65,5 +66,15 @@ def make_celery(
     return app
 
 
-def send_job(app: Celery, job_id: str, queue: str = DEFAULT_QUEUE) -> None:
+def queue_for(model: str, base: str = DEFAULT_QUEUE) -> str:
+    """The Celery queue of ``model``'s jobs (``ccsr.ccsr-v2``)."""
+    return f"{base}.{model}"
+
+
+def send_job(app: Celery, job_id: str, queue: str) -> None:
     app.send_task(TASK_NAME, args=[job_id], queue=queue)
+
+
+def sender(app: Celery, base: str = DEFAULT_QUEUE) -> Callable[[str, str], None]:
+    """``send(job_id, model)``: a job's message, on its model's queue."""
+    return lambda job_id, model: send_job(app, job_id, queue_for(model, base))

@@ -40,16 +40,22 @@ def consumer_name() -> str:
 
 class Maintenance:
     """Brings back jobs nobody runs: orphaned processing jobs (lease ran out) are requeued or failed, and
-    queued jobs without a sent message are (re)sent. Safe to run in every replica and worker at once."""
+    queued jobs without a sent message are (re)sent, each on its model's queue (``send(job_id, model)``). A queued
+    job whose model no live worker serves gets one warning line in its log (it waits: nothing else can run it).
+    Safe to run in every replica and worker at once."""
 
-    def __init__(self, store: RedisJobStore, send: Callable[[str], None], *, dispatch_grace: float = 5.0):
+    def __init__(self, store: RedisJobStore, send: Callable[[str, str], None], *, dispatch_grace: float = 5.0):
         self.store = store
         self.send = send
         self.dispatch_grace = dispatch_grace
 
     def dispatch(self, job_id: str) -> bool:
+        model = self.store.model_of(job_id)
+        if model is None:  # expired meanwhile: nothing to send
+            self.store.mark_dispatched(job_id)
+            return False
         try:
-            self.send(job_id)
+            self.send(job_id, model)
         except Exception as e:  # broker unreachable: the next tick tries again
             log.warning("could not send job %s to the broker: %s", job_id, e)
             return False
@@ -65,6 +71,16 @@ class Maintenance:
             lock = self.store.key("dispatching", job_id)
             if self.store.redis.set(lock, "1", nx=True, ex=max(1, int(self.dispatch_grace))):
                 self.dispatch(job_id)
+        self.warn_unserved()
+
+    def warn_unserved(self) -> None:
+        """One log line on each queued job of a model that no live worker serves."""
+        for model in self.store.queued_models():
+            if self.store.live_workers(model):
+                continue
+            for job_id in self.store.queued_ids(limit=1 << 20, model=model):
+                self.store.note_once(job_id, "unserved", f"no worker serving {model} is ready: the job waits in "
+                                     f"the queue until one is (ccsr worker --model {model}[=WEIGHTS])")
 
 
 class CeleryExecutor(Executor):
@@ -73,7 +89,7 @@ class CeleryExecutor(Executor):
     def __init__(
         self,
         store: RedisJobStore,
-        send: Callable[[str], None],
+        send: Callable[[str, str], None],
         *,
         claim_idle: float = 60.0,
         tick: float = 1.0,

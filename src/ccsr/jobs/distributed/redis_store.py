@@ -2,7 +2,9 @@
 
 Each transition is one Lua script, so replicas and workers never race: a job is a hash ``<p>job:<id>``, its
 log a list ``<p>logs:<id>``; ``<p>queue`` (sorted by submission sequence) gives queue positions,
-``<p>processing`` the running set, ``<p>owner:<name>`` an owner's queued and running jobs (its quota),
+``<p>queue:<model>`` the same per model (what a worker serving that model takes, oldest first; ``<p>models`` names
+the models ever queued), ``<p>processing`` the running set, ``<p>owner:<name>`` an owner's queued and running jobs
+(its quota), ``<p>workers`` and ``<p>workers:<model>`` the live workers (score: when their announcement runs out),
 ``<p>lease:<id>`` the running worker's lease (renewed while it works; a lease that runs out means the worker
 died). Every terminal transition is appended to the stream
 ``<p>terminal`` (consumed by exactly one API replica, which sends webhooks) and every change is published on
@@ -39,8 +41,12 @@ from ..types import (
 
 MAX_LOG_LINES = 200
 
-# Shared Lua: move a job to a terminal status and announce it (stream for delivery, channel for waiters).
+# Shared Lua: a job's model queue; move a job to a terminal status and announce it (stream for delivery, channel
+# for waiters). Jobs stored before models had no ``model`` field: they are the default model's.
 _FINISH = """
+local function model_queue(p, jk)
+  return p .. 'queue:' .. (redis.call('HGET', jk, 'model') or '""" + DEFAULT_MODEL + """')
+end
 local function finish(p, id, status, result, ecode, emsg, t, ttl)
   local jk = p .. 'job:' .. id
   redis.call('HSET', jk, 'status', status, 'finished_at', t, 'updated_at', t)
@@ -51,6 +57,7 @@ local function finish(p, id, status, result, ecode, emsg, t, ttl)
   local owner = redis.call('HGET', jk, 'owner')
   if owner then redis.call('SREM', p .. 'owner:' .. owner, id) end
   redis.call('ZREM', p .. 'queue', id)
+  redis.call('ZREM', model_queue(p, jk), id)
   redis.call('ZREM', p .. 'undispatched', id)
   redis.call('SREM', p .. 'processing', id)
   redis.call('DEL', p .. 'lease:' .. id)
@@ -90,6 +97,8 @@ local args = {}
 for k, v in pairs(fields) do args[#args + 1] = k; args[#args + 1] = v end
 redis.call('HSET', p .. 'job:' .. id, 'seq', seq, unpack(args))
 redis.call('ZADD', p .. 'queue', seq, id)
+redis.call('ZADD', p .. 'queue:' .. ARGV[9], seq, id)
+redis.call('SADD', p .. 'models', ARGV[9])
 redis.call('ZADD', p .. 'undispatched', t, id)
 if key ~= '' then redis.call('SET', p .. 'idem:' .. key, id) end
 if owner ~= '' then redis.call('SADD', p .. 'owner:' .. owner, id) end
@@ -121,6 +130,7 @@ end
 redis.call('HSET', jk, 'status', 'processing', 'token', token, 'started_at', t, 'updated_at', t, 'progress', 0)
 local att = redis.call('HINCRBY', jk, 'attempts', 1)
 redis.call('ZREM', p .. 'queue', id)
+redis.call('ZREM', model_queue(p, jk), id)
 redis.call('ZREM', p .. 'undispatched', id)
 redis.call('SADD', p .. 'processing', id)
 redis.call('SET', p .. 'lease:' .. id, token, 'PX', lease)
@@ -150,6 +160,7 @@ redis.call('HSET', jk, 'status', 'queued', 'progress', 0, 'updated_at', t)
 redis.call('HDEL', jk, 'token')
 redis.call('SREM', p .. 'processing', id)
 redis.call('ZADD', p .. 'queue', tonumber(redis.call('HGET', jk, 'seq')), id)
+redis.call('ZADD', model_queue(p, jk), tonumber(redis.call('HGET', jk, 'seq')), id)
 redis.call('ZADD', p .. 'undispatched', 0, id)
 log(p, id, t, 'the worker running this job was lost; queued again (attempt ' .. (att + 1) .. ')', 'WARNING')
 redis.call('PUBLISH', p .. 'events', id)
@@ -209,6 +220,17 @@ redis.call('PUBLISH', p .. 'events', id)
 return 1
 """
 
+# A log line written once per job and note (``field``), while the job is queued.
+_NOTE_ONCE = """
+local p, id, field, t, msg, level = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local jk = p .. 'job:' .. id
+if redis.call('HGET', jk, 'status') ~= 'queued' then return 0 end
+if redis.call('HSETNX', jk, field, '1') == 0 then return 0 end
+log(p, id, t, msg, level)
+redis.call('PUBLISH', p .. 'events', id)
+return 1
+"""
+
 
 class RedisJobStore(JobStore):
     """Job state shared by API replicas and workers through one Redis (``redis://host:port/db``)."""
@@ -236,6 +258,7 @@ class RedisJobStore(JobStore):
                 ("progress", _PROGRESS),
                 ("renew", _RENEW),
                 ("log", _LOG),
+                ("note_once", _NOTE_ONCE),
             )
         }
 
@@ -328,7 +351,7 @@ class RedisJobStore(JobStore):
         limit = -1 if max_active is None else max_active
         what, value = self._run(
             "create", job_id, spec.idempotency_key or "", limit, repr(t), json.dumps(fields), spec.owner or "",
-            spec.owner_quota,
+            spec.owner_quota, spec.model,
         )
         if what == "full":
             raise QueueFull(int(value), limit)
@@ -359,9 +382,29 @@ class RedisJobStore(JobStore):
         | ``missing``."""
         return self._run("claim", job_id, token, int(lease * 1000), repr(now()), self.max_attempts, self.job_ttl)
 
-    def queued_ids(self, limit: int) -> list[str]:
-        """The first ``limit`` queued jobs, oldest first (a requeued job keeps its submission place)."""
-        return [x.decode() for x in self.redis.zrange(self.key("queue"), 0, limit - 1)]
+    def queued_ids(self, limit: int, model: str | None = None) -> list[str]:
+        """The first ``limit`` queued jobs (of ``model``, or of every model), oldest first (a requeued job keeps
+        its submission place)."""
+        queue = self.key("queue", model) if model else self.key("queue")
+        return [x.decode() for x in self.redis.zrange(queue, 0, limit - 1)]
+
+    def model_of(self, job_id: str) -> str | None:
+        """The model a job runs on (None: no such job)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(self.key("job", job_id), "model")
+        pipe.exists(self.key("job", job_id))
+        model, exists = pipe.execute()
+        return model.decode() if model else DEFAULT_MODEL if exists else None
+
+    def queued_models(self) -> list[str]:
+        """The models that have queued jobs now."""
+        models = sorted(m.decode() for m in self.redis.smembers(self.key("models")))
+        return [m for m in models if self.redis.zcard(self.key("queue", m))]
+
+    def live_workers(self, model: str | None = None) -> int:
+        """Workers that announced themselves ready (for ``model``, or for any) and have not gone silent."""
+        key = self.key("workers", model) if model else self.key("workers")
+        return int(self.redis.zcount(key, now(), "+inf"))
 
     def claim_next(self) -> Job | None:
         for job_id in self.queued_ids(10):
@@ -383,6 +426,10 @@ class RedisJobStore(JobStore):
 
     def append_log(self, job_id: str, message: str, level: str = "INFO") -> None:
         self._run("log", job_id, repr(now()), message, level)
+
+    def note_once(self, job_id: str, note: str, message: str, level: str = "WARNING") -> bool:
+        """Append ``message`` to a queued job's log unless the ``note`` was written on it before."""
+        return bool(self._run("note_once", job_id, f"note:{note}", repr(now()), message, level))
 
     def finish(
         self, job_id: str, status: str, *, result: JobResult | None = None, error: JobError | None = None
@@ -446,6 +493,10 @@ class RedisJobStore(JobStore):
     def mark_dispatched(self, job_id: str) -> None:
         self.redis.zrem(self.key("undispatched"), job_id)
 
+    def mark_undispatched(self, job_id: str) -> None:
+        """The job's message was spent without a turn of its model: Maintenance sends another."""
+        self.redis.zadd(self.key("undispatched"), {job_id: 0})
+
     def active_count(self) -> int:
         pipe = self.redis.pipeline(transaction=True)
         pipe.zcard(self.key("queue"))
@@ -454,7 +505,11 @@ class RedisJobStore(JobStore):
         return int(q) + int(r)
 
     def queue_position(self, job_id: str) -> int | None:
-        rank = self.redis.zrank(self.key("queue"), job_id)
+        """Jobs ahead of this one among its model's: workers take each model's jobs from its own queue."""
+        model = self.model_of(job_id)
+        rank = self.redis.zrank(self.key("queue", model), job_id) if model else None
+        if rank is None and model:  # queued before per-model queues existed: its place among all
+            rank = self.redis.zrank(self.key("queue"), job_id)
         return None if rank is None else int(rank)
 
     def close(self) -> None:
