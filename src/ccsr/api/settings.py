@@ -62,7 +62,9 @@ class Settings:
     broker_url: str | None = None  # redis://...: this server is one API replica; jobs run on `ccsr worker`s
     store_url: str | None = None  # with broker_url: s3://bucket/prefix[?endpoint_url=...] or a shared directory
     fal_app_ids: list[str] = field(default_factory=list)  # more fal ``owner/alias`` ids served, besides the models'
-    extra: dict = field(default_factory=dict)  # room for other adapters' options (fal: tls files, …)
+    tls_cert: str | None = None  # PEM files: serve HTTPS (ccsr.api.tls)
+    tls_key: str | None = None
+    tls_self_signed: str | None = None  # a folder for a self-signed localhost certificate, made once
     # runtime state of the key policy (built on first use; never compared or shown)
     _keyring: KeyRing | None = field(default=None, repr=False, compare=False)
     _limiter: RateLimiter = field(default_factory=RateLimiter, repr=False, compare=False)
@@ -167,6 +169,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     shown_default: str | None = None  # how --help names a default that is computed
     hidden: bool = False
+    metavar: str | None = None  # how --help names the value (default: the flag's name)
 
     @property
     def flag_name(self) -> str:
@@ -252,7 +255,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "cpu, cuda, cuda:1, …", group="model"),
     Option("dtype", "float32, float16, bfloat16", group="model"),
     Option("quantize", "", group="model", hidden=True),
+    Option("tls_cert", "PEM certificate: serve HTTPS instead of HTTP", group="tls", metavar="FILE"),
+    Option("tls_key", "PEM private key for --tls-cert", group="tls", metavar="FILE"),
+    Option("tls_self_signed", "make (or reuse) DIR/cert.pem + DIR/key.pem for localhost/127.0.0.1 and serve HTTPS "
+           "with them; point clients at DIR/cert.pem with SSL_CERT_FILE", group="tls", metavar="DIR"),
 )
+GROUPS = {  # --help sections, by Option.group
+    "server": "server",
+    "model": "model",
+    "tls": "TLS (optional; an unmodified fal_client speaks only https: README, Server)",
+}
 
 
 def is_loopback(host: str | None) -> bool:
