@@ -23,7 +23,7 @@ from typing import Any
 
 RANDOM_STD = 0.02
 # --output-type values that run the CLI/server chain: rows streamed into the file's pixels, then encoded
-FILE_OUTPUTS = {"png": "PNG", "jpg": "JPG", "webp": "WEBP", "tiff": "TIFF"}
+FILE_OUTPUTS = ("png", "jpg", "webp", "tiff")  # output formats (ccsr.imaging.formats) by extension
 
 
 # -- memory --------------------------------------------------------------------------------------------------
@@ -441,7 +441,7 @@ def _upscaler(pipe: Any, image: Any, params: Any, output_type: str) -> Callable[
     buf = io.BytesIO()
     image.save(buf, "PNG")
     decoded = imaging.decode(buf.getvalue())
-    options = imaging.EncodeOptions(FILE_OUTPUTS[output_type])
+    options = imaging.EncodeOptions(output_type)
 
     def run_chain(progress: Any) -> tuple[Any, Any]:
         encoded, out = upscale_encode(pipe, decoded, params, options, progress=progress)

@@ -24,7 +24,6 @@ if TYPE_CHECKING:  # the heavy imports stay lazy: `ccsr --help` and one-line err
     from ccsr.planning import Planner
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
-OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPG", ".jpeg": "JPG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
 DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -192,13 +191,15 @@ def _plan_outputs(files: list[tuple[Path, Path]], out: str, fmt: str | None) -> 
     and outputs keep their relative paths with the ``--format`` suffix (PNG by default). Refused before any
     work: a file name for several inputs, a ``--format`` that contradicts the file name, and two inputs that
     would write one output (``x.jpg`` and ``x.png``)."""
+    from ccsr.imaging.formats import find
+
     out_path = Path(out)
-    if out_path.suffix.lower() in OUTPUT_FORMATS and not out_path.is_dir():
+    named = find(out_path.suffix)
+    if named is not None and named.encode and not out_path.is_dir():
         if len(files) != 1:
             raise CLIError(f"-o {out} names one file but there are {len(files)} inputs: give a folder")
-        named = OUTPUT_FORMATS[out_path.suffix.lower()]
-        if fmt is not None and OUTPUT_FORMATS["." + fmt] != named:
-            raise CLIError(f"--format {fmt} contradicts -o {out} (a {named} file name): drop one of them")
+        if fmt is not None and find(fmt) != named:
+            raise CLIError(f"--format {fmt} contradicts -o {out} (a {named.name} file name): drop one of them")
         return [(files[0][0], out_path)]
     ext = "." + (fmt or "png")
     jobs = [(src, out_path / rel.with_suffix(ext)) for src, rel in files]
@@ -422,7 +423,7 @@ def _upscale_one(a: argparse.Namespace, pipe: CCSRPipeline, params: UpscaleParam
         if note:
             notes.append(note)
             progress.log(note)
-        options = imaging.EncodeOptions(format=OUTPUT_FORMATS[dst.suffix.lower()], quality=a.quality,
+        options = imaging.EncodeOptions(format=dst.suffix, quality=a.quality,
                                         keep_metadata=not a.strip_metadata).validated()
         encoded, out = upscale_encode(
             pipe, decoded, params, options, quantize="reference" if a.exact else "round", expected=expected,

@@ -20,28 +20,16 @@ import signal
 import socket
 import sys
 
-from ccsr.api.settings import OPTIONS, Settings, options_for
+from ccsr.api import settings as settings_table
+from ccsr.api.settings import Settings, settings_from_args
 
 _runtime = None  # the pool process's WorkerRuntime (created after the fork, where the models live)
 log = logging.getLogger("ccsr.worker")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``worker`` row of :data:`~ccsr.api.settings.OPTIONS` (unset flags leave the environment's)."""
-    groups = {"worker": parser.add_argument_group("worker"), "model": parser.add_argument_group("model")}
-    for opt in options_for("worker"):
-        kind: dict = {"action": "store_true"} if opt.switch else {
-            "type": opt.convert, "action": "append" if opt.many else "store", "choices": opt.choices,
-            "metavar": None if opt.choices else opt.flag_name[2:].upper().replace("-", "_")}
-        groups["model" if opt.group == "model" else "worker"].add_argument(
-            opt.flag_name, dest=opt.name, default=None,
-            help=argparse.SUPPRESS if opt.hidden else opt.help_text(), **kind)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Defaults, then the environment, then the flags given."""
-    given = {o.name: getattr(args, o.name) for o in OPTIONS if getattr(args, o.name, None) is not None}
-    return Settings.from_env(**given)
+    """One flag per :data:`~ccsr.api.settings.OPTIONS` row that ``ccsr worker`` takes."""
+    settings_table.add_arguments(parser, "worker")
 
 
 def _build_runtime(s: Settings, models: dict[str, str | None], name: str, celery):

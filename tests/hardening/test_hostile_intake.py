@@ -1,5 +1,5 @@
 """A hostile client against a real ``ccsr serve`` (tiny model, 127.0.0.1): a small generated corpus of bodies,
-frames and request ids over Runware REST, Runware WebSocket and fal (sync and queue).
+frames and request ids over Runware REST, Runware WebSocket and fal (sync, stream and queue).
 
 Criteria, asserted: no 5xx and every answer JSON in its protocol's shape; every WebSocket frame answered;
 nothing hangs (each call has a client timeout); ``/healthz`` answers within 1 s while a maximum-size body is
@@ -159,7 +159,7 @@ def test_numbers_and_text_are_refused_in_protocol_shape(server, http):
         err = _runware_refusal(http.post("/v1", content=body, headers={"content-type": "application/json"}))
         assert err["code"].startswith(("invalid", "missing", "unsupported")), err
     for body in _fal_bodies():
-        for path in (FAL, f"/queue{FAL}"):
+        for path in (FAL, f"/queue{FAL}", f"{FAL}/stream"):  # the stream refuses before it starts, as run does
             detail = _fal_refusal(http.post(path, content=body, headers={"content-type": "application/json"}))
             assert isinstance(detail, list) and detail[0]["loc"][0] == "body", detail
     r = http.post("/v1", content=f'[{{"taskType": "ping", "junk": {LONG_INT}}}]')  # a number no field reads

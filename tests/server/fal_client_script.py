@@ -163,6 +163,35 @@ def webhook(a):
     return {"request_id": h.request_id, "result": h.get()}
 
 
+def stream(a):
+    """fal_client.stream: every event, the last one the output."""
+    return {"events": list(fal_client.stream(a.get("app", APP), arguments=a["arguments"]))}
+
+
+def stream_error(a):
+    """A refused stream: fal answers JSON, not events, and the client's SSE reader says so."""
+    try:
+        events = list(fal_client.stream(APP, arguments=a["arguments"]))
+    except Exception as e:  # httpx_sse.SSEError, whatever its module
+        return {"error": type(e).__name__, "message": str(e)}
+    return {"unexpected_events": events}
+
+
+def stream_disconnect(a):
+    """Read the stream until the job runs, then go away; the status (polled by id) says what became of it."""
+    events = fal_client.stream(APP, arguments=a["arguments"])
+    seen = [next(events)]
+    while seen[-1]["status"] != "IN_PROGRESS":
+        seen.append(next(events))
+    events.close()  # the connection is closed mid-run
+    rid = seen[-1]["request_id"]
+    deadline = time.time() + 60
+    while not isinstance(s := fal_client.status(APP, rid, with_logs=True), fal_client.Completed):
+        assert time.time() < deadline, "the job was still running a minute after its client went away"
+        time.sleep(0.1)
+    return {"seen": seen, "final": _status(s)}
+
+
 def upload(a):
     """Uploads need fal_client's two storage URL constants pointed at us: no environment variable sets them
     (protocols.md B.3). The one scenario that touches the client module, and only these constants.

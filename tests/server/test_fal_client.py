@@ -385,3 +385,31 @@ def test_upload_file_to_our_storage(server, reference, tmp_path):
         assert got.status_code == 200 and got.content == INPUT
     assert_same_as_pipeline(server, reference, r["run"], FAST)
     assert fetch_pixels(server, r["run_gcs"]).tobytes() == fetch_pixels(server, r["run"]).tobytes()
+
+
+def test_stream_sends_progress_then_the_output(server, reference):
+    """``fal_client.stream``: progress events (queue status, logs, percent), then what ``run`` returns."""
+    args = {**FAST, "image_url": INPUT_URI, "seed": 77}
+    *progress, out = fal(server, "stream", {"arguments": args})["events"]
+    assert progress and all(e["status"] in ("IN_QUEUE", "IN_PROGRESS") for e in progress)
+    assert len({e["request_id"] for e in progress}) == 1 and all(0 <= e["progress"] <= 100 for e in progress)
+    assert out["seed"] == 77
+    assert_same_as_pipeline(server, reference, out, FAST)
+
+
+def test_stream_refused_before_it_starts_is_a_json_error(server):
+    r = fal(server, "stream_error", {"arguments": {"scale": 2}})
+    assert r["error"] == "SSEError" and "application/json" in r["message"], r
+    with httpx.Client(verify=ssl.create_default_context(cafile=server["cert"])) as c:
+        got = c.post(f"{server['base']}/{APP}/stream", json={"scale": 2}, headers={"Authorization": "Key k"})
+    assert got.status_code == 422 and got.json()["detail"][0]["loc"] == ["body", "image_url"]
+
+
+def test_stream_client_going_away_cancels_the_job(server):
+    # ~100 network evaluations: far longer than reading two events and closing the connection takes
+    args = {**FAST, "image_url": INPUT_URI, "steps": 100, "t_max": 1.0, "t_min": 0.02}
+    r = fal(server, "stream_disconnect", {"arguments": args})
+    assert r["seen"][-1]["status"] == "IN_PROGRESS"
+    assert r["final"]["type"] == "Completed" and r["final"]["error_type"] == "client_cancelled", r["final"]
+    msgs = [ln["message"] for ln in r["final"]["logs"]]
+    assert msgs[-1] == "cancelled" and not any(m.startswith("done in") for m in msgs)

@@ -16,13 +16,14 @@ import pytest
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
+from httpx_sse import connect_sse
 from PIL import Image
 
 from ccsr.api.app import create_app
 from ccsr.api.fal_schema import CCSRInput, parse_input, to_params
 from ccsr.api.intake import MODELS_BY_NAME
 from ccsr.api.settings import Settings
-from ccsr.jobs import JobCancelled, RunOutput, build_embedded_engine
+from ccsr.jobs import ErrorCode, JobCancelled, JobFailed, RunOutput, build_embedded_engine
 
 APP = "fal-ai/ccsr"
 AUTH = {"Authorization": "Key test-key"}
@@ -490,6 +491,22 @@ def test_storage_token_upload_and_signed_put(client):
     assert r.status_code == 200 and r.json()["image"]["width"] == 20
 
 
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF", "AVIF", "WEBP", "JPEG"])
+def test_uploads_are_stored_under_their_formats_type_and_extension(client, fmt):
+    """Whatever the client declares, the bytes decide, through the one format table."""
+    from ccsr.imaging.formats import BY_NAME
+
+    buf = io.BytesIO()
+    Image.new("RGB", (6, 4), (10, 20, 30)).save(buf, fmt)
+    tok = client.post("/storage/auth/token", json={}, headers=AUTH).json()["token"]
+    hdr = {"Authorization": f"Bearer {tok}", "Content-Type": "application/octet-stream"}
+    up = client.post("/files/upload", content=buf.getvalue(), headers=hdr).json()
+    want = BY_NAME[fmt]
+    assert up["access_url"].endswith("." + want.extension) and up["content_type"] == want.content_type
+    got = client.get(up["access_url"])
+    assert got.headers["content-type"] == want.content_type and got.content == buf.getvalue()
+
+
 def test_storage_needs_key_when_keys_are_set(tmp_path):
     c, _ = make_client(tmp_path, FakeRunner(), api_keys=["sekret"])
     with c:
@@ -588,3 +605,72 @@ def test_tiling_that_cannot_fit_is_422_with_the_estimate(tmp_path, tiny_pipeline
         r = c.post(f"/{APP}", json=body, headers=AUTH)
     assert r.status_code == 422, r.text
     assert "GiB of working memory" in r.text and "tile_diffusion" in r.text
+
+
+# ------------------------------------------------------------------------------------------- stream
+
+
+def stream(client, body: dict, headers: dict = AUTH):
+    """``POST /{APP}/stream`` read as server-sent events: (response, [(event name, JSON data)])."""
+    with connect_sse(client, "POST", f"/{APP}/stream", json=body, headers=headers) as es:
+        return es.response, [(e.event, e.json()) for e in es.iter_sse()]
+
+
+def wait_status(engine, job_id: str, status: str, timeout: float = 15.0) -> None:
+    end = time.time() + timeout
+    while engine.get(job_id).status != status:
+        assert time.time() < end, engine.get(job_id).status
+        time.sleep(0.02)
+
+
+def test_stream_sends_progress_then_the_output(tmp_path):
+    c, _ = make_client(tmp_path, FakeRunner(step_delay=0.05))
+    with c:
+        r, events = stream(c, {"image_url": png_data_uri(16, 12), "steps": 20, "seed": 8})
+        rid = r.headers["x-fal-request-id"]
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        *progress, (name, out) = events
+        assert progress and {n for n, _ in progress} == {name} == {"message"}
+        assert all(p["status"] in ("IN_QUEUE", "IN_PROGRESS") and p["request_id"] == rid for _, p in progress)
+        percents = [p["progress"] for _, p in progress]
+        assert percents == sorted(percents) and percents[0] >= 0 and percents[-1] < 100
+        assert any("step" in ln["message"] for _, p in progress for ln in p["logs"])
+        # the last event is the output: what run and the queue's result route answer for this request
+        assert out == c.get(f"/queue/{APP}/requests/{rid}", headers=AUTH).json()
+        assert out["seed"] == 8 and (out["image"]["width"], out["image"]["height"]) == (32, 24)
+
+
+def test_stream_refusals_are_answered_as_run_answers_them(tmp_path):
+    c, _ = make_client(tmp_path, FakeRunner(), api_keys=["sekret"])
+    with c:
+        key = {"Authorization": "Key sekret"}
+        for body, headers, status, check in (
+            ({"scale": 2}, key, 422, lambda b: b["detail"][0]["loc"] == ["body", "image_url"]),
+            ({"image_url": "data:,AAAA"}, key, 422, lambda b: b["detail"][0]["type"] == "image_load_error"),
+            ({"image_url": png_data_uri()}, {"Authorization": "Key no"}, 401, lambda b: "Unauthorized" in b["detail"]),
+        ):
+            r = c.post(f"/{APP}/stream", json=body, headers=headers)
+            assert r.status_code == status and r.headers["content-type"] == "application/json", r.text
+            assert r.headers["x-fal-request-id"] and check(r.json()), r.text
+
+
+def test_stream_failure_is_an_error_event_in_fals_shape(tmp_path):
+    class Refusing(FakeRunner):
+        def run(self, job, input_bytes, **kw):
+            raise JobFailed(ErrorCode.INVALID_PARAMS, "the tiles cannot fit")
+
+    c, _ = make_client(tmp_path, Refusing())
+    with c:
+        _, events = stream(c, {"image_url": png_data_uri()})
+    name, err = events[-1]
+    assert name == "error" and err["detail"][0]["msg"] == "the tiles cannot fit"
+    assert all(n == "message" for n, _ in events[:-1])
+
+
+def test_stream_past_the_sync_timeout_ends_with_an_error_and_cancels_the_job(tmp_path):
+    c, engine = make_client(tmp_path, FakeRunner(step_delay=0.05), sync_timeout=0.6)
+    with c:
+        r, events = stream(c, {"image_url": png_data_uri(), "steps": 100})
+        name, err = events[-1]
+        assert name == "error" and err == {"detail": "request timed out after 0.6s", "error_type": "request_timeout"}
+        wait_status(engine, r.headers["x-fal-request-id"], "cancelled")  # stopped between steps, not run to its end

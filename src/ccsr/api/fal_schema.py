@@ -1,8 +1,11 @@
-"""The ``fal-ai/ccsr`` and ``fal-ai/ccsr-v2`` app schemas (input, output, errors, queue status, webhook body),
-independent of HTTP routing and of the job engine: a request body in, a job out as the wire shows it.
+"""The ``fal-ai/ccsr`` and ``fal-ai/ccsr-v2`` app schemas (input, output, errors, queue status, stream events,
+webhook body), independent of HTTP routing and of the job engine: a request body in, a job or a refusal out as
+the wire shows it.
 
 Ranges and defaults mirror fal's model page (shared/docs/hosted/001_*.txt); errors mirror what a FastAPI/fal
-app answers (protocols.md B.4): HTTP 422 with ``{"detail": [{"loc": ["body", field], "msg", "type", ...}]}``.
+app answers (protocols.md B.4): HTTP 422 with ``{"detail": [{"loc": ["body", field], "msg", "type", ...}]}`` for
+input, ``{"detail": str, "error_type": str}`` plus ``X-Fal-Error-Type`` for the request (:func:`refusal` renders
+every neutral refusal of the intake this way).
 """
 
 from __future__ import annotations
@@ -10,18 +13,23 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import secrets
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ccsr.jobs import CANCELLED, PROCESSING, QUEUED, SUCCESS, ErrorCode, Job
+from ccsr.jobs import CANCELLED, PROCESSING, QUEUED, SUCCESS, ErrorCode, Job, QueueFull
 from ccsr.params import ParamError, UpscaleParams
 from ccsr.presets import V2_DEFAULT_PRESET, V2_PRESETS
 
 from .app import image_url
+from .auth import Denied
+from .intake import RETRY_AFTER_S, IntakeError, shown
 
 __all__ = [
     "ERROR_DOCS",
+    "REFUSALS",
+    "Answer",
     "CCSRInput",
     "CCSRv2Input",
     "FalInputError",
@@ -29,8 +37,11 @@ __all__ = [
     "fal_error",
     "finite",
     "image_output",
+    "job_error",
     "output_of",
     "parse_input",
+    "progress_event",
+    "refusal",
     "request_urls",
     "status_body",
     "to_params",
@@ -354,3 +365,102 @@ def webhook_payload(job: Job) -> dict:
     if not isinstance(detail, list):
         payload["error_type"] = etype
     return {**base, "status": "ERROR", "error": f"Invalid status code: {status}", "payload": payload}
+
+
+def progress_event(job: Job, position: int | None) -> dict:
+    """A progress event of the stream run mode (``POST /{app}/stream``): the job's queue status, its logs so far
+    (queued too) and ``progress``, the percent of the run done."""
+    body, _ = status_body(job, position, False, None)
+    return {**body, "logs": logs_of(job), "progress": int(job.progress)}
+
+
+# ============================================================================================ refusals -> wire
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One fal answer before routing: HTTP status, JSON body and headers (the router adds the request id)."""
+
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+REFUSALS = (FalInputError, IntakeError, Denied, QueueFull, ParamError)  # what :func:`refusal` renders
+INPUT_HEADERS = {"x-fal-billable-units": "0", "x-fal-retryable": "false"}
+UNAUTHORIZED = "Unauthorized: invalid or missing key (Authorization: Key <FAL_KEY>)"
+REQUEST_REFUSALS = {  # neutral refusal kind -> (HTTP status, fal error type) of a request error
+    "model_unknown": (404, "model_not_loaded"),
+    "model_not_loaded": (404, "model_not_loaded"),
+    "unavailable": (503, "service_unavailable"),
+    "timeout": (504, "request_timeout"),
+    "start_timeout": (504, "startup_timeout"),
+    "client_gone": (499, "client_disconnected"),
+    "job_missing": (500, "internal_error"),
+}
+IMAGE_KINDS = frozenset({"image_unreadable", "image_missing", "image_url_refused", "image_fetch", "image_invalid"})
+# image refusal kind -> fal model error type (docs.fal.ai/errors); the imaging code refines image_invalid
+IMAGE_ERROR_TYPES = {"image_missing": "file_download_error", "image_url_refused": "file_download_error",
+                     "image_fetch": "file_download_error"}
+IMAGE_REASON_TYPES = {"too_large_bytes": "file_too_large", "too_many_pixels": "image_too_large"}
+
+
+def request_error(detail: str, status: int, error_type: str | None, retryable: bool = False,
+                  headers: dict[str, str] | None = None) -> Answer:
+    """fal "request errors": ``{"detail": str, "error_type": str}`` plus ``X-Fal-Error-Type``."""
+    body: dict[str, Any] = {"detail": detail}
+    h = {"x-fal-retryable": "true" if retryable else "false", **(headers or {})}
+    if error_type:
+        body["error_type"] = error_type
+        h["x-fal-error-type"] = error_type
+    return Answer(status, body, h)
+
+
+def image_refusal(e: IntakeError, image_url: Any) -> Exception:
+    """An input image the intake refused (or whose output would pass the server's cap: fal promises the exact
+    ``scale x input`` size) as fal's 422 on ``image_url``; any other refusal unchanged."""
+    if e.kind == "output_too_large":
+        return FalInputError([fal_error("image_url", e.message, "image_too_large", None, e.details)])
+    if e.kind not in IMAGE_KINDS:
+        return e
+    etype = IMAGE_ERROR_TYPES.get(e.kind) or IMAGE_REASON_TYPES.get(e.reason or "", "image_load_error")
+    lead = "Failed to download the file" if etype == "file_download_error" else "Failed to load the image"
+    ctx = {"reason": e.reason} if e.reason else None
+    shown_url = shown(image_url) if isinstance(image_url, str) else None
+    return FalInputError([fal_error("image_url", f"{lead}: {e.message}", etype, shown_url, ctx)])
+
+
+def refusal(e: Exception) -> Answer:
+    """Any of :data:`REFUSALS` (the intake's, admission's, the queue's, the parameters') in fal's shape."""
+    if isinstance(e, FalInputError):
+        return Answer(e.status, e.body(), dict(INPUT_HEADERS))
+    if isinstance(e, ParamError):
+        return refusal(FalInputError([fal_error(e.field, e.message, "value_error")]))
+    if isinstance(e, Denied):
+        if e.status == 429:
+            return request_error(e.message, 429, "rate_limited", True, e.headers())
+        return request_error(UNAUTHORIZED, 401, None)
+    if isinstance(e, QueueFull):  # the queue, or the caller's quota
+        return request_error(str(e), 429, "rate_limited", True, {"Retry-After": "1"})
+    assert isinstance(e, IntakeError), e
+    if e.kind == "url_refused":  # a callback URL (fal_webhook)
+        where = ["query", e.where or "fal_webhook"]
+        return refusal(FalInputError([{"loc": where, "msg": e.message, "type": "value_error", **e.details}]))
+    if (image := image_refusal(e, None)) is not e:
+        return refusal(image)
+    if e.kind not in REQUEST_REFUSALS:  # the body (the limits middleware answers most of these before any route)
+        detail = {"type": "json_invalid", "loc": ["body"], "msg": "JSON decode error", "input": {}}
+        return refusal(FalInputError([detail | {"ctx": {"error": e.message}}]))
+    status, etype = REQUEST_REFUSALS[e.kind]
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if e.kind == "unavailable" else {}
+    if e.kind == "start_timeout":
+        headers["x-fal-request-timeout-type"] = "user"  # the client's own bound: not retried
+    return request_error(e.message, status, etype, e.kind == "unavailable", headers)
+
+
+def job_error(job: Job) -> Answer:
+    """The result answer of a failed or cancelled job."""
+    status, detail, etype = error_of(job)
+    if isinstance(detail, list):
+        return Answer(status, {"detail": detail}, {**INPUT_HEADERS, "x-fal-error-type": etype})
+    return request_error(detail, status, etype, status in (503, 504))

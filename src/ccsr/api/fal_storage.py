@@ -32,8 +32,10 @@ from pathlib import Path
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from ccsr.imaging import formats
+
 from .app import get_engine, get_settings, image_url, public_base
-from .intake import EXTENSIONS, Probed, limits_of, probe
+from .intake import Probed, limits_of, probe
 
 router = APIRouter(tags=["fal storage"])
 
@@ -162,7 +164,7 @@ async def upload_initiate(request: Request):
         return denied
     try:
         body = json.loads(await request.body() or b"{}")
-        ctype = str(body.get("content_type") or "application/octet-stream").split(";")[0].strip().lower()
+        declared = formats.of_content_type(str(body.get("content_type") or ""))
     except (ValueError, AttributeError):
         return _err("invalid JSON body", 422)
     upload_id = str(uuid.uuid4())
@@ -171,7 +173,7 @@ async def upload_initiate(request: Request):
     sig = _sign(request, "put", upload_id, exp)
     return {
         "upload_url": f"{base}/storage/upload/{upload_id}?expires={exp}&signature={sig}",
-        "file_url": image_url(base, upload_id, EXTENSIONS.get(ctype, "png")),
+        "file_url": image_url(base, upload_id, declared.extension if declared else "png"),
     }
 
 

@@ -1,8 +1,9 @@
 """The protocol-neutral intake under the Runware and fal adapters: what both protocols do with a request between
-their wire schemas. Bodies and frames are read under bounds (:func:`load_json`); image references are resolved,
-downloaded on a bounded pool (:class:`FetchPool`), probed by header and stored once (:class:`ImageIntake`);
-jobs are submitted with the caller's quota counted by the store (:func:`submit`); :data:`MODELS` maps the
-protocols' model ids to the pipeline a job runs.
+their wire schemas. Callers are admitted (:func:`admit`: key policy and rate limit); bodies and frames are read
+under bounds (:func:`load_json`); image references are resolved, downloaded on a bounded pool
+(:class:`FetchPool`), probed by header and stored once (:class:`ImageIntake`); jobs are submitted with the
+caller's quota counted by the store (:func:`submit`); :data:`MODELS` maps the protocols' model ids to the
+pipeline a job runs. What follows a submission (finding, following, announcing jobs) is :mod:`ccsr.api.jobs_view`.
 
 Everything here raises :class:`IntakeError`, a neutral refusal (``kind`` + message) that each adapter renders in
 its own protocol's shape; nothing here knows a wire format.
@@ -31,6 +32,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from ccsr import imaging
+from ccsr.imaging import formats
 from ccsr.imaging.decode import open_image
 from ccsr.jobs import Job, JobSpec, StoredImage
 from ccsr.params import ParamError, UpscaleParams
@@ -97,17 +99,22 @@ class IntakeError(Exception):
     ``image_unreadable`` (not a reference, bad base64), ``image_missing`` (unknown or expired id),
     ``image_url_refused`` (scheme or address not allowed), ``image_fetch`` (the download failed),
     ``image_invalid`` (not an accepted image); callbacks: ``url_refused`` (a webhook the SSRF rules refuse);
-    models: ``model_unknown`` (no such id), ``model_not_loaded`` (known, not loaded here);
-    server: ``unavailable`` (retry later).
+    ``output_too_large`` (the output would pass the server's cap); models: ``model_unknown`` (no such id),
+    ``model_not_loaded`` (known, not loaded here); following a job (:mod:`ccsr.api.jobs_view`): ``timeout``,
+    ``start_timeout`` (still queued too long), ``client_gone``, ``job_missing``; server: ``unavailable``
+    (retry later).
     ``where``: the field (``inputs.image``) or JSON path (``[0].settings.seed``) concerned, when one is;
-    ``reason``: the imaging or fetch error code behind an image refusal (``too_many_pixels``, ``timeout``)."""
+    ``reason``: the imaging or fetch error code behind an image refusal (``too_many_pixels``, ``timeout``);
+    ``details``: the values behind it (``max_width``, ``input_width``, the refused URL as ``input``)."""
 
-    def __init__(self, kind: str, message: str, where: str | None = None, reason: str | None = None):
+    def __init__(self, kind: str, message: str, where: str | None = None, reason: str | None = None,
+                 details: Mapping[str, Any] | None = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.where = where
         self.reason = reason
+        self.details = dict(details or {})
 
 
 def _bounded_int(literal: str) -> int | float:
@@ -208,17 +215,6 @@ async def request_json(request) -> Any:
 
 # ----------------------------------------------------------------------------------------------- images
 
-FORMATS = {  # sniffed format -> (content type, file extension): the one table both protocols use
-    "PNG": ("image/png", "png"),
-    "JPEG": ("image/jpeg", "jpg"),
-    "WEBP": ("image/webp", "webp"),
-    "GIF": ("image/gif", "gif"),
-    "TIFF": ("image/tiff", "tiff"),
-    "AVIF": ("image/avif", "avif"),
-}
-EXTENSIONS = dict(FORMATS.values())  # content type -> file extension
-
-
 @dataclass(frozen=True)
 class Probed:
     content_type: str
@@ -235,8 +231,8 @@ def probe(data: bytes, limits: imaging.Limits) -> Probed:
     """Format and size from the header only, under ``limits`` (format allow-list, byte and pixel caps,
     animation); the pixels are decoded once, by the job. Raises :class:`ccsr.imaging.ImageError`."""
     im = open_image(data, limits)
-    ctype, ext = FORMATS.get(im.format or "", ("application/octet-stream", "bin"))
-    return Probed(ctype, ext, int(im.width), int(im.height))
+    fmt = formats.BY_NAME[im.format]  # the decoder opened it as one of ``limits.formats``
+    return Probed(fmt.content_type, fmt.extension, int(im.width), int(im.height))
 
 
 class FetchPool:
@@ -378,6 +374,24 @@ async def submit(engine, spec: JobSpec, who: Principal | None) -> tuple[Job, boo
     return await asyncio.to_thread(engine.submit, spec)
 
 
+def admit(conn, key: str | None = None) -> Principal:
+    """Admission, the same for every protocol: the caller's key (``key``, else the ``Authorization`` header)
+    under the server's key policy, and one token of its rate limit. Raises :class:`~ccsr.api.auth.Denied`
+    (401, or 429 with its Retry-After); the caller's queue quota is counted at :func:`submit`."""
+    host = conn.client.host if conn.client else None
+    return conn.app.state.settings.admit(key if key is not None else request_key(conn), host)
+
+
+def check_output_size(size: tuple[int, int], scale: float, cap: int | None) -> None:
+    """Refuse (``output_too_large``) an input whose ``scale`` x output passes ``cap`` on a side, for a protocol
+    that promises the exact size (fal) rather than shrinking the input first (Runware: ``JobSpec.max_output``)."""
+    w, h = imaging.output_size(size, scale)
+    if cap and (w > cap or h > cap):
+        details = {"max_width": cap, "max_height": cap, "input_width": size[0], "input_height": size[1]}
+        raise IntakeError("output_too_large", f"The output would be {w}x{h}; this server's limit is {cap}x{cap}",
+                          details=details)
+
+
 def request_key(conn) -> str | None:
     """The API key of ``Authorization: Bearer <key>`` (Runware, fal) or ``Key <key>`` (fal_client)."""
     scheme, _, key = (conn.headers.get("authorization") or "").partition(" ")
@@ -392,4 +406,5 @@ def check_outbound(url: str | None, settings, where: str) -> None:
     try:
         imaging.check_url(url, allow_hosts=frozenset(settings.fetch_allow_hosts))
     except imaging.FetchError as e:
-        raise IntakeError("url_refused", f"{where} is not allowed: {e.message}", where, e.code) from None
+        raise IntakeError("url_refused", f"{where} is not allowed: {e.message}", where, e.code,
+                          {"input": url}) from None

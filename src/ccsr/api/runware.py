@@ -18,7 +18,6 @@ from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 
 from ccsr.jobs import (
-    SUCCESS,
     Job,
     JobConflict,
     JobEngine,
@@ -36,6 +35,7 @@ from .intake import (
     UNAVAILABLE,
     ImageIntake,
     IntakeError,
+    admit,
     check_outbound,
     image_intake,
     load_json_async,
@@ -43,6 +43,7 @@ from .intake import (
     request_key,
     submit,
 )
+from .jobs_view import UPLOAD, WEBHOOK, announce_ends, follow, last
 from .runware_schema import (
     OPENAPI,
     PARAM_TO_FIELD,
@@ -181,8 +182,8 @@ async def _upscale(task: dict, ctx: Ctx, tt: str, tu: str, on_ack=None) -> Reply
             "taskUUID": tu,
             "outputType": req.output_type,
             "includeCost": req.include_cost,
-            "webhookURL": req.webhook,
-            "uploadEndpoint": req.upload_endpoint,
+            WEBHOOK: req.webhook,
+            UPLOAD: req.upload_endpoint,
             "base": ctx.base,
         },
         idempotency_key=key,
@@ -206,10 +207,11 @@ async def _deliver(job: Job, ctx: Ctx, delivery: str, *, fresh: bool, on_ack=Non
     ack = {"taskType": meta["taskType"], "taskUUID": meta["taskUUID"]}
     if delivery == "async":
         return Reply(data=[ack])
-    if meta.get("webhookURL") and on_ack is not None:
+    if meta.get(WEBHOOK) and on_ack is not None:
         await on_ack({"data": [ack]})
-    done = await ctx.engine.wait(job.id, ctx.settings.sync_timeout)
-    if done is None or not done.done:
+    try:  # the job runs on past the wait: the result stays pollable
+        done = await last(follow(ctx.engine, job.id, timeout=ctx.settings.sync_timeout, cancel=False))
+    except IntakeError:
         msg = f"the task did not finish within {ctx.settings.sync_timeout:.0f}s; poll getResponse with this taskUUID"
         return Reply(errors=[(RWError("processingTimeout", msg).entry(meta["taskType"], meta["taskUUID"]), 504)])
     return result_reply(done, ctx.engine.images.read, ctx.base, with_status=False)
@@ -229,25 +231,10 @@ def _get_response(ctx: Ctx, tu: str) -> Reply:
 
 
 def setup(app, engine: JobEngine, settings: Settings) -> None:
-    """Register the webhook / uploadEndpoint listener and the session table."""
+    """The session table, and the webhook / uploadEndpoint deliveries of finished tasks."""
     app.state.runware_sessions = Sessions()
-
-    def on_done(job: Job) -> None:
-        if job.protocol != PROTOCOL:
-            return
-        meta = job.meta
-        delivery = engine.delivery
-        if delivery is None:
-            return
-        if meta.get("webhookURL"):
-            reply = result_reply(job, engine.images.read, meta.get("base", ""), with_status=True)
-            delivery.post_json(meta["webhookURL"], reply.frame())
-        if meta.get("uploadEndpoint") and job.status == SUCCESS and job.result is not None:
-            data = engine.images.read(job.result.image_id)
-            if data is not None:
-                delivery.put_bytes(meta["uploadEndpoint"], data, job.result.content_type)
-
-    engine.add_listener(on_done)
+    announce_ends(engine, PROTOCOL,
+                  lambda job: result_reply(job, engine.images.read, job.meta.get("base", ""), with_status=True).frame())
 
 
 # ------------------------------------------------------------------------------------------- REST
@@ -277,7 +264,7 @@ async def rest(request: Request) -> JSONResponse:
         key = first.get("apiKey") or key
         auth_items.append({"taskType": "authentication", "connectionSessionUUID": str(uuid.uuid4())})
     try:
-        who = settings.admit(key if isinstance(key, str) else None, client_host(request))
+        who = admit(request, key if isinstance(key, str) else None)
     except Denied as e:
         return JSONResponse({"errors": [denied_error(e)]}, status_code=e.status, headers=e.headers())
     ctx = _ctx(request)

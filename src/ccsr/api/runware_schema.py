@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ccsr.imaging import formats
 from ccsr.jobs import CANCELLED, ERROR, SUCCESS, ErrorCode, Job, OutputOptions
 from ccsr.params import ParamError, UpscaleParams
 from ccsr.presets import V2_PRESETS
@@ -28,7 +29,7 @@ from .settings import Settings
 DEFAULT_MODEL = MODELS[0]  # a task without ``model``
 UPSCALE_TYPES = frozenset({"upscale", "imageUpscale"})
 OUTPUT_TYPES = {"url": "URL", "base64data": "base64Data", "datauri": "dataURI"}
-OUTPUT_FORMATS = {"JPG": "jpeg", "JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
+OUTPUT_FORMATS = ("JPG", "PNG", "WEBP")  # outputFormat values: ccsr.imaging.formats by extension (JPEG too)
 SETTINGS_MAP = {
     "positivePrompt": "prompt",
     "negativePrompt": "negative_prompt",
@@ -160,9 +161,9 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
     ot = OUTPUT_TYPES[ot.lower()]
 
     of = task.get("outputFormat", "JPG")
-    if not isinstance(of, str) or of.upper() not in OUTPUT_FORMATS:
+    fmt = formats.find(of) if isinstance(of, str) else None
+    if fmt is None or fmt.extension.upper() not in OUTPUT_FORMATS:
         raise RWError("invalidOutputFormat", "outputFormat must be JPG, PNG or WEBP", parameter="outputFormat")
-    fmt = OUTPUT_FORMATS[of.upper()]
     quality = _num(task.get("outputQuality", 95), "outputQuality", "invalidOutputQuality", integer=True, lo=20, hi=99)
     ttl = task.get("ttl")
     if ttl is not None:
@@ -230,7 +231,7 @@ def parse_upscale(task: dict, settings: Settings) -> UpscaleRequest:
         image_param=param,
         params=params,
         output_type=ot,
-        output=OutputOptions(format=fmt, quality=int(quality), ttl=float(ttl) if ttl is not None else None),
+        output=OutputOptions(fmt.name.lower(), int(quality), float(ttl) if ttl is not None else None),
         include_cost=include_cost,
         delivery=delivery,
         webhook=urls["webhookURL"],

@@ -12,33 +12,13 @@ import argparse
 import signal
 import sys
 
-from .settings import OPTIONS, Settings, is_loopback, options_for
+from . import settings as settings_table
+from .settings import is_loopback, settings_from_args
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per :data:`~ccsr.api.settings.OPTIONS` entry (unset flags leave the environment's value)."""
-    groups = {"server": parser.add_argument_group("server"), "model": parser.add_argument_group("model")}
-    for opt in options_for("serve"):
-        groups[opt.group].add_argument(
-            opt.flag_name,
-            dest=opt.name,
-            type=opt.convert,
-            default=None,
-            action="append" if opt.many else "store",
-            choices=opt.choices,
-            metavar=None if opt.choices else opt.flag_name[2:].upper().replace("-", "_"),
-            help=argparse.SUPPRESS if opt.hidden else opt.help_text(),
-        )
-    from .tls import add_tls_arguments
-
-    add_tls_arguments(parser)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Defaults, then the environment, then the flags given."""
-    given = {opt.name: getattr(args, opt.name) for opt in OPTIONS if getattr(args, opt.name, None) is not None}
-    tls = {k: v for k, v in vars(args).items() if k.startswith("tls") or k.startswith("ssl")}
-    return Settings.from_env(**given, extra=tls)
+    """One flag per :data:`~ccsr.api.settings.OPTIONS` row that ``ccsr serve`` takes."""
+    settings_table.add_arguments(parser, "serve")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,15 +48,11 @@ def run(args: argparse.Namespace) -> int:
     if hasattr(signal, "SIGHUP"):  # revoke / add keys without a restart
         signal.signal(signal.SIGHUP, lambda *_: settings.keyring().reload())
     kwargs: dict = {}
-    if any(getattr(args, n, None) for n in ("tls_cert", "tls_key", "tls_self_signed")):
+    if settings.tls_cert or settings.tls_key or settings.tls_self_signed:
         from .tls import uvicorn_ssl_kwargs
 
         try:
-            kwargs = uvicorn_ssl_kwargs(
-                getattr(args, "tls_cert", None),
-                getattr(args, "tls_key", None),
-                getattr(args, "tls_self_signed", None),
-            )
+            kwargs = uvicorn_ssl_kwargs(settings.tls_cert, settings.tls_key, settings.tls_self_signed)
         except ValueError as e:
             print(f"ccsr serve: {e}", file=sys.stderr)
             return 2

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 from dataclasses import dataclass, field, fields, replace
@@ -72,7 +73,9 @@ class Settings:
     lease: float = 30.0
     no_warmup: bool = False
     fal_app_ids: list[str] = field(default_factory=list)  # more fal ``owner/alias`` ids served, besides the models'
-    extra: dict = field(default_factory=dict)  # room for other adapters' options (fal: tls files, …)
+    tls_cert: str | None = None  # PEM files: serve HTTPS (ccsr.api.tls)
+    tls_key: str | None = None
+    tls_self_signed: str | None = None  # a folder for a self-signed localhost certificate, made once
     # runtime state of the key policy (built on first use; never compared or shown)
     _keyring: KeyRing | None = field(default=None, repr=False, compare=False)
     _limiter: RateLimiter = field(default_factory=RateLimiter, repr=False, compare=False)
@@ -181,6 +184,7 @@ class Option:
     shown_default: str | None = None  # how --help names a default that is computed
     hidden: bool = False
     commands: tuple[str, ...] = ("serve",)  # the commands that take it: serve, worker
+    metavar: str | None = None  # how --help names the value (default: the flag's name)
 
     @property
     def flag_name(self) -> str:
@@ -275,7 +279,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("device", "cpu, cuda, cuda:1, …", group="model"),
     Option("dtype", "float32, float16, bfloat16", group="model"),
     Option("quantize", "", group="model", hidden=True),
+    Option("tls_cert", "PEM certificate: serve HTTPS instead of HTTP", group="tls", metavar="FILE"),
+    Option("tls_key", "PEM private key for --tls-cert", group="tls", metavar="FILE"),
+    Option("tls_self_signed", "make (or reuse) DIR/cert.pem + DIR/key.pem for localhost/127.0.0.1 and serve HTTPS "
+           "with them; point clients at DIR/cert.pem with SSL_CERT_FILE", group="tls", metavar="DIR"),
 )
+GROUPS = {  # --help sections, by Option.group ("server": the command's own section)
+    "server": None,
+    "model": "model",
+    "tls": "TLS (optional; an unmodified fal_client speaks only https: README, Server)",
+    "worker": None,
+}
 
 
 # -- `ccsr worker` (the Celery scale-out): the server rows it takes too, then its own rows ------------------------
@@ -304,6 +318,26 @@ OPTIONS = (
 def options_for(command: str) -> tuple[Option, ...]:
     """The rows of :data:`OPTIONS` that ``ccsr COMMAND`` takes."""
     return tuple(o for o in OPTIONS if command in o.commands)
+
+
+def add_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    """One flag per row of :data:`OPTIONS` that ``ccsr COMMAND`` takes, in its ``--help`` section; an unset flag
+    leaves the environment's value (:func:`settings_from_args`)."""
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    for opt in options_for(command):
+        title = GROUPS[opt.group] or command
+        group = sections.get(title) or sections.setdefault(title, parser.add_argument_group(title))
+        kind: dict = {"action": "store_true"} if opt.switch else {
+            "type": opt.convert, "action": "append" if opt.many else "store", "choices": opt.choices,
+            "metavar": None if opt.choices else opt.metavar or opt.flag_name[2:].upper().replace("-", "_")}
+        group.add_argument(opt.flag_name, dest=opt.name, default=None,
+                           help=argparse.SUPPRESS if opt.hidden else opt.help_text(), **kind)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Defaults, then the environment, then the flags given."""
+    given = {o.name: getattr(args, o.name) for o in OPTIONS if getattr(args, o.name, None) is not None}
+    return Settings.from_env(**given)
 
 
 def is_loopback(host: str | None) -> bool:

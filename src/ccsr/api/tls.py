@@ -4,7 +4,9 @@ Why: ``fal_client`` hard-codes ``https://`` and is redirected only by ``FAL_RUN_
 ``FAL_QUEUE_RUN_HOST`` read at import time, so an unmodified client can talk to us only over TLS, trusting our
 certificate through ``SSL_CERT_FILE`` (README, "Server"). The certificate made here carries SAN
 ``DNS:localhost``, ``IP:127.0.0.1`` and ``IP:::1`` and is its own CA, so the same PEM file serves as the
-server certificate and as the client's trust store.
+server certificate and as the client's trust store. The three options (``--tls-cert``, ``--tls-key``,
+``--tls-self-signed``, with their ``CCSR_TLS_*`` variables) are declared with the others in
+:data:`ccsr.api.settings.OPTIONS`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TLSFiles", "add_tls_arguments", "ensure_self_signed", "make_self_signed", "uvicorn_ssl_kwargs"]
+__all__ = ["TLSFiles", "ensure_self_signed", "make_self_signed", "uvicorn_ssl_kwargs"]
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 
@@ -102,20 +104,6 @@ def ensure_self_signed(
     if files.cert.is_file() and files.key.is_file():
         return files
     return make_self_signed(files.cert, files.key, hosts)
-
-
-def add_tls_arguments(parser) -> None:
-    """Add ``--tls-cert/--tls-key/--tls-self-signed DIR`` to an argparse parser (``ccsr serve``)."""
-    g = parser.add_argument_group("TLS (optional; an unmodified fal_client speaks only https: README, Server)")
-    g.add_argument("--tls-cert", default=None, help="PEM certificate: serve HTTPS instead of HTTP")
-    g.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    g.add_argument(
-        "--tls-self-signed",
-        default=None,
-        metavar="DIR",
-        help="make (or reuse) DIR/cert.pem + DIR/key.pem for localhost/127.0.0.1 and serve HTTPS with them; "
-        "point clients at DIR/cert.pem with SSL_CERT_FILE",
-    )
 
 
 def uvicorn_ssl_kwargs(

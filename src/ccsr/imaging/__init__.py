@@ -9,8 +9,8 @@ and one place that owns every limit (:class:`Limits`, after imgproxy's ``securit
 
 Decisions (each is tested in ``tests/imaging``):
 
-- **Formats**: sniffed from magic bytes only; allow-list PNG, JPEG, WEBP, GIF, TIFF, AVIF
-  (``Limits.formats``). Output: PNG, JPG, WEBP (8-bit) and PNG/TIFF (8 or 16-bit).
+- **Formats**: one table, :mod:`ccsr.imaging.formats`; sniffed from magic bytes only; allow-list PNG, JPEG, WEBP,
+  GIF, TIFF, AVIF (``Limits.formats``). Output: PNG, JPG, WEBP (8-bit) and PNG/TIFF (8 or 16-bit).
 - **Animated input** (GIF, WebP, APNG, multi-page TIFF) is **refused** with code ``animated`` by default
   (imgproxy's ``MAX_ANIMATION_FRAMES=1``; nothing is dropped silently).
   ``Limits(animated="first_frame")`` upscales frame 0 instead.

@@ -16,9 +16,9 @@ from PIL import ExifTags, Image, PngImagePlugin
 
 from .decode import xmp_without_orientation
 from .errors import ImageError
+from .formats import BY_NAME
 from .highdepth import write_png16, write_tiff16
 from .output import OutputPixels, Source
-from .sniff import OUTPUT_FORMATS
 from .values import DEFAULT_ENCODE, EncodedImage, EncodeOptions, UpscaledImage
 
 SOFTWARE = "ccsr"
@@ -57,8 +57,8 @@ def encode_pixels(out: OutputPixels) -> EncodedImage:
     xmp = xmp_without_orientation(src.xmp) if (o.keep_metadata and src.xmp) else None
     exif = output_exif(src, o.keep_metadata, out.size)
     data = _write(out.pixels, out.bits, o, out.icc, exif, xmp)
-    _, content_type, ext = OUTPUT_FORMATS[o.format]
-    return EncodedImage(data, content_type, ext, out.size[0], out.size[1], (*src.notes, *out.notes))
+    fmt = BY_NAME[o.format]
+    return EncodedImage(data, fmt.content_type, fmt.extension, out.size[0], out.size[1], (*src.notes, *out.notes))
 
 
 def _write(q: np.ndarray, bits: int, o: EncodeOptions, icc, exif: bytes, xmp: bytes | None) -> bytes:
@@ -83,7 +83,7 @@ def _write(q: np.ndarray, bits: int, o: EncodeOptions, icc, exif: bytes, xmp: by
         if xmp:
             info.add_itxt("XML:com.adobe.xmp", xmp.decode("utf-8", "replace"))
         im.save(buf, "PNG", pnginfo=info, exif=exif, compress_level=6, **kw)
-    elif o.format == "JPG":
+    elif o.format == "JPEG":
         im.save(
             buf,
             "JPEG",

@@ -16,6 +16,7 @@ from PIL import Image
 
 from . import color as cms
 from .errors import ImageError
+from .formats import BY_NAME
 from .pixels import quantize_array, resize_alpha
 from .values import DEFAULT_ENCODE, DecodedImage, EncodeOptions, UpscaledImage
 
@@ -91,7 +92,7 @@ class OutputPixels:
         o = options.validated()
         check_quantize(quantize)
         self.source, self.size, self.options = source, size, o
-        self.bits = o.bit_depth or (16 if source.bit_depth == 16 and o.format in ("PNG", "TIFF") else 8)
+        self.bits = o.bit_depth or (16 if source.bit_depth == 16 and BY_NAME[o.format].high_depth else 8)
         self.dither = quantize == "dither" and self.bits == 8
         # "reference": the rows should be the model's own 8-bit bytes (8-bit sources; 16-bit ones always round)
         self.takes_model_bytes = quantize == "reference" and source.bit_depth == 8 and self.bits == 8
@@ -104,7 +105,7 @@ class OutputPixels:
         if alpha is not None and alpha.shape[:2] != (h, w):
             alpha = resize_alpha(alpha, size)
         self.background: np.ndarray | None = None
-        if o.format == "JPG" and alpha is not None:
+        if o.format == "JPEG" and alpha is not None:
             bg = np.asarray(o.background, dtype=np.float32) / 255.0
             self.background = bg @ _LUMA if source.grayscale else bg
         self.alpha = alpha

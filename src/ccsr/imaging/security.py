@@ -11,9 +11,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from .errors import ImageError
-
-#: Formats that may be decoded, sniffed from magic bytes (never from a file name or a MIME type).
-DEFAULT_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG", "WEBP", "GIF", "TIFF", "AVIF"})
+from .formats import DECODABLE
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class Limits:
     max_input_pixels: int = 50_000_000
     max_input_bytes: int = 64 * 1024 * 1024
     max_output_side: int = 4096
-    formats: frozenset[str] = DEFAULT_FORMATS
+    formats: frozenset[str] = DECODABLE  # sniffed from magic bytes, never from a file name or a MIME type
     animated: Literal["reject", "first_frame"] = "reject"
     fetch_timeout: float = 5.0
     max_redirects: int = 5

@@ -29,11 +29,3 @@ def _ftyp_brands(data: bytes) -> set[bytes]:
     end = min(max(size, 16), len(data), 256)
     return {data[8:12]} | {data[i : i + 4] for i in range(16, end - 3, 4)}
 
-
-#: Output formats: name -> (Pillow format, content type, extension)
-OUTPUT_FORMATS: dict[str, tuple[str, str, str]] = {
-    "PNG": ("PNG", "image/png", "png"),
-    "JPG": ("JPEG", "image/jpeg", "jpg"),
-    "WEBP": ("WEBP", "image/webp", "webp"),
-    "TIFF": ("TIFF", "image/tiff", "tiff"),
-}

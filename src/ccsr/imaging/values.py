@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ImageError
+from .formats import ENCODABLE, find
 from .pixels import quantize_array
 
 
@@ -91,7 +92,8 @@ class UpscaledImage:
 class EncodeOptions:
     """How to write the output.
 
-    - ``format``: "PNG", "JPG" (alias "JPEG"), "WEBP" or "TIFF".
+    - ``format``: an output format of :data:`ccsr.imaging.formats.FORMATS` by name or extension ("PNG",
+      "JPG"/"JPEG", "WEBP", "TIFF"); :meth:`validated` gives its name.
     - ``quality``: 20-99 (Runware's range), default 95; JPG and WEBP only.
     - ``keep_metadata``: True keeps EXIF (orientation removed, it has been applied), XMP and the ICC
       profile (the pixels are converted back to the source profile); False strips them, converts to sRGB
@@ -111,20 +113,21 @@ class EncodeOptions:
     bit_depth: int | None = None
 
     def validated(self) -> EncodeOptions:
-        fmt = self.format.upper()
-        fmt = {"JPEG": "JPG", "TIF": "TIFF"}.get(fmt, fmt)
-        if fmt not in ("PNG", "JPG", "WEBP", "TIFF"):
-            raise ImageError("invalid_option", f"output format {self.format!r}: use PNG, JPG, WEBP or TIFF")
+        fmt = find(self.format)
+        if fmt is None or not fmt.encode:
+            names = ", ".join(f.extension.upper() for f in ENCODABLE)
+            raise ImageError("invalid_option", f"output format {self.format!r}: use one of {names}")
         if not (20 <= self.quality <= 99):
             raise ImageError("invalid_option", f"quality {self.quality} must be in 20-99")
         if self.bit_depth not in (None, 8, 16):
             raise ImageError("invalid_option", f"bit_depth {self.bit_depth} must be 8 or 16")
-        if self.bit_depth == 16 and fmt not in ("PNG", "TIFF"):
-            raise ImageError("invalid_option", f"16-bit output needs PNG or TIFF, not {fmt}")
+        if self.bit_depth == 16 and not fmt.high_depth:
+            deep = " or ".join(f.name for f in ENCODABLE if f.high_depth)
+            raise ImageError("invalid_option", f"16-bit output needs {deep}, not {fmt.name}")
         if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
             raise ImageError("invalid_option", "background must be three values in 0-255")
         bg = tuple(int(c) for c in self.background)
-        return EncodeOptions(fmt, self.quality, self.keep_metadata, bg, self.bit_depth)  # type: ignore[arg-type]
+        return EncodeOptions(fmt.name, self.quality, self.keep_metadata, bg, self.bit_depth)  # type: ignore[arg-type]
 
 
 DEFAULT_ENCODE = EncodeOptions()

@@ -17,9 +17,6 @@ from .types import DEFAULT_MODEL, ErrorCode, Job
 
 log = logging.getLogger("ccsr.jobs.runner")
 
-ENCODE_FORMATS = {"png": "PNG", "jpeg": "JPG", "jpg": "JPG", "webp": "WEBP", "tiff": "TIFF"}
-
-
 class CCSRRunner:
     """Loads each served model's pipeline once, in the worker thread, and runs a job on its ``job.model``'s.
 
@@ -96,8 +93,8 @@ class CCSRRunner:
                     f" to keep the output within {cap}x{cap}"
                 )
             expected = fit.output_size(float(params.scale))
-            fmt = ENCODE_FORMATS.get(job.output.format.lower(), "PNG")
-            enc_opts = imaging.EncodeOptions(format=fmt, quality=int(job.output.quality or 95)).validated()
+            quality = int(job.output.quality or 95)
+            enc_opts = imaging.EncodeOptions(format=job.output.format, quality=quality).validated()
         except imaging.ImageError as e:
             raise JobFailed(ErrorCode.INVALID_INPUT, e.message) from e
         log(

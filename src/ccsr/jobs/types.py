@@ -94,14 +94,13 @@ class JobNotFound(JobsError):
 
 # --------------------------------------------------------------------------------------------- values
 
-OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp")
-
 
 @dataclass(frozen=True)
 class OutputOptions:
     """How the output image is encoded and kept.
 
-    ``format``: ``png`` | ``jpeg`` | ``webp``; ``quality``: 1-100 for lossy formats (None = encoder default);
+    ``format``: an output format of :mod:`ccsr.imaging.formats` by name or extension (``png``, ``jpeg``);
+    ``quality``: 1-100 for lossy formats (None = encoder default);
     ``ttl``: seconds the stored output lives (None = the store's default).
     """
 
