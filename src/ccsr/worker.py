@@ -4,7 +4,8 @@ Run one per device (``--device cuda:0``, ``cuda:1`` ...). ``--model`` chooses wh
 serve`` (default CCSR-v1 alone, from ``--weights``; ``--model ccsr-v2=FOLDER``; repeat it for a worker of both):
 it consumes the Celery queue of each of those models (``ccsr.ccsr-v1``, ``ccsr.ccsr-v2``), where the API replicas
 send each job by its model. The pool process loads the models once, runs one warm-up upscale per model, and only
-then registers as ready (API replicas' ``/readyz`` turns 200 once one worker has). One job at a time: prefetch 1,
+then registers as ready, for each (a replica's ``/readyz`` turns 200 once each model it serves has a ready worker).
+One job at a time: prefetch 1,
 late acknowledgement, message given back if the process dies, soft/hard time limits and a broker visibility
 timeout above the hard limit (see ``ccsr.jobs.distributed.celery_app``). Every option has a ``CCSR_*`` variable;
 both come from :data:`ccsr.api.settings.OPTIONS`. ``python -m ccsr.worker ...`` runs the same thing.

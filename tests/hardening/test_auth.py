@@ -175,6 +175,46 @@ def test_per_key_queue_quota(make_client, runner, tmp_path, protocol):
     assert submit(KEY_A).status_code == 200  # the finished job freed the slot
 
 
+def test_websocket_and_rest_share_a_keys_rate_limit_and_quota(make_client, runner, tmp_path):
+    """One admission for every transport: a key's rate-limit tokens and its queue quota are one budget, whether it
+    calls over REST or over a WebSocket session (authenticated once, each task admitted)."""
+    path = keys_file(tmp_path / "keys", {KEY_A: "alpha rate=0.01 burst=4 quota=1", KEY_B: "bravo quota=1"})
+    c = make_client(api_keys_file=str(path))
+    img = data_uri(png_bytes())
+    runner.gate.clear()  # submitted jobs stay active: each holds its key's quota
+    with c.websocket_connect("/v1") as ws:
+        ws.send_text(json.dumps([{"taskType": "authentication", "apiKey": KEY_A}]))
+        assert "data" in json.loads(ws.receive_text())
+        # token 1 (REST): a job, which takes alpha's one quota slot
+        assert c.post("/v1", json=[rw_upscale(img)], headers=_bearer(KEY_A)).status_code == 200
+        # token 2 (WS): admitted, but the quota is full from REST's job
+        task = rw_upscale(img)
+        ws.send_text(json.dumps([task]))
+        err = json.loads(ws.receive_text())["errors"][0]
+        assert (err["code"], err["taskUUID"]) == ("rateLimitExceeded", task["taskUUID"]), err
+        assert "alpha already has 1 of 1 jobs" in err["message"], err  # REST's job, counted for the WS task
+        # tokens 3 (WS) and 4 (REST) spend the burst between them; the next call, on either, is refused
+        ws.send_text(json.dumps([{"taskType": "getResponse", "taskUUID": task["taskUUID"]}]))
+        assert json.loads(ws.receive_text())["errors"][0]["code"] == "taskNotFound"
+        assert c.post("/v1", json=[{"taskType": "ping"}], headers=_bearer(KEY_A)).status_code == 200
+        ws.send_text(json.dumps([{"taskType": "getResponse", "taskUUID": task["taskUUID"]}]))
+        err = json.loads(ws.receive_text())["errors"][0]
+        assert err["code"] == "rateLimitExceeded" and int(err["retryAfter"]) >= 1, err
+        r = c.post("/v1", json=[{"taskType": "ping"}], headers=_bearer(KEY_A))
+        assert r.status_code == 429 and r.json()["errors"][0]["code"] == "rateLimitExceeded"
+
+    with c.websocket_connect("/v1") as ws:  # and the other way round: a job over WS fills the quota for REST
+        ws.send_text(json.dumps([{"taskType": "authentication", "apiKey": KEY_B}]))
+        assert "data" in json.loads(ws.receive_text())
+        task = rw_upscale(img)
+        ws.send_text(json.dumps([task]))
+        assert json.loads(ws.receive_text())["data"][0]["taskUUID"] == task["taskUUID"]
+        r = c.post("/v1", json=[rw_upscale(img)], headers=_bearer(KEY_B))
+        assert r.status_code == 429 and r.json()["errors"][0]["code"] == "rateLimitExceeded", r.text
+        r = c.post(f"/queue{FAL}", json={"image_url": img}, headers={"Authorization": f"Key {KEY_B}"})
+        assert r.status_code == 429 and r.json()["error_type"] == "rate_limited", r.text
+
+
 def test_serve_options_reach_settings(tmp_path):
     import argparse
 

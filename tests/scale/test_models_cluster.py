@@ -2,10 +2,11 @@
 private Redis, images in a shared directory, and an API replica (the app over ``build_distributed_engine``, which
 sends real Celery messages) that serves both models without loading either.
 
-A v2 job submitted while only the v1 worker runs waits in its model's queue and says so in its log; once a v2 worker
-starts it runs there, while the v1 job ran on the v1 worker. Both outputs equal, pixel for pixel, what the embedded
-backend (one process loading both models) answers for the same requests. A replica not configured for a model
-refuses it in the protocol's shape.
+A v2 job submitted while only the v1 worker runs waits in its model's queue and says so in its log (and the replica's
+``/readyz`` is 503, one ready worker for v1, none for v2); once a v2 worker starts it runs there (and ``/readyz`` is
+200), while the v1 job ran on the v1 worker. Both outputs equal, pixel for pixel, what the embedded backend (one
+process loading both models) answers for the same requests. A replica not configured for a model refuses it in the
+protocol's shape.
 """
 
 from __future__ import annotations
@@ -111,7 +112,12 @@ def test_v1_and_v2_jobs_run_on_their_models_workers(tmp_path, redis_url, rclient
                       "--weights", str(V1 / "model.safetensors"), "--config", str(V1 / "model.yaml"))]
     try:
         with TestClient(create_app(settings)) as api:
-            wait_until(lambda: api.get("/readyz").status_code == 200, 180, "the v1 worker ready", workers)
+            def ready_workers() -> tuple[int, dict[str, int]]:
+                r = api.get("/readyz")
+                return r.status_code, {m: v["workers"] for m, v in r.json()["models"].items()}
+
+            wait_until(lambda: ready_workers()[1]["ccsr-v1"] == 1, 180, "the v1 worker ready", workers)
+            assert ready_workers() == (503, {"ccsr-v1": 1, "ccsr-v2": 0})  # not ready while v2 has no worker
             v1_id, v2_id = str(uuid.uuid4()), str(uuid.uuid4())
             assert api.post("/v1", json=[v1_task(v1_id)]).status_code == 200
             assert api.post("/v1", json=[v2_task(v2_id)]).status_code == 200
@@ -130,6 +136,8 @@ def test_v1_and_v2_jobs_run_on_their_models_workers(tmp_path, redis_url, rclient
             assert store.queue_position(v2_job.id) == 0 and store.queue_position(fal_id) == 1
 
             workers.append(worker(tmp_path, redis_url, store_dir, "w-v2", "--model", f"ccsr-v2={V2_MODEL}"))
+            wait_until(lambda: ready_workers()[0] == 200, 180, "the replica ready", workers)
+            assert ready_workers() == (200, {"ccsr-v1": 1, "ccsr-v2": 1})
             v2_item = wait_until(lambda: result(v2_id), 180, "the v2 job", workers)
             status = wait_until(lambda: (s := api.get(f"/queue/fal-ai/ccsr-v2/requests/{fal_id}/status").json())
                                 ["status"] == "COMPLETED" and s, 60, "the fal v2 job", workers)

@@ -1,5 +1,5 @@
 """A Redis outage is "retry later" in each protocol's shape: 503 with Retry-After, no internal address, no
-plain-text 500, on Runware REST and WebSocket and on every fal queue route."""
+plain-text 500, on Runware REST and WebSocket, on every fal queue route and on `/readyz`."""
 
 from __future__ import annotations
 
@@ -71,3 +71,7 @@ def test_outage_answers_503_in_each_protocol(doomed_redis, tmp_path):
             frame = json.loads(ws.receive_text())
             assert frame["errors"][0]["code"] == "serviceUnavailable", frame
             assert str(port) not in json.dumps(frame)
+
+        r = c.get("/readyz")  # a load balancer's probe: not ready, and why, in words of our own
+        _assert_unavailable(r, port)
+        assert r.json()["status"] == "unavailable"

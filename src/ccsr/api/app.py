@@ -7,11 +7,12 @@ first; ``ccsr.api.fal`` (when it exists) after them. Other code can call :func:`
 before :func:`create_app`.
 
 Shared helpers for adapters: :func:`get_engine`, :func:`get_settings`, :func:`public_base`,
-:func:`client_host`, :func:`image_url`.
+:func:`client_host`, :func:`image_url`, :func:`model_readiness`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import logging
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ccsr.jobs import JobEngine, build_embedded_engine
 
-from .intake import UNAVAILABLE, FetchPool
+from .intake import RETRY_AFTER_S, UNAVAILABLE, FetchPool
 from .settings import Settings
 
 log = logging.getLogger("ccsr.api")
@@ -130,9 +131,19 @@ def create_app(settings: Settings | None = None, engine: JobEngine | None = None
 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> Any:
-        if engine.ready:
-            return {"status": "ready", "queue": engine.store.active_count()}
-        body = {"status": "loading" if engine.load_error is None else "failed", "error": engine.load_error}
+        """200 once every model this server serves has a ready worker; ``models`` says which have how many."""
+        def snapshot() -> tuple[dict, int]:
+            return model_readiness(engine, settings), engine.store.active_count()
+
+        try:
+            models, queue = await asyncio.to_thread(snapshot)
+        except engine.outages:
+            body = {"status": "unavailable", "error": UNAVAILABLE, "models": {}}
+            return JSONResponse(body, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
+        if all(m["status"] == "ready" for m in models.values()):
+            return {"status": "ready", "queue": queue, "models": models}
+        status = "loading" if engine.load_error is None else "failed"
+        body = {"status": status, "error": engine.load_error, "queue": queue, "models": models}
         return JSONResponse(body, status_code=503)
 
     for name in ROUTER_MODULES:
@@ -160,6 +171,18 @@ def get_engine(conn: Request | Any) -> JobEngine:
 
 def get_settings(conn: Request | Any) -> Settings:
     return conn.app.state.settings
+
+
+def model_readiness(engine: JobEngine, settings: Settings) -> dict[str, dict[str, Any]]:
+    """Each model this server serves (``--model``) -> ``{"status", "workers"}``: ``workers`` ready to run its jobs
+    (this process's loaded runners, or the cluster's live ``ccsr worker``s announcing it); ``status`` ``ready``
+    with at least one, else ``failed`` when this process's load failed, else ``loading`` (a replica: no worker
+    for it has announced itself ready yet). Blocking; raises one of ``engine.outages`` in a store outage."""
+    out: dict[str, dict[str, Any]] = {}
+    for name in settings.served_models(loading=False):
+        n = engine.ready_workers(name)
+        out[name] = {"status": "ready" if n else "loading" if engine.load_error is None else "failed", "workers": n}
+    return out
 
 
 def client_host(conn: Request | Any) -> str | None:

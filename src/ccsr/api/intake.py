@@ -374,12 +374,23 @@ async def submit(engine, spec: JobSpec, who: Principal | None) -> tuple[Job, boo
     return await asyncio.to_thread(engine.submit, spec)
 
 
-def admit(conn, key: str | None = None) -> Principal:
-    """Admission, the same for every protocol: the caller's key (``key``, else the ``Authorization`` header)
-    under the server's key policy, and one token of its rate limit. Raises :class:`~ccsr.api.auth.Denied`
-    (401, or 429 with its Retry-After); the caller's queue quota is counted at :func:`submit`."""
+def authenticate(conn, key: str | None = None) -> Principal:
+    """The caller of ``conn`` under the server's key policy: ``key``, else the ``Authorization`` header. Raises
+    :class:`~ccsr.api.auth.Denied` (401). Takes no rate token: that is :func:`admit`."""
     host = conn.client.host if conn.client else None
-    return conn.app.state.settings.admit(key if key is not None else request_key(conn), host)
+    return conn.app.state.settings.principal(key if key is not None else request_key(conn), host)
+
+
+def admit(conn, key: str | None = None, *, who: Principal | None = None) -> Principal:
+    """Admission, the same for every protocol and transport: the caller (``who`` when already authenticated on
+    this connection, as a Runware WebSocket session is once; else :func:`authenticate` of ``key``) and one token
+    of its rate limit, from the one bucket per caller that REST, WebSocket and fal requests all draw on. Raises
+    :class:`~ccsr.api.auth.Denied` (401, or 429 with its Retry-After); the caller's queue quota is counted at
+    :func:`submit`."""
+    if who is None:
+        who = authenticate(conn, key)
+    conn.app.state.settings.admit_principal(who)
+    return who
 
 
 def check_output_size(size: tuple[int, int], scale: float, cap: int | None) -> None:

@@ -29,10 +29,10 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from ccsr.jobs import PROCESSING, QUEUED, SUCCESS, Job, JobEngine
 from ccsr.params import UpscaleParams
 
-from .app import client_host, get_engine, get_settings
+from .app import get_engine, get_settings, model_readiness
 from .auth import Denied
 from .fal_schema import CCSRInput, CCSRv2Input
-from .intake import MODELS
+from .intake import MODELS, admit
 
 __all__ = ["router"]
 
@@ -50,11 +50,9 @@ router = APIRouter(include_in_schema=False)
 
 
 def _denied(request: Request) -> JSONResponse | None:
-    """The server's key policy and the key's rate limit: None when admitted, else the 401/429 answer."""
-    scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
-    key = key.strip() if scheme.lower() in ("key", "bearer") else ""
+    """Admission (:func:`ccsr.api.intake.admit`): None when admitted, else the 401/429 answer."""
     try:
-        get_settings(request).admit(key or None, client_host(request))
+        admit(request)
     except Denied as e:
         detail = "invalid or missing API key (Authorization: Bearer <key>)" if e.status == 401 else e.message
         return JSONResponse({"detail": detail}, e.status, headers=e.headers())
@@ -107,8 +105,7 @@ async def models(request: Request) -> list[dict]:
     parameter list) needs no page change."""
     settings = get_settings(request)
     engine = get_engine(request)
-    status = "ready" if engine.ready else ("loading" if engine.load_error is None else "failed")
-    served = settings.served_models()
+    readiness = await run_in_threadpool(model_readiness, engine, settings)
     forms = {"ccsr-v1": lambda m: v1_parameters(m.params({}, settings), steps_from_server=bool(settings.default_steps)),
              "ccsr-v2": lambda m: v2_parameters(m.params({}, settings))}
     return [
@@ -116,11 +113,11 @@ async def models(request: Request) -> list[dict]:
             "name": m.title,
             "fal_app_id": m.fal_app_id,
             "runware_model": m.runware_ids[0],
-            "status": status,
+            "status": readiness[m.name]["status"],
             "error": engine.load_error,
             "parameters": forms[m.name](m),
         }
-        for m in MODELS if m.name in served
+        for m in MODELS if m.name in readiness
     ]
 
 

@@ -28,7 +28,7 @@ from ccsr.jobs import (
 )
 from ccsr.params import ParamError
 
-from .app import client_host, get_engine, get_settings, image_url, public_base
+from .app import get_engine, get_settings, image_url, public_base
 from .auth import Denied, Principal
 from .intake import (
     RETRY_AFTER_S,
@@ -36,6 +36,7 @@ from .intake import (
     ImageIntake,
     IntakeError,
     admit,
+    authenticate,
     check_outbound,
     image_intake,
     load_json_async,
@@ -70,7 +71,7 @@ class Ctx:
     engine: JobEngine
     settings: Settings
     base: str  # public base URL for image links
-    principal: Principal | None = None  # the caller, for per-key queue quotas
+    principal: Principal | None = None  # the admitted caller (a WebSocket's, once authenticated)
     images: ImageIntake | None = None  # the request's image references (None when only replying)
 
 
@@ -348,7 +349,6 @@ async def websocket(ws: WebSocket) -> None:
     conn = _Conn(ws)
     ctx = _ctx(ws)
     pending: set[asyncio.Task] = set()
-    authed = False
 
     async def run(task: dict) -> None:
         reply = await handle_task(task, ctx, on_ack=conn.send)
@@ -394,10 +394,10 @@ async def websocket(ws: WebSocket) -> None:
                 tt, tu = task_ident(task)
                 if tt == "authentication":
                     key = task.get("apiKey")
-                    try:
-                        ctx.principal = settings.principal(key if isinstance(key, str) else None, client_host(ws))
+                    try:  # once per session, as Runware does; each task is then admitted below
+                        ctx.principal = authenticate(ws, key if isinstance(key, str) else None)
                     except Denied as e:
-                        authed = False
+                        ctx.principal = None
                         await conn.send({"errors": [denied_error(e)]})
                         continue
                     sid = task.get("connectionSessionUUID")
@@ -408,7 +408,6 @@ async def websocket(ws: WebSocket) -> None:
                         sid = str(uuid.uuid4())
                     sessions.open(sid)
                     conn.session = sid
-                    authed = True
                     await conn.send({"data": [{"taskType": "authentication", "connectionSessionUUID": sid}]})
                     if resumed:
                         for frame in sessions.drain(sid):
@@ -417,7 +416,7 @@ async def websocket(ws: WebSocket) -> None:
                 if tt == "ping":
                     await conn.send({"data": [{"taskType": "ping", "pong": True}]})
                     continue
-                if not authed:
+                if ctx.principal is None:
                     err = {
                         "code": "missingApiKey",
                         "message": "authenticate first: send an authentication task",
@@ -428,13 +427,11 @@ async def websocket(ws: WebSocket) -> None:
                         err["taskUUID"] = tu
                     await conn.send({"errors": [err]})
                     continue
-                if ctx.principal is not None:
-                    try:
-                        settings.admit_principal(ctx.principal)
-                    except Denied as e:
-                        err = denied_error(e) | {"taskType": tt or "", "taskUUID": tu or ""}
-                        await conn.send({"errors": [err]})
-                        continue
+                try:  # the rate limit REST and fal requests of the same caller draw on
+                    admit(ws, who=ctx.principal)
+                except Denied as e:
+                    await conn.send({"errors": [denied_error(e) | {"taskType": tt or "", "taskUUID": tu or ""}]})
+                    continue
                 if conn.session:
                     sessions.touch(conn.session)
                 t = asyncio.create_task(run(task))

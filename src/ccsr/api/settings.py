@@ -144,13 +144,9 @@ class Settings:
             raise Denied(401, "this server has no API keys configured and accepts loopback clients only")
         return Principal(f"anon:{client_host}", self.rate_limit, self.rate_burst, self.key_max_queue)
 
-    def admit(self, key: str | None, client_host: str | None) -> Principal:
-        """:meth:`principal` plus one token of its rate limit; raises Denied(429) with a Retry-After."""
-        who = self.principal(key, client_host)
-        self.admit_principal(who)
-        return who
-
     def admit_principal(self, who: Principal) -> None:
+        """One token of ``who``'s rate limit (the per-process bucket every route shares); raises Denied(429) with a
+        Retry-After. Routes call :func:`ccsr.api.intake.admit`."""
         wait = self._limiter.take(who)
         if wait > 0:
             raise Denied(429, f"rate limit of {who.rate:g} requests/s exceeded for {who.id}", retry_after=wait)

@@ -32,7 +32,7 @@ Jobs::
     job = await engine.wait(job.id, timeout=30)           # latest snapshot, terminal or not (None if unknown)
     engine.add_listener(fn)                               # fn(job) on every terminal transition (a thread)
     engine.delivery.post_json(url, body) / .put_bytes(url, data, content_type)   # retried, safe fetcher
-    engine.ready, engine.load_error                       # model loaded? (for /readyz)
+    engine.ready_workers("ccsr-v1"), engine.load_error    # workers ready for a model; why loading failed
 
 :class:`Job` fields: ``id, status`` (``queued|processing|success|error|cancelled``), ``params``
 (:class:`~ccsr.params.UpscaleParams`), ``input_image_id, output`` (:class:`OutputOptions`),

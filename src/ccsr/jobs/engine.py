@@ -71,7 +71,9 @@ class RunOutput:
 
 
 class Runner(Protocol):
-    """Turns one job into an encoded image. Owns the model; called from one worker thread only."""
+    """Turns one job into an encoded image. Owns the model; called from one worker thread only. A runner may name
+    the models it runs in a ``models`` mapping (:class:`~ccsr.jobs.runner.CCSRRunner` does); one without runs
+    every model's jobs."""
 
     def load(self) -> None:
         """Load the model (once, in the worker thread, before the first job)."""
@@ -212,10 +214,9 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def stop(self, timeout: float = 5.0) -> None: ...
 
-    @property
     @abc.abstractmethod
-    def ready(self) -> bool:
-        """True once the model is loaded and jobs can run."""
+    def ready_workers(self, model: str) -> int:
+        """How many workers can run ``model``'s jobs now (loaded, warmed up where they warm up, alive)."""
 
     def wake(self) -> None:  # noqa: B027 - optional hook
         """A job was queued (hint)."""
@@ -314,9 +315,9 @@ class JobEngine:
                 log.exception("image sweep failed")
 
     # ------------------------------------------------------------------ readiness
-    @property
-    def ready(self) -> bool:
-        return self.executor.ready
+    def ready_workers(self, model: str) -> int:
+        """Workers ready for ``model`` (``/readyz`` reports each served model's); may raise one of ``outages``."""
+        return self.executor.ready_workers(model)
 
     @property
     def load_error(self) -> str | None:
@@ -456,9 +457,10 @@ class InProcessExecutor(Executor):
         self._load_error: str | None = None
         self.engine: JobEngine | None = None
 
-    @property
-    def ready(self) -> bool:
-        return any(self._ready)
+    def ready_workers(self, model: str) -> int:
+        """Loaded runners that run ``model`` (a runner without ``models`` runs every model's jobs)."""
+        ready = (r for ok, r in zip(self._ready, self.runners, strict=True) if ok)
+        return sum(model in getattr(r, "models", (model,)) for r in ready)
 
     @property
     def load_error(self) -> str | None:

@@ -107,13 +107,10 @@ class CeleryExecutor(Executor):
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ Executor
-    @property
-    def ready(self) -> bool:
-        """At least one worker has loaded and warmed up its model (and is still alive)."""
-        try:
-            return self.store.redis.zcount(self.store.key("workers"), now(), "+inf") > 0
-        except redis.RedisError:
-            return False
+    def ready_workers(self, model: str) -> int:
+        """Live workers that announced ``model`` ready (:class:`~.worker_runtime.WorkerRuntime`); raises
+        ``redis.RedisError`` in an outage."""
+        return self.store.live_workers(model)
 
     def start(self, engine: JobEngine) -> None:
         self.engine = engine
