@@ -118,6 +118,25 @@ def test_keys_file_revocation(make_client, tmp_path):
     assert c.post("/v1", json=ping, headers=_bearer(KEY_B)).status_code == 200
 
 
+def test_keys_file_revocation_reaches_an_open_websocket_session(make_client, tmp_path):
+    """A Runware socket authenticates once, but each task is admitted with the session's key again: a key revoked
+    while the socket is open is refused at its next task, in Runware's shape."""
+    path = keys_file(tmp_path / "keys", {KEY_A: "alpha", KEY_B: "bravo"})
+    c = make_client(api_keys_file=str(path))
+    ring = c.app.state.settings.keyring()
+    with c.websocket_connect("/v1") as ws:
+        ws.send_text(json.dumps([{"taskType": "authentication", "apiKey": KEY_B}]))
+        assert "data" in json.loads(ws.receive_text())
+        ws.send_text(json.dumps([{"taskType": "getResponse", "taskUUID": "before"}]))
+        assert json.loads(ws.receive_text())["errors"][0]["code"] != "invalidApiKey"  # admitted (unknown task)
+        keys_file(path, {KEY_A: "alpha"})  # bravo revoked
+        os.utime(path, ns=(1, 1))
+        ring._checked = 0.0
+        ws.send_text(json.dumps([{"taskType": "getResponse", "taskUUID": "after"}]))
+        err = json.loads(ws.receive_text())["errors"][0]
+        assert err["code"] == "invalidApiKey" and err["taskUUID"] == "after", err
+
+
 def test_per_key_rate_limit(make_client, tmp_path):
     path = keys_file(tmp_path / "keys", {KEY_A: "alpha rate=0.5 burst=2", KEY_B: "bravo"})
     c = make_client(api_keys_file=str(path))

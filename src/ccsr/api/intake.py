@@ -381,14 +381,13 @@ def authenticate(conn, key: str | None = None) -> Principal:
     return conn.app.state.settings.principal(key if key is not None else request_key(conn), host)
 
 
-def admit(conn, key: str | None = None, *, who: Principal | None = None) -> Principal:
-    """Admission, the same for every protocol and transport: the caller (``who`` when already authenticated on
-    this connection, as a Runware WebSocket session is once; else :func:`authenticate` of ``key``) and one token
-    of its rate limit, from the one bucket per caller that REST, WebSocket and fal requests all draw on. Raises
+def admit(conn, key: str | None = None) -> Principal:
+    """Admission, the same for every protocol and transport: the caller (:func:`authenticate` of ``key``, checked
+    on every request and every WebSocket task, so a key revoked in the keys file stops at once) and one token of its
+    rate limit, from the one bucket per caller that REST, WebSocket and fal requests all draw on. Raises
     :class:`~ccsr.api.auth.Denied` (401, or 429 with its Retry-After); the caller's queue quota is counted at
     :func:`submit`."""
-    if who is None:
-        who = authenticate(conn, key)
+    who = authenticate(conn, key)
     conn.app.state.settings.admit_principal(who)
     return who
 

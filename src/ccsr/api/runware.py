@@ -349,6 +349,7 @@ async def websocket(ws: WebSocket) -> None:
     conn = _Conn(ws)
     ctx = _ctx(ws)
     pending: set[asyncio.Task] = set()
+    session_key: str | None = None  # the authentication task's key, checked again for every task
 
     async def run(task: dict) -> None:
         reply = await handle_task(task, ctx, on_ack=conn.send)
@@ -394,8 +395,9 @@ async def websocket(ws: WebSocket) -> None:
                 tt, tu = task_ident(task)
                 if tt == "authentication":
                     key = task.get("apiKey")
+                    session_key = key if isinstance(key, str) else None
                     try:  # once per session, as Runware does; each task is then admitted below
-                        ctx.principal = authenticate(ws, key if isinstance(key, str) else None)
+                        ctx.principal = authenticate(ws, session_key)
                     except Denied as e:
                         ctx.principal = None
                         await conn.send({"errors": [denied_error(e)]})
@@ -427,8 +429,8 @@ async def websocket(ws: WebSocket) -> None:
                         err["taskUUID"] = tu
                     await conn.send({"errors": [err]})
                     continue
-                try:  # the rate limit REST and fal requests of the same caller draw on
-                    admit(ws, who=ctx.principal)
+                try:  # the session's key checked again (a key revoked since stops here), then the rate limit
+                    ctx.principal = admit(ws, session_key)  # that REST and fal requests of the same caller draw on
                 except Denied as e:
                     await conn.send({"errors": [denied_error(e) | {"taskType": tt or "", "taskUUID": tu or ""}]})
                     continue
