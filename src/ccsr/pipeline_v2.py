@@ -227,8 +227,12 @@ class CCSRv2Pipeline:
         tiling = Tiling(list(plan.tiles), "gaussian") if plan.tiles else None
         denoiser = CCSRv2Denoiser(m.unet, m.controlnet, context, z)
 
+        # The CFG batch is twice the unguided initial evaluation's: what that one freed does not fit it, so it is
+        # given back first rather than kept for reuse beside the larger buffers.
+        unguided = plan.windows if schedule.initial and cfg else -1
+
         def tick(done: int, total: int) -> None:
-            if tiling is not None:
+            if tiling is not None or done == unguided:
                 hostmemory.trim()  # each window's transients, before the next window allocates its own
             if progress is not None:
                 progress(done, total)
@@ -257,15 +261,19 @@ class CCSRv2Pipeline:
                              schedule.evaluations * plan.windows, plan)
 
     def _condition(self, lr: np.ndarray, rows: int, rng: torch.Generator, plan: Plan) -> Tensor:
-        """The condition latent: ``rows`` samples of the CCSR VAE's posterior (global stream), scaled."""
-        vae = self.model.vae
+        """The condition latent: ``rows`` samples of the CCSR VAE's posterior (global stream), scaled. On the CPU
+        the VAE's encoder is freed after use (read again at the next upscale), so that its weights are not resident
+        under the sampling's and the decoder's peaks: the same memory their activations take."""
+        encoder, quant_conv = self.model.condition_encoder()
         x = torch.from_numpy(unit_float32(lr)).permute(2, 0, 1)[None].to(self.device, self.vae_dtype) * 2 - 1
         if plan.encode == "estimate":
-            moments = tiled_encode(vae.encoder, vae.quant_conv, x, plan.params.tile_vae_encoder_size,
-                                   VAE_ENCODER_PAD, stats="estimate")
+            moments = tiled_encode(encoder, quant_conv, x, plan.params.tile_vae_encoder_size, VAE_ENCODER_PAD,
+                                   stats="estimate")
         else:
-            moments = vae.quant_conv(lean.encode(vae.encoder, x))
-        del x
+            moments = quant_conv(lean.encode(encoder, x))
+        del x, encoder, quant_conv
+        if self.device.type == "cpu":
+            self.model.release_encoder()
         mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
         noise = torch.randn((rows, *mean.shape[1:]), generator=rng, dtype=torch.float32).to(mean.device)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from tests.v2.conftest import V2_FIXTURES
 
-from ccsr import finishing, hostmemory, resample, result
+from ccsr import finishing, resample, result
 from ccsr.colorfix import color_fix
 from ccsr.geometry import resize
 from ccsr.pipeline_v2 import preprocess
@@ -115,25 +115,3 @@ def test_pil_never_makes_a_float_image_at_the_target(v2_pipeline, photo, monkeyp
     out = v2_pipeline.run(photo.crop((0, 0, 61, 47)), params, output_type="pil")
     assert len(kept) == 1 and out.final is None and out.processed is None
     assert out.image.size == out.geometry.target
-
-
-def test_sampling_reuses_freed_memory_and_phases_give_it_back(v2_pipeline, photo, monkeypatch):
-    """The host heap policy v1 follows (``ccsr.hostmemory``): network evaluations run inside ``reuse_freed``, and
-    the condition encode's and the decoder's transients are trimmed before the next phase allocates its own."""
-    events: list[str] = []
-    trim = hostmemory.trim
-    monkeypatch.setattr(hostmemory, "trim", lambda: events.append("trim") or trim())
-    forward = v2_pipeline.model.unet.forward
-
-    def unet(*args, **kwargs):  # type: ignore[no-untyped-def]
-        events.append("eval inside reuse_freed" if hostmemory._active else "eval outside")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(v2_pipeline.model.unet, "forward", unet)
-    condition = v2_pipeline._condition
-    monkeypatch.setattr(v2_pipeline, "_condition", lambda *a: events.append("encode") or condition(*a))
-    v2_pipeline.run(photo.crop((0, 0, 61, 47)), v2_pipeline.params("one-step", **ONE_STEP), output_type="pil")
-    assert "eval outside" not in events and events.count("eval inside reuse_freed") == 1
-    evaluation = events.index("eval inside reuse_freed")
-    assert "trim" in events[events.index("encode") : evaluation]  # after the encode, before the sampling
-    assert "trim" in events[evaluation + 1 :]  # after the decode
