@@ -194,15 +194,37 @@ def random_model_v2(*, seed: int = 0, std: float = RANDOM_STD):  # type: ignore[
         _randomise(encoder, torch.Generator("cpu").manual_seed(seed + 1), std)
         return encoder
 
-    tokenizer = load_tokenizer()
-    tokenizer.model_max_length, tokenizer.pad_token = cfg.text.context_length, "!"
+    def vae_encoder() -> tuple[Any, Any]:  # the same random weights every time it is read again
+        with torch.device("meta"):
+            vae = AutoencoderKL(**cfg.vae)
+        half = torch.nn.ModuleDict({"encoder": vae.encoder, "quant_conv": vae.quant_conv})
+        _randomise(half, torch.Generator("cpu").manual_seed(seed + 2), std)
+        return half["encoder"], half["quant_conv"]
+
+    modules["vae"].encoder, modules["vae"].quant_conv = vae_encoder()
+    tokenizer = _CallableTokenizer(load_tokenizer(), cfg.text.context_length)
     schedule = DDPMScheduler(beta_start=cfg.linear_start, beta_end=cfg.linear_end, beta_schedule="scaled_linear",
                              num_train_timesteps=cfg.num_timesteps)
     text = PromptEncoder(text_encoder, tokenizer)
     with torch.device("meta"):
         n_text = sum(p.numel() for p in CLIPTextModel(text_model_config(cfg)).parameters())
     return CCSRv2Model(**modules, text=text, alphas_cumprod=schedule.alphas_cumprod.clone(), text_parameters=n_text,
-                       source=f"random normal(0, {std}), CCSR-v2 (SD-2.1-base) architecture")
+                       source=f"random normal(0, {std}), CCSR-v2 (SD-2.1-base) architecture", load_encoder=vae_encoder)
+
+
+class _CallableTokenizer:
+    """ccsr's CLIP tokenizer behind the call :class:`ccsr.model.v2.PromptEncoder` makes of a transformers
+    ``CLIPTokenizer`` (padded to the context length with id 0, truncated, ``.input_ids``)."""
+
+    def __init__(self, tokenizer: Any, context_length: int):
+        self.tokenizer, self.model_max_length = tokenizer, context_length
+
+    def __call__(self, prompt: str, **_: Any) -> Any:
+        from types import SimpleNamespace
+
+        from ccsr.model.text import tokenize
+
+        return SimpleNamespace(input_ids=tokenize(self.tokenizer, prompt, self.model_max_length))
 
 
 # -- instrumentation -----------------------------------------------------------------------------------------

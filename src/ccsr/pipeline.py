@@ -15,6 +15,7 @@ from PIL import Image
 
 from ccsr import hostmemory
 from ccsr.colorfix import color_fix
+from ccsr.finishing import TRUNCATE_LANCZOS, Finishing
 from ccsr.geometry import Geometry, Picture, prepare_compact, size_of
 from ccsr.model import CCSRModel, ModelDescriptor, load_model
 from ccsr.model.v2 import is_v2_folder
@@ -176,12 +177,12 @@ class CCSRPipeline:
 
     def _run(self, image: Picture, plan: Plan, progress: Progress | None,
              should_cancel: Callable[[], bool] | None, on_step: Callable[[StepRecord], None] | None,
-             make_result: Callable[[Geometry], Result]) -> UpscaleOutput:
+             make_result: Callable[[Geometry, Finishing], Result]) -> UpscaleOutput:
         p, g = plan.params, plan.geometry
         seed = int(p.seed or 0)  # run() always sets it
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        result = make_result(g)  # a sink of the wrong size is refused before any work
+        result = make_result(g, TRUNCATE_LANCZOS)  # a sink of the wrong size is refused before any work
         cfg = self.model.config
         # The condition image stays on the host (uint8 for 8-bit input); windows go to the device as needed.
         cond = Condition(prepare_compact(image, g), self.device, self.descriptor.latent_factor)

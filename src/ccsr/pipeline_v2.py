@@ -6,7 +6,9 @@ memory. What differs is the model's own rule set:
 
 * geometry: inputs smaller than ``process_size // scale`` are first enlarged (bicubic, short side to it), then
   bicubic x scale, then floored to multiples of 8; the result goes back to ``scale x`` the input (bicubic);
-* the colour fix runs on the 8-bit images and truncates (the reference's ``ToPILImage``);
+* the colour fix runs on the 8-bit images and truncates (the reference's ``ToPILImage``), and the result is resized
+  with bicubic: :class:`ccsr.finishing.ColourFixAfterRounding`, through the same result machinery as v1
+  (:mod:`ccsr.result`: ``"pil"`` keeps only 8-bit pixels, a row sink gets the target's rows band by band);
 * tiled diffusion is gaussian only; the tiled VAE decoder is the reference's; the VAE encoder is tiled only when
   a whole encode does not fit (beyond the reference, which always encodes whole).
 """
@@ -23,14 +25,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ccsr.colorfix import color_fix
+from ccsr import hostmemory
+from ccsr.finishing import ColourFixAfterRounding, Finishing, unit_float32
 from ccsr.geometry import Geometry, Picture, resize, size_of
 from ccsr.model import ModelDescriptor
 from ccsr.model.v2 import CCSRv2Model, load_v2
 from ccsr.params import ParamError, UpscaleParams
 from ccsr.pipeline import Cancelled, UpscaleOutput, default_device, parse_bytes, parse_dtype, working_memory
 from ccsr.planning import VAE_TILE_PAD, Plan, Planner, run_with_replanning
-from ccsr.result import OutputType, RowSink
+from ccsr.result import OutputType, Result, result_type
 from ccsr.sampling.ccsr_v1 import Tiling
 from ccsr.sampling.ccsr_v2 import StepRecordV2, sample_ccsr_v2, v2_schedule
 from ccsr.sampling.denoiser_v2 import CCSRv2Denoiser
@@ -166,14 +169,10 @@ class CCSRv2Pipeline:
     ) -> UpscaleOutput:
         """Upscale ``image`` (PIL RGB, or float32 HxWx3 in [0, 1]); ``params`` default to the model's."""
         p = check_v2((params or self.params()).validate())
-        if output_type not in ("np", "pil") and not isinstance(output_type, RowSink):
-            raise ValueError(f"unknown output_type {output_type!r} (expected one of np, pil or a row sink)")
+        make_result = result_type(output_type)  # an unknown type is refused before any work
         if p.seed is None:
             p = p.replace(seed=random.randrange(2**32))
         plan = self.planner.plan(size_of(image), p)
-        if isinstance(output_type, RowSink) and tuple(output_type.size) != plan.geometry.target:
-            (sw, sh), (tw, th) = output_type.size, plan.geometry.target
-            raise ValueError(f"the output takes {sw}x{sh}, the upscale gives {tw}x{th}")
 
         def announce(plan: Plan) -> None:
             if log is not None:
@@ -183,16 +182,19 @@ class CCSRv2Pipeline:
 
         return run_with_replanning(
             self.planner, size_of(image), plan,
-            lambda plan: self._run(image, plan, progress, should_cancel, on_step, output_type),
+            lambda plan: self._run(image, plan, progress, should_cancel, on_step, make_result),
             device=self.device, announce=announce, log=log)
 
     def _run(self, image: Picture, plan: Plan, progress: Progress | None, should_cancel: Callable[[], bool] | None,
-             on_step: Callable[[StepRecordV2], None] | None, output_type: OutputType) -> UpscaleOutput:
+             on_step: Callable[[StepRecordV2], None] | None, make_result: Callable[[Geometry, Finishing], Result]
+             ) -> UpscaleOutput:
         p, g, m = plan.params, plan.geometry, self.model
         seed = int(p.seed or 0)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         lr = preprocess(image, g)  # HWC, uint8 for 8-bit input
+        # a sink of the wrong size is refused here, before any network runs
+        result = make_result(g, ColourFixAfterRounding(lr, p.color_fix))
         timings["preprocess"] = time.perf_counter() - t0
 
         def cancel_point() -> None:
@@ -216,6 +218,8 @@ class CCSRv2Pipeline:
 
         t2 = time.perf_counter()
         z = self._condition(lr, context.shape[0], rng, plan)
+        del lr  # the finishing keeps its own reference for the colour fix
+        hostmemory.trim()  # the encoder's freed activations: not under the sampling's and the decoder's peaks
         timings["condition"] = time.perf_counter() - t2
         cancel_point()
 
@@ -223,47 +227,53 @@ class CCSRv2Pipeline:
         tiling = Tiling(list(plan.tiles), "gaussian") if plan.tiles else None
         denoiser = CCSRv2Denoiser(m.unet, m.controlnet, context, z)
 
+        # The CFG batch is twice the unguided initial evaluation's: what that one freed does not fit it, so it is
+        # given back first rather than kept for reuse beside the larger buffers.
+        unguided = plan.windows if schedule.initial and cfg else -1
+
         def tick(done: int, total: int) -> None:
+            if tiling is not None or done == unguided:
+                hostmemory.trim()  # each window's transients, before the next window allocates its own
             if progress is not None:
                 progress(done, total)
             cancel_point()
 
         t3 = time.perf_counter()
-        latent = sample_ccsr_v2(
-            denoiser, x_T, z[:1], m.alphas_cumprod, schedule, rng,
-            lambda: torch.randn(shape, generator=explicit, dtype=torch.float32).to(self.device),
-            cfg_scale=p.cfg_scale, start_point=p.start_point, start_steps=p.start_steps,
-            tao_channels_last=cfg, tiling=tiling, progress=tick, on_step=on_step,
-        )
-        del denoiser, z
+        with hostmemory.reuse_freed():  # the evaluations re-allocate the same buffers: no page faults for them
+            latent = sample_ccsr_v2(
+                denoiser, x_T, z[:1], m.alphas_cumprod, schedule, rng,
+                lambda: torch.randn(shape, generator=explicit, dtype=torch.float32).to(self.device),
+                cfg_scale=p.cfg_scale, start_point=p.start_point, start_steps=p.start_steps,
+                tao_channels_last=cfg, tiling=tiling, progress=tick, on_step=on_step,
+            )
+            del denoiser, z  # before leaving, which gives the freed pages back
         timings["sample"] = time.perf_counter() - t3
 
         t4 = time.perf_counter()
         processed = self._decode(latent, plan)
+        result.write(0, processed)  # the decoders give the whole image: the result streams it on in bands
+        del processed, latent
+        hostmemory.trim()
         timings["decode"] = time.perf_counter() - t4
-        sink = output_type if isinstance(output_type, RowSink) else None
-        image8 = None if sink is not None else reference_image(processed, lr, p.color_fix, g)
-        final = None if output_type == "pil" else float_image(processed, lr, p.color_fix, g)
-        if sink is not None:
-            assert final is not None
-            sink.write(0, final)
-            final = None
-        processed_out = processed if output_type == "np" else None
-        del lr
+        image8, final, processed_out = result.finish()
         timings["total"] = time.perf_counter() - t0
         return UpscaleOutput(image8, final, processed_out, seed, g, timings,
                              schedule.evaluations * plan.windows, plan)
 
     def _condition(self, lr: np.ndarray, rows: int, rng: torch.Generator, plan: Plan) -> Tensor:
-        """The condition latent: ``rows`` samples of the CCSR VAE's posterior (global stream), scaled."""
-        vae = self.model.vae
-        x = torch.from_numpy(_unit(lr)).permute(2, 0, 1)[None].to(self.device, self.vae_dtype) * 2 - 1
+        """The condition latent: ``rows`` samples of the CCSR VAE's posterior (global stream), scaled. On the CPU
+        the VAE's encoder is freed after use (read again at the next upscale), so that its weights are not resident
+        under the sampling's and the decoder's peaks: the same memory their activations take."""
+        encoder, quant_conv = self.model.condition_encoder()
+        x = torch.from_numpy(unit_float32(lr)).permute(2, 0, 1)[None].to(self.device, self.vae_dtype) * 2 - 1
         if plan.encode == "estimate":
-            moments = tiled_encode(vae.encoder, vae.quant_conv, x, plan.params.tile_vae_encoder_size,
-                                   VAE_ENCODER_PAD, stats="estimate")
+            moments = tiled_encode(encoder, quant_conv, x, plan.params.tile_vae_encoder_size, VAE_ENCODER_PAD,
+                                   stats="estimate")
         else:
-            moments = vae.quant_conv(lean.encode(vae.encoder, x))
-        del x
+            moments = quant_conv(lean.encode(encoder, x))
+        del x, encoder, quant_conv
+        if self.device.type == "cpu":
+            self.model.release_encoder()
         mean, logvar = moments.float().chunk(2, dim=1)
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
         noise = torch.randn((rows, *mean.shape[1:]), generator=rng, dtype=torch.float32).to(mean.device)
@@ -282,11 +292,6 @@ class CCSRv2Pipeline:
         return (out.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
 
 
-def _unit(pixels: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 as the reference's image processor: ``np.float32(u8) / 255.0`` in float32."""
-    return pixels.astype(np.float32) / np.float32(255.0) if pixels.dtype == np.uint8 else pixels
-
-
 def preprocess(image: Picture, g: Geometry) -> np.ndarray:
     """The input at the processing size (HWC; uint8 for 8-bit input), resized with bicubic as ``main()`` does."""
     img = image
@@ -296,25 +301,3 @@ def preprocess(image: Picture, g: Geometry) -> np.ndarray:
     if isinstance(img, Image.Image):
         return np.asarray(img.convert("RGB"))
     return np.clip(img, 0.0, 1.0).astype(np.float32)
-
-
-def reference_image(processed: np.ndarray, lr: np.ndarray, fix: str, g: Geometry) -> Image.Image:
-    """The reference's output: rounded to 8 bits, colour fix on the 8-bit images (truncated back to 8 bits),
-    bicubic to the target."""
-    pipeline8 = (processed * np.float32(255)).round().astype(np.uint8)
-    fixed = color_fix(_chw(pipeline8), _chw(lr), fix).clamp_(0, 1)
-    del pipeline8
-    return Image.fromarray(fixed.mul_(255).byte()[0].permute(1, 2, 0).numpy()).resize(g.target,
-                                                                                      Image.Resampling.BICUBIC)
-
-
-def float_image(processed: np.ndarray, lr: np.ndarray, fix: str, g: Geometry) -> np.ndarray:
-    """:func:`reference_image` without its two quantisations: float32 HxWx3 in [0, 1] at the target (for rounding,
-    dithering or 16-bit output)."""
-    fixed = color_fix(torch.from_numpy(processed).permute(2, 0, 1)[None], _chw(lr), fix).clamp_(0, 1)
-    final = resize(np.ascontiguousarray(fixed[0].permute(1, 2, 0).numpy()), g.target, Image.Resampling.BICUBIC)
-    return np.clip(final, 0.0, 1.0, out=final)
-
-
-def _chw(pixels: np.ndarray) -> Tensor:
-    return torch.from_numpy(_unit(pixels)).permute(2, 0, 1)[None]

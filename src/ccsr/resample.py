@@ -1,20 +1,30 @@
-"""Pillow's Lanczos resize of a float image, bit for bit, computed a band of rows at a time.
+"""Pillow's resize of a float image (Lanczos or bicubic), bit for bit, computed a band of rows at a time.
 
-``Image.resize(size, LANCZOS)`` in mode "F" needs the whole image (and per channel, a copy of it). Here the same
-arithmetic (Pillow's ``Resample.c``: antialiased Lanczos-3 weights in double, normalised per output pixel; a
-horizontal pass, rounded to float32, then a vertical pass; each output a double sum in kernel order) runs on rows as
-they arrive, and an output row is handed out once the input rows under its kernel are in. Only those rows are held.
+``Image.resize(size, filter)`` in mode "F" needs the whole image (and per channel, a copy of it). Here the same
+arithmetic (Pillow's ``Resample.c``: antialiased filter weights in double, normalised per output pixel; a horizontal
+pass, rounded to float32, then a vertical pass; each output a double sum in kernel order) runs on rows as they
+arrive, and an output row is handed out once the input rows under its kernel are in. Only those rows are held.
+CCSR-v1 resizes its result back to the target with Lanczos, CCSR-v2 with bicubic.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
-SUPPORT = 3.0  # Lanczos-3
 BLOCK_ROWS = 64  # rows per pass: bounds the float64 temporaries
+
+
+@dataclass(frozen=True)
+class Filter:
+    """One of Pillow's resampling filters: its support (in input pixels at scale 1) and weight function."""
+
+    support: float
+    weight: Callable[[float], float]
 
 
 def _sinc(x: float) -> float:
@@ -24,18 +34,35 @@ def _sinc(x: float) -> float:
     return math.sin(x) / x
 
 
-def _weight(x: float) -> float:
-    """Pillow's ``lanczos_filter``."""
-    if -SUPPORT <= x < SUPPORT:
-        return _sinc(x) * _sinc(x / SUPPORT)
+def _lanczos(x: float) -> float:
+    """Pillow's ``lanczos_filter`` (Lanczos-3)."""
+    if -3.0 <= x < 3.0:
+        return _sinc(x) * _sinc(x / 3.0)
     return 0.0
 
 
-def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _bicubic(x: float) -> float:
+    """Pillow's ``bicubic_filter`` (Keys' cubic, a = -0.5), in its order of operations."""
+    a = -0.5
+    if x < 0.0:
+        x = -x
+    if x < 1.0:
+        return ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * a
+    return 0.0
+
+
+FILTERS = {Image.Resampling.LANCZOS: Filter(3.0, _lanczos), Image.Resampling.BICUBIC: Filter(2.0, _bicubic)}
+
+
+def coefficients(in_size: int, out_size: int, resample: Image.Resampling = Image.Resampling.LANCZOS
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """``(first, weights)``: output pixel ``i`` is ``sum_k in[first[i] + k] * weights[i, k]`` (zero-padded)."""
+    f = _filter(resample)
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
-    support = SUPPORT * filterscale
+    support = f.support * filterscale
     ksize = math.ceil(support) * 2 + 1
     first = np.zeros(out_size, np.int64)
     weights = np.zeros((out_size, ksize), np.float64)
@@ -43,7 +70,7 @@ def coefficients(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray]:
         center = (i + 0.5) * scale
         lo = max(int(center - support + 0.5), 0)
         hi = min(int(center + support + 0.5), in_size)
-        w = [_weight((x + lo - center + 0.5) * (1.0 / filterscale)) for x in range(hi - lo)]
+        w = [f.weight((x + lo - center + 0.5) * (1.0 / filterscale)) for x in range(hi - lo)]
         total = 0.0
         for v in w:  # in order, as Pillow (Python 3.12's sum() would compensate)
             total += v
@@ -71,15 +98,24 @@ def _apply(rows: np.ndarray, first: np.ndarray, weights: np.ndarray, axis: int) 
     return acc.astype(np.float32)
 
 
-class BandedLanczos:
-    """Resize float32 HxWxC from ``in_size`` to ``out_size`` (w, h) with :meth:`push` fed the input rows top to
-    bottom; it yields ``(first output row, rows)`` as soon as they are complete. Equal to Pillow's per-channel
-    mode-"F" resize (a pass is skipped where Pillow skips it: same width, or same height)."""
+def _filter(resample: Image.Resampling) -> Filter:
+    if resample not in FILTERS:
+        raise ValueError(f"no banded resize for {Image.Resampling(resample).name} (expected LANCZOS or BICUBIC)")
+    return FILTERS[resample]
 
-    def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int]):
+
+class BandedResize:
+    """Resize float32 HxWxC from ``in_size`` to ``out_size`` (w, h) with ``resample`` (Lanczos or bicubic), with
+    :meth:`push` fed the input rows top to bottom; it yields ``(first output row, rows)`` as soon as they are
+    complete. Equal to Pillow's per-channel mode-"F" resize (a pass is skipped where Pillow skips it: same width,
+    or same height)."""
+
+    def __init__(self, in_size: tuple[int, int], out_size: tuple[int, int],
+                 resample: Image.Resampling = Image.Resampling.LANCZOS):
         (self.in_w, self.in_h), (self.out_w, self.out_h) = in_size, out_size
-        self.horizontal = coefficients(self.in_w, self.out_w) if self.in_w != self.out_w else None
-        self.vertical = coefficients(self.in_h, self.out_h) if self.in_h != self.out_h else None
+        _filter(resample)  # an unknown filter is refused here, not at the first row
+        self.horizontal = coefficients(self.in_w, self.out_w, resample) if self.in_w != self.out_w else None
+        self.vertical = coefficients(self.in_h, self.out_h, resample) if self.in_h != self.out_h else None
         if self.vertical is not None:
             first, weights = self.vertical
             used = np.array([np.flatnonzero(row).max() if row.any() else 0 for row in weights])

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -146,6 +147,22 @@ def load_vae(folder: Path) -> AutoencoderKL:
     with torch.device("meta"):
         net = AutoencoderKL(**_init_kwargs(AutoencoderKL, _read_config(folder)))
     return _strict(net, _read_weights(folder, "vae"), str(folder))  # type: ignore[return-value]
+
+
+ENCODER_PARTS = ("encoder", "quant_conv")  # the VAE's half the condition encode runs
+
+
+def load_vae_encoder(folder: Path) -> tuple[nn.Module, nn.Module]:
+    """The VAE's encoder and quant conv alone, read from its weights file (the decoder's tensors are not read)."""
+    with torch.device("meta"):
+        vae = AutoencoderKL(**_init_kwargs(AutoencoderKL, _read_config(folder)))
+    half = nn.ModuleDict({part: getattr(vae, part) for part in ENCODER_PARTS})
+    f = folder / WEIGHT_FILES["vae"]
+    with safe_open(str(f), framework="pt") as weights:
+        names = [k for k in weights.keys() if k.split(".")[0] in ENCODER_PARTS]  # noqa: SIM118 (not a dict)
+        state = {k: weights.get_tensor(k) for k in names}
+    _strict(half, state, str(folder))
+    return half["encoder"], half["quant_conv"]
 
 
 def load_text_encoder(folder: Path) -> CLIPTextModel:
@@ -277,10 +294,14 @@ class CCSRv2Model:
     alphas_cumprod: torch.Tensor
     source: str = ""
     text_parameters: int = 0
+    load_encoder: Callable[[], tuple[nn.Module, nn.Module]] | None = None  # the VAE's encoder half, read again
     descriptor: ModelDescriptor = field(init=False)
+    vae_placement: tuple[torch.device, torch.dtype] = field(init=False)
 
     def __post_init__(self) -> None:
         self.descriptor = describe(self.unet, self.controlnet, self.vae, self.text_parameters)
+        current = next(self.vae.parameters())
+        self.vae_placement = (current.device, current.dtype)
 
     @property
     def scale_factor(self) -> float:
@@ -298,10 +319,30 @@ class CCSRv2Model:
             if current.dtype != dtypes[name] or current.device != torch.device(device):
                 nn.Module.to(module, device=device, dtype=dtypes[name])  # diffusers' to() warns on a cast
         self.text.to(device, dtypes["text_encoder"])
+        self.vae_placement = (torch.device(device), dtypes["vae"])
         return self
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         return self.text(prompt)
+
+    def condition_encoder(self) -> tuple[nn.Module, nn.Module]:
+        """The VAE's encoder and quant conv (the condition encode), read again if :meth:`release_encoder` freed
+        them."""
+        if self.vae.encoder is None:
+            if self.load_encoder is None:
+                raise RuntimeError("the VAE encoder was released and this model cannot read it again")
+            device, dtype = self.vae_placement
+            for part, module in zip(ENCODER_PARTS, self.load_encoder(), strict=True):
+                setattr(self.vae, part, nn.Module.to(module, device=device, dtype=dtype))
+        return self.vae.encoder, self.vae.quant_conv
+
+    def release_encoder(self) -> bool:
+        """Free the VAE's encoder half (34 M parameters, 130 MiB in fp32 at SD's size) until the next
+        :meth:`condition_encoder`, where it is read again; False (kept) when this model has no way to read it."""
+        if self.load_encoder is None:
+            return False
+        self.vae.encoder = self.vae.quant_conv = None
+        return True
 
 
 def load_v2(root: str | Path) -> CCSRv2Model:
@@ -325,6 +366,7 @@ def load_v2(root: str | Path) -> CCSRv2Model:
         alphas_cumprod=load_alphas_cumprod(sd / "scheduler"),
         source=str(root),
         text_parameters=sum(p.numel() for p in text_encoder.parameters()),
+        load_encoder=lambda: load_vae_encoder(root / "vae"),
     )
 
 
