@@ -280,7 +280,9 @@ class CCSRv2Pipeline:
         return (mean + std * noise) * self.model.scale_factor
 
     def _decode(self, latent: Tensor, plan: Plan) -> np.ndarray:
-        """``clamp(decode(latent / s) / 2 + 0.5, 0, 1)`` as HWC float32 (the fixtures' ``output_float``)."""
+        """``clamp(decode(latent / s) / 2 + 0.5, 0, 1)`` as HWC float32 (the fixtures' ``output_float``), whole: the
+        reference's tiled decoder merges every GroupNorm's statistics over all tiles, so no row is final before
+        the last layer of every tile has run. What follows (colour fix, resize, the output) goes band by band."""
         vae = self.model.vae
         z = (latent / self.model.scale_factor).to(self.vae_dtype)
         if plan.decode == "whole":
