@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .auth import Denied, KeyRing, Principal, RateLimiter
@@ -224,6 +224,7 @@ class Option:
 
 _FIELD_TYPES = {f.name: str(f.type) for f in fields(Settings)}
 
+BOTH = ("serve", "worker")  # Option.commands of a row `ccsr serve` and `ccsr worker` share
 OPTIONS: tuple[Option, ...] = (
     Option("host", "bind address"),
     Option("port", "port"),
@@ -243,59 +244,46 @@ OPTIONS: tuple[Option, ...] = (
     Option("webhook_timeout", "seconds per webhook / upload attempt"),
     Option("webhook_attempts", "attempts (with backoff) before a delivery gives up"),
     Option("drain_timeout", "on SIGTERM, longest wait for the running job"),
-    Option("log_format", "json: one object per line with the task id", choices=("text", "json")),
+    Option("log_format", "json: one object per line with the task id", choices=("text", "json"), commands=BOTH),
     Option("broker_url", "Redis URL of the distributed backend: `ccsr serve` runs as one API replica, jobs run on "
-           "`ccsr worker`s", flag="--broker"),
+           "`ccsr worker`s", flag="--broker", commands=BOTH),
     Option("store_url", "with --broker: image store shared by replicas and workers, s3://bucket/prefix or a shared "
-           "directory", flag="--store", env=("CCSR_STORE",)),
+           "directory", flag="--store", env=("CCSR_STORE",), commands=BOTH),
     Option("public_url", "base URL of links to images (default: the request's scheme and Host)"),
     Option("max_queue", "queued+running jobs before 429"),
-    Option("image_ttl", "seconds uploads and outputs are kept"),
+    Option("image_ttl", "seconds uploads and outputs are kept", commands=BOTH),
     Option("sync_timeout", "longest wait of a sync request"),
     Option("price_per_second", "cost reported with includeCost = inference seconds x this"),
     Option("fetch_allow_hosts", "HOST[:PORT] the URL fetcher / webhooks may reach despite the SSRF rules (e.g. a "
            "loopback sink); repeatable", flag="--allow-fetch-host", env=("CCSR_ALLOW_FETCH_HOSTS",)),
     Option("fetch_timeout", "seconds per input-image download (connect, each read; four times that in all)"),
     Option("fetch_workers", "concurrent input-image downloads, on threads of their own"),
-    Option("max_input_bytes", "largest accepted input file"),
+    Option("max_input_bytes", "largest accepted input file", commands=BOTH),
     Option("default_steps", "steps when a request gives none", shown_default="the model default"),
     Option("max_output_side", "Runware output cap (both sides); larger requests shrink the input first"),
     Option("size_mode", "reference: the original resize path (bit parity); pad: reflect-pad, no second resample, "
            "faster on small inputs", choices=("reference", "pad")),
-    Option("log_level", "debug, info, warning, error"),
+    Option("log_level", "debug, info, warning, error", commands=BOTH),
     Option("fal_app_ids", "another fal app id (owner/alias) served like fal-ai/ccsr; repeatable", flag="--fal-app-id"),
     Option("models", "a model to load and serve, NAME or NAME=WEIGHTS; repeatable (comma-separated in the "
            "variable). ccsr-v1 (Runware runware:501@1, fal fal-ai/ccsr) takes its weights from --weights unless "
            "given; ccsr-v2 (Runware ccsr:2@1, fal fal-ai/ccsr-v2) needs its folder: --model ccsr-v1 --model "
            "ccsr-v2=/models/ccsr-v2 serves both. An API replica (--broker) names the models its workers serve",
-           group="model", flag="--model", shown_default="ccsr-v1"),
+           group="model", flag="--model", shown_default="ccsr-v1", commands=BOTH),
     Option("weights", "CCSR-v1 checkpoint file or hub reference", group="model",
-           shown_default="the default CCSR-v1 model"),
-    Option("config", "model YAML", group="model", shown_default="bundled"),
-    Option("device", "cpu, cuda, cuda:1, …", group="model"),
-    Option("dtype", "float32, float16, bfloat16", group="model"),
-    Option("quantize", "", group="model", hidden=True),
+           shown_default="the default CCSR-v1 model", commands=BOTH),
+    Option("config", "model YAML", group="model", shown_default="bundled", commands=BOTH),
+    Option("device", "cpu, cuda, cuda:1, …", group="model", commands=BOTH),
+    Option("dtype", "float32, float16, bfloat16", group="model", commands=BOTH),
+    Option("quantize", "", group="model", hidden=True, commands=BOTH),
     Option("tls_cert", "PEM certificate: serve HTTPS instead of HTTP", group="tls", metavar="FILE"),
     Option("tls_key", "PEM private key for --tls-cert", group="tls", metavar="FILE"),
     Option("tls_self_signed", "make (or reuse) DIR/cert.pem + DIR/key.pem for localhost/127.0.0.1 and serve HTTPS "
            "with them; point clients at DIR/cert.pem with SSL_CERT_FILE", group="tls", metavar="DIR"),
-)
-GROUPS = {  # --help sections, by Option.group ("server": the command's own section)
-    "server": None,
-    "model": "model",
-    "tls": "TLS (optional; an unmodified fal_client speaks only https: README, Server)",
-    "worker": None,
-}
-
-
-# -- `ccsr worker` (the Celery scale-out): the server rows it takes too, then its own rows ------------------------
-_WORKER_TAKES_TOO = ("broker_url", "store_url", "image_ttl", "max_input_bytes", "log_level", "log_format", "models",
-                     "weights", "config", "device", "dtype", "quantize")
-OPTIONS = (
-    *(replace(o, commands=(*o.commands, "worker")) if o.name in _WORKER_TAKES_TOO else o for o in OPTIONS),
+    # `ccsr worker`'s own rows and those both commands take (the Celery scale-out)
     Option("celery_queue", "base of the Celery queue names: a model's jobs go to BASE.MODEL (ccsr.ccsr-v2); the "
-           "same on replicas and workers", flag="--queue", env=("CCSR_QUEUE",), commands=("serve", "worker")),
-    Option("max_attempts", "runs of a job cut off by dying workers before it fails", commands=("serve", "worker")),
+           "same on replicas and workers", flag="--queue", env=("CCSR_QUEUE",), commands=BOTH),
+    Option("max_attempts", "runs of a job cut off by dying workers before it fails", commands=BOTH),
     Option("worker_name", "worker name", group="worker", flag="--name", shown_default="host-pid",
            commands=("worker",)),
     Option("redis_prefix", "", group="worker", flag="--prefix", hidden=True, commands=("worker",)),
@@ -309,6 +297,14 @@ OPTIONS = (
     Option("no_warmup", "skip the warm-up upscale (one per model) before ready", group="worker",
            commands=("worker",)),
 )
+GROUPS = {  # --help sections, by Option.group ("server": the command's own section)
+    "server": None,
+    "model": "model",
+    "tls": "TLS (optional; an unmodified fal_client speaks only https: README, Server)",
+    "worker": None,
+}
+
+
 
 
 def options_for(command: str) -> tuple[Option, ...]:
